@@ -1,0 +1,230 @@
+"""One typed config tree: dataclasses + OmegaConf structured configs.
+
+`load_config(preset, overrides)` merges defaults <- YAML preset <- dotted overrides; unknown keys and
+wrong types fail at start with a `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "configs"
+DEFAULT_PRESET = "tiny_cpu"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" / "small" build in-process (random weights, no download); anything else is a local folder.
+    policy: str = "tiny"
+    sam_type: str = "tiny"  # tiny | vit_b | vit_l | vit_h
+    sam_checkpoint: str = ""  # local .pth (SAM or MedSAM); empty with vit_* = random init (benchmarks)
+    assets_dir: str = ".cache/coreseg"  # where tiny presets are built once and reused
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    adapter_queries: int = 4
+    adapter_mlp_blocks: int = 2
+    train_mask_decoder: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synth"  # folder of Parquet files (or one file)
+    train_split: str = "train"
+    eval_splits: List[str] = field(default_factory=lambda: ["val", "test_id", "test_ood"])
+    batch_size: int = 4  # prompts per step
+    shuffle_seed: int = 0
+    skip_invalid: bool = False
+    # `coreseg data synth`
+    synth_samples: int = 240
+    synth_image_size: int = 112
+    synth_seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vllm when installed) | vllm | hf
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.5
+    enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    w_format: float = 1.0
+    w_box: float = 1.0
+    w_mask: float = 1.0
+    iou_threshold: float = 0.5  # tau: a matched box pair counts as a true positive at IoU >= tau
+    dice_threshold: float = 0.05  # delta: below it the mask reward uses the GIoU of the boxes
+    density_aware: bool = False  # delta grows for small lesions (see reward/rewards.py)
+    density_ref_fraction: float = 0.05
+    density_max_threshold: float = 0.3
+    empty_mask_reward: float = -1.0
+    cache_bytes: int = 256 * 1024 * 1024  # image-embedding LRU bound per worker
+    embed_cache_path: str = ""  # optional safetensors file from `coreseg data embed`
+    mask_threshold: float = 0.0  # logit threshold for binary masks
+
+
+@dataclass
+class LearnerConfig:
+    advantage: str = "grpo"  # grpo | dr_grpo
+    adv_eps: float = 1e-6
+    drop_zero_variance: bool = False
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_beta: float = 0.01
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    mask_loss_weight: float = 1.0  # lambda for DiceCE
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    mask_loss_resolution: str = "low"  # low (SAM's low-res logits) | full (upsampled to the image)
+    lr: float = 5e-4
+    adapter_lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    zero_stage: int = 2
+    sft_lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    mode: str = "local"  # local (ray.init in-process) | cluster (address=auto)
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    learner_workers: int = 1
+    learner_gpus: float = 0.0  # per learner worker
+    rollout_workers: int = 1
+    rollout_gpus_per_worker: float = 0.0
+    reward_workers: int = 2
+    reward_gpus_per_worker: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = "tiny"
+    sft_steps: int = 40
+    steps: int = 10  # GRPO steps
+    save_every: int = 5
+    eval_every: int = 5
+    eval_samples: int = 32
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "rollout.engine": ("auto", "vllm", "hf"),
+    "learner.advantage": ("grpo", "dr_grpo"),
+    "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "learner.kl_estimator": ("k1", "k2", "k3"),
+    "learner.mask_loss_resolution": ("low", "full"),
+    "cluster.mode": ("local", "cluster"),
+}
+_POSITIVE = ("data.batch_size", "rollout.group_size", "rollout.max_new_tokens", "learner.micro_batch_size",
+             "cluster.learner_workers", "cluster.rollout_workers", "cluster.reward_workers",
+             "model.lora_r", "model.adapter_queries")
+
+
+def resolve_preset(preset: str) -> Path:
+    """A preset name (`tiny_cpu`) or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = PRESET_DIR / f"{preset}.yaml"
+    if named.exists():
+        return named
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config preset '{preset}' not found (a YAML path or one of {known})")
+
+
+def _error_key(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    return str(key)
+
+
+def load_config(preset: str | None = DEFAULT_PRESET, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- preset YAML <- `a.b=value` overrides, validated."""
+    merged = OmegaConf.structured(TrainConfig)
+    try:
+        if preset:
+            merged = OmegaConf.merge(merged, OmegaConf.load(resolve_preset(preset)))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like section.key=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{_error_key(err)}': {reason}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for dotted, choices in _CHOICES.items():
+        value = get_value(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}' = {value!r}: must be one of {choices}")
+    for dotted in _POSITIVE:
+        if get_value(cfg, dotted) <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0")
+    if not 0 <= cfg.learner.clip_low < 1 or cfg.learner.clip_high < 0:
+        raise ConfigError("config keys 'learner.clip_low' in [0, 1) and 'learner.clip_high' >= 0")
+    if cfg.learner.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("config key 'learner.zero_stage' must be 0, 1, 2 or 3")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
+
+
+def get_value(cfg: TrainConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def load_saved_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Reload a run's resolved config (a YAML written by `save_config`)."""
+    return load_config(str(path), overrides)

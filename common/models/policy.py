@@ -1,0 +1,177 @@
+"""Policy builders: the tiny/small Qwen2.5-VL presets (built in-process, saved once to a folder that
+transformers and vLLM both load) and the loader for a real local Qwen2.5-VL folder.
+
+`<seg>` must get an id inside the model's existing embedding rows, so the base weights are never resized
+and vLLM only ever receives LoRA deltas.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from common.prompts import SEG_TOKEN
+
+# Presets: (hidden, layers, heads, kv_heads, intermediate, vision hidden, vision depth, vocab, spare rows)
+PRESETS = {
+    # head_dim 32: vLLM's CPU attention supports it; mrope sections sum to head_dim / 2.
+    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, inter=256, v_hidden=64, v_depth=2, v_heads=4,
+                 vocab=2048, mrope=[4, 6, 6]),
+    # ~40M parameters: the "small" size the rollout benchmark uses.
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=4, inter=1536, v_hidden=256, v_depth=4, v_heads=4,
+                  vocab=2048, mrope=[8, 12, 12]),
+}
+SPARE_ROWS = 64
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 112 * 112 * 4
+
+
+class ModelPathError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class PolicyInfo:
+    path: str
+    seg_token_id: int
+    image_token_id: int
+    vision_token_ids: tuple
+
+
+def default_dtype(requested: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """float32 on CPU (bf16 is much slower without AVX-512 bf16); bf16 on GPU."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _tiny_config(preset: str, vocab_size: int, tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    p = PRESETS[preset]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    text = dict(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
+                num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": p["mrope"]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, use_sliding_window=False)
+    vision = dict(depth=p["v_depth"], hidden_size=p["v_hidden"], intermediate_size=2 * p["v_hidden"],
+                  num_heads=p["v_heads"], out_hidden_size=p["hidden"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[p["v_depth"] - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+                            architectures=["Qwen2_5_VLForConditionalGeneration"])
+
+
+def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, corpus_samples: int = 300) -> Path:
+    """Train the tokenizer, build a random-init Qwen2.5-VL of the preset's size and save everything."""
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor, AutoTokenizer)
+
+    from common.models.tokenizer import CHAT_TEMPLATE, save_hf_tokenizer, train_tokenizer, training_corpus
+    from common.synth import generate
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(training_corpus(generate(corpus_samples, seed=12345, progress=False)),
+                          vocab_size=PRESETS[preset]["vocab"] - SPARE_ROWS)
+    save_hf_tokenizer(tok, tmp)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp))
+    vocab_rows = ((len(hf_tok) + SPARE_ROWS + 63) // 64) * 64  # spare rows beyond the vocabulary, as in Qwen
+    config = _tiny_config(preset, vocab_rows, hf_tok)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=hf_tok,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(str(tmp))
+    (tmp / "coreseg.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+    tmp.rename(out_dir) if not out_dir.exists() else None
+    return out_dir
+
+
+def ensure_policy_dir(policy: str, assets_dir: str | Path = ".cache/coreseg", seed: int = 0) -> Path:
+    """A folder transformers and vLLM can load, with `<seg>` in its tokenizer.
+
+    `tiny`/`small` are built once under `assets_dir`; a local path is checked and, when its tokenizer
+    lacks `<seg>`, mirrored (weights symlinked) with the token added inside the spare embedding rows.
+    """
+    if policy in PRESETS:
+        out = Path(assets_dir) / f"policy-{policy}-seed{seed}"
+        if not (out / "config.json").exists():
+            build_tiny_policy(out, policy, seed)
+        return out
+    src = Path(policy).expanduser()
+    if not (src / "config.json").exists():
+        raise ModelPathError(
+            f"model.policy={policy!r}: no Qwen2.5-VL folder with config.json there. Use 'tiny'/'small' or a "
+            f"local folder (e.g. a downloaded Qwen/Qwen2.5-VL-3B-Instruct); nothing is downloaded at run time.")
+    from transformers import AutoTokenizer, AutoConfig
+    from tokenizers import AddedToken
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    if SEG_TOKEN in tok.get_vocab():
+        return src
+    out = Path(assets_dir) / f"policy-{src.name}-seg"
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".safetensors", ".json") and "token" not in f.name and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    tok.add_tokens([AddedToken(SEG_TOKEN, special=False, normalized=False)])
+    rows = AutoConfig.from_pretrained(str(src)).get_text_config().vocab_size
+    if tok.convert_tokens_to_ids(SEG_TOKEN) >= rows:
+        raise ValueError(f"{src}: no spare embedding row for {SEG_TOKEN} (vocab {len(tok)} >= rows {rows})")
+    tok.save_pretrained(str(out))
+    return out
+
+
+def policy_info(path: str | Path) -> PolicyInfo:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    from common.models.tokenizer import VISION_TOKENS
+
+    return PolicyInfo(path=str(path), seg_token_id=tok.convert_tokens_to_ids(SEG_TOKEN),
+                      image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                      vision_token_ids=tuple(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS))
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, processor) from a prepared folder (see `ensure_policy_dir`)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelPathError(f"no Qwen2.5-VL model folder at {path}")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(str(path))
+    return model, processor
+
+
+def gather_seg_states(hidden: torch.Tensor, input_ids: torch.Tensor, seg_token_id: int,
+                      search_mask: Optional[torch.Tensor] = None):
+    """Last-layer hidden state at the last `<seg>` of each sequence.
+
+    hidden [B, T, H], input_ids [B, T], search_mask [B, T] (e.g. completion tokens only).
+    Returns (states [B, H] (zeros where absent), found [B] bool).
+    """
+    is_seg = input_ids == seg_token_id
+    if search_mask is not None:
+        is_seg = is_seg & search_mask.bool()
+    found = is_seg.any(dim=1)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last = torch.where(is_seg, positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
+    states = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return states * found.unsqueeze(1).to(states.dtype), found

@@ -1,0 +1,78 @@
+"""Dataclasses passed between the driver and the actors (plain numpy/torch payloads, Ray-serialisable)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt: G completions are sampled for it."""
+    sample_id: str
+    prompt: str  # full prompt text with one image placeholder (common.prompts.build_prompt)
+    image: np.ndarray  # HxWx3 uint8 (or raw bytes that failed to decode upstream -> per-request error)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    logprobs: List[float]  # sampling log-prob of each completion token
+    finish_reason: str
+    version: int  # policy (LoRA) version that produced it
+
+
+@dataclass
+class RolloutGroup:
+    sample_id: str
+    completions: List[Completion] = field(default_factory=list)
+    error: Optional[str] = None  # per-request failure (undecodable image, prompt too long, ...)
+
+
+@dataclass
+class WeightBundle:
+    """Everything a worker needs to serve policy version `version`: LoRA deltas + adapter (+ mask decoder).
+    Never the base model."""
+    version: int
+    lora: Dict[str, torch.Tensor]  # PEFT names (as in adapter_model.safetensors)
+    peft_config: dict  # LoraConfig.to_dict() (JSON-able)
+    adapter: Dict[str, torch.Tensor]  # PromptAdapter state dict
+    mask_decoder: Optional[Dict[str, torch.Tensor]] = None  # SAM mask decoder state dict when trained
+
+    def num_bytes(self) -> int:
+        tensors = list(self.lora.values()) + list(self.adapter.values()) + list((self.mask_decoder or {}).values())
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+@dataclass
+class ForwardResult:
+    """The learner's pass over the rollouts (flattened: prompt-major, G per prompt)."""
+    old_logprobs: List[np.ndarray]  # per completion, current policy before the update
+    ref_logprobs: List[np.ndarray]  # per completion, base model (LoRA disabled)
+    seg_states: np.ndarray  # [N, H] float32 hidden state at `<seg>` (zeros where absent)
+    seg_found: np.ndarray  # [N] bool
+
+
+@dataclass
+class ScoreItem:
+    """One completion to score: its text, its `<seg>` state and the ground truth of its image."""
+    sample_id: str
+    text: str
+    seg_state: Optional[np.ndarray]  # [H] or None when no `<seg>` was found
+    image: np.ndarray
+    gt_masks: List[np.ndarray]
+    gt_boxes: np.ndarray
+
+
+@dataclass
+class Score:
+    total: float
+    components: Dict[str, float]  # format, box, mask (weighted terms are in `total`)
+    reasons: List[str]  # why a component was 0/min because of bad output
+    dice: float
+    iou: float
+    format_ok: bool

@@ -1,0 +1,179 @@
+"""A deterministic ComLesion-like synthetic set: three in-distribution modalities with distinct
+textures, 1-3 lesions per image (small, low-contrast and multi-lesion cases included), a templated
+chain of thought in the paper's style (normal appearance -> lesion characteristics -> how to find it),
+and a `test_ood` split holding a modality and lesion type never seen in `train`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List
+
+import numpy as np
+from tqdm import tqdm
+
+from common.data import LesionSample, write_parquet
+from common.images import mask_to_box
+from common.prompts import build_completion  # noqa: F401  (re-exported for callers building targets)
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    category: str
+    normal: str  # normal appearance of the region
+    find_hint: str  # how to find the lesion
+    ood: bool = False
+
+
+MODALITIES = (
+    Modality("ct", "liver lesion", "the liver parenchyma is homogeneous soft tissue with smooth margins",
+             "compare the attenuation of each region against the surrounding parenchyma"),
+    Modality("dermoscopy", "skin lesion", "the surrounding skin has an even tone with a regular texture",
+             "look for pigmented areas whose colour and border break the regular skin pattern"),
+    Modality("endoscopy", "polyp", "the mucosa is pink with a smooth vascular pattern and specular glints",
+             "look for raised areas whose colour and surface differ from the folds of the mucosa"),
+    Modality("ultrasound", "thyroid nodule", "the gland shows a fine, uniform speckle echotexture",
+             "look for regions whose echogenicity departs from the surrounding speckle", ood=True),
+)
+
+
+def _grid(size: int):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
+def _background(mod: Modality, size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = _grid(size)
+    c = (size - 1) / 2
+    if mod.name == "ct":  # grey body ellipse on black, fine noise
+        body = ((xx - c) / (0.46 * size)) ** 2 + ((yy - c) / (0.40 * size)) ** 2 < 1
+        g = np.where(body, 110 + rng.normal(0, 6, (size, size)), 5 + rng.normal(0, 2, (size, size)))
+        return np.repeat(g[..., None], 3, axis=2)
+    if mod.name == "dermoscopy":  # skin tone with hair strokes
+        base = np.array([222, 178, 150], np.float32) + rng.normal(0, 8, 3)
+        img = base + rng.normal(0, 5, (size, size, 1))
+        for _ in range(rng.integers(2, 6)):
+            a, off = rng.uniform(0, np.pi), rng.uniform(-c, c)
+            line = np.abs((xx - c) * np.sin(a) - (yy - c) * np.cos(a) - off) < 0.6
+            img[line] = (60, 40, 30)
+        return img
+    if mod.name == "endoscopy":  # pink mucosa, vignette, folds, specular highlights
+        r = np.sqrt((xx - c) ** 2 + (yy - c) ** 2) / (0.7 * size)
+        folds = 12 * np.sin(xx / rng.uniform(5, 9) + rng.uniform(0, 6))
+        img = np.stack([200 + folds, 100 + folds / 2, 95 + 0 * folds], axis=2) * (1 - 0.6 * r[..., None] ** 2)
+        for _ in range(rng.integers(2, 5)):
+            y, x = rng.integers(0, size, 2)
+            img[(yy - y) ** 2 + (xx - x) ** 2 < 2] = 250
+        return img
+    # ultrasound: speckle in a fan
+    fan = (np.abs(xx - c) < (yy + 5) * 0.6) & (yy > 2)
+    g = np.where(fan, 90 * rng.rayleigh(0.8, (size, size)), 0)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _lesion_mask(size: int, cy: float, cx: float, radius: float, rng) -> np.ndarray:
+    yy, xx = _grid(size)
+    angle = np.arctan2(yy - cy, xx - cx)
+    ecc, rot = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
+    wobble = 1 + rng.uniform(0, 0.25) * np.sin(rng.integers(2, 6) * angle + rng.uniform(0, 6))
+    dx, dy = xx - cx, yy - cy
+    u = dx * np.cos(rot) + dy * np.sin(rot)
+    v = (-dx * np.sin(rot) + dy * np.cos(rot)) / ecc
+    return np.sqrt(u ** 2 + v ** 2) < radius * wobble
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, mod: Modality, contrast: float, rng) -> None:
+    sign = rng.choice([-1.0, 1.0]) if mod.name in ("ct", "ultrasound") else -1.0
+    if mod.name == "dermoscopy":
+        colour = np.array([90, 110, 100], np.float32)
+    elif mod.name == "endoscopy":
+        colour = np.array([25, 40, 30], np.float32)
+        sign = 1.0
+    else:
+        colour = np.array([70, 70, 70], np.float32)
+    img[mask] += sign * contrast * colour + rng.normal(0, 4, (int(mask.sum()), 3))
+
+
+def _words_location(box: np.ndarray, size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    vert = "upper" if cy < 0.38 else "lower" if cy > 0.62 else "middle"
+    horiz = "left" if cx < 0.38 else "right" if cx > 0.62 else "central"
+    return "centre" if (vert, horiz) == ("middle", "central") else f"{vert} {horiz} part"
+
+
+def _words_size(area_fraction: float) -> str:
+    return "tiny" if area_fraction < 0.008 else "small" if area_fraction < 0.03 else \
+        "medium-sized" if area_fraction < 0.08 else "large"
+
+
+def _reasoning(mod: Modality, lesions: List[dict], size: int) -> str:
+    n = len(lesions)
+    parts = [f"In this {mod.name} image {mod.normal}."]
+    desc = []
+    for les in lesions:
+        contrast = "subtle, low-contrast" if les["contrast"] < 0.45 else "well-defined"
+        shape = "irregular" if les["wobble"] else "rounded"
+        desc.append(f"a {_words_size(les['area'])} {contrast} {shape} region in the "
+                    f"{_words_location(les['box'], size)} of the image")
+    count = "one suspicious finding" if n == 1 else f"{n} separate suspicious findings"
+    parts.append(f"There is {count}: " + "; ".join(desc) + ".")
+    parts.append(f"To find {'it' if n == 1 else 'them'}, {mod.find_hint}; each {mod.category} is "
+                 f"marked below and one mask covers {'it' if n == 1 else 'all of them'}.")
+    return " ".join(parts)
+
+
+def make_sample(index: int, mod: Modality, size: int, seed: int, split: str) -> LesionSample:
+    rng = np.random.default_rng([seed, index])
+    img = _background(mod, size, rng).astype(np.float32)
+    complex_case = rng.random() < 0.35
+    n = int(rng.integers(2, 4)) if complex_case else 1
+    lesions, masks, taken = [], [], np.zeros((size, size), bool)
+    for _ in range(n):
+        for _try in range(20):
+            small = complex_case and rng.random() < 0.5
+            radius = rng.uniform(0.03, 0.06) * size if small else rng.uniform(0.07, 0.2) * size
+            cy, cx = rng.uniform(radius + 4, size - radius - 4, 2)
+            mask = _lesion_mask(size, cy, cx, radius, rng)
+            grown = np.zeros_like(taken)
+            grown[max(0, int(cy - radius - 4)):int(cy + radius + 5), max(0, int(cx - radius - 4)):int(cx + radius + 5)] = True
+            if mask.sum() >= 6 and not (taken & grown).any():
+                break
+        else:
+            continue
+        taken |= mask
+        contrast = rng.uniform(0.25, 0.45) if (complex_case and rng.random() < 0.5) else rng.uniform(0.6, 1.0)
+        _paint(img, mask, mod, contrast, rng)
+        masks.append(mask)
+        lesions.append({"box": mask_to_box(mask), "area": mask.mean(), "contrast": contrast,
+                        "wobble": rng.random() < 0.5})
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    question = rng.choice([f"Locate and segment the {mod.category}.",
+                           f"Where is the {mod.category} in this image? Segment it.",
+                           f"Find every {mod.category} and segment it."])
+    return LesionSample(id=f"synth-{mod.name}-{index:05d}", image=image, masks=masks,
+                        boxes=np.stack([l["box"] for l in lesions]), question=str(question),
+                        reasoning=_reasoning(mod, lesions, size), source="synth", modality=mod.name,
+                        split=split, category=mod.category)
+
+
+def split_for(index: int, mod: Modality, seed: int) -> str:
+    if mod.ood:
+        return "test_ood"
+    u = np.random.default_rng([seed, index, 7]).random()
+    return "train" if u < 0.7 else "val" if u < 0.8 else "test_id"
+
+
+def generate(num_samples: int, image_size: int = 112, seed: int = 0,
+             progress: Callable | None = None) -> List[LesionSample]:
+    """`num_samples` samples cycling through the modalities (the OOD one every fourth)."""
+    samples = []
+    for i in tqdm(range(num_samples), desc="synth", disable=progress is False, leave=False):
+        mod = MODALITIES[i % len(MODALITIES)]
+        samples.append(make_sample(i, mod, image_size, seed, split_for(i, mod, seed)))
+    return samples
+
+
+def write_synth(out_dir: str | Path, num_samples: int, image_size: int = 112, seed: int = 0) -> Path:
+    samples = generate(num_samples, image_size, seed)
+    return write_parquet(samples, Path(out_dir) / "synth.parquet")

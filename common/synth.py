@@ -107,6 +107,9 @@ def _words_size(area_fraction: float) -> str:
         "medium-sized" if area_fraction < 0.08 else "large"
 
 
+_NUMBER_WORDS = {2: "two", 3: "three"}
+
+
 def _reasoning(mod: Modality, lesions: List[dict], size: int) -> str:
     n = len(lesions)
     parts = [f"In this {mod.name} image {mod.normal}."]
@@ -116,7 +119,7 @@ def _reasoning(mod: Modality, lesions: List[dict], size: int) -> str:
         shape = "irregular" if les["wobble"] else "rounded"
         desc.append(f"a {_words_size(les['area'])} {contrast} {shape} region in the "
                     f"{_words_location(les['box'], size)} of the image")
-    count = "one suspicious finding" if n == 1 else f"{n} separate suspicious findings"
+    count = "one suspicious finding" if n == 1 else f"{_NUMBER_WORDS[n]} separate suspicious findings"
     parts.append(f"There is {count}: " + "; ".join(desc) + ".")
     parts.append(f"To find {'it' if n == 1 else 'them'}, {mod.find_hint}; each {mod.category} is "
                  f"marked below and one mask covers {'it' if n == 1 else 'all of them'}.")

@@ -1,0 +1,52 @@
+import pytest
+
+from common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
+
+
+def test_defaults_preset_and_overrides():
+    cfg = load_config("tiny_cpu", ["learner.lr=1e-5", "rollout.group_size=4", "data.eval_splits=[val]"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.learner.lr == pytest.approx(1e-5)
+    assert cfg.rollout.group_size == 4
+    assert cfg.data.eval_splits == ["val"]
+    assert cfg.model.policy == "tiny"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("learner.lrr=1", "learner.lrr"),  # unknown key
+    ("nosection.x=1", "nosection"),
+    ("rollout.group_size=eight", "rollout.group_size"),  # wrong type
+    ("reward.density_aware=maybe", "reward.density_aware"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", [override])
+    assert key in str(err.value)
+
+
+def test_semantic_validation_names_the_key():
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        load_config("tiny_cpu", ["rollout.engine=tensorrt"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config("tiny_cpu", ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("tiny_cpu", ["learner.lr"])
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="tiny_cpu"):
+        load_config("nope")
+
+
+def test_bad_yaml_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learner:\n  not_a_key: 3\n")
+    with pytest.raises(ConfigError, match="not_a_key"):
+        load_config(str(path))
+
+
+def test_saved_config_round_trip(tmp_path):
+    cfg = load_config("tiny_cpu", ["reward.w_box=0.5", "run.steps=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_saved_config(tmp_path / "config.yaml")
+    assert again == cfg

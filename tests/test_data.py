@@ -1,0 +1,123 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from common.data import DataError, LesionDataset, SCHEMA, sample_to_row, write_parquet
+from common.images import encode_png
+from common.importer import import_folder
+from common.synth import generate
+
+
+def test_parquet_round_trip(tmp_path, synth_samples):
+    path = write_parquet(synth_samples[:8], tmp_path / "a.parquet")
+    ds = LesionDataset(str(path), split="train", batch_size=100, shuffle=False)
+    want = [s for s in synth_samples[:8] if s.split == "train"]
+    got = next(ds.iter_all())
+    assert [s.id for s in got] == [s.id for s in want]
+    for a, b in zip(got, want):
+        assert np.array_equal(a.image, b.image)
+        assert len(a.masks) == len(b.masks) and all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+        assert np.allclose(a.boxes, b.boxes)
+        assert (a.question, a.reasoning, a.modality, a.category) == (b.question, b.reasoning, b.modality, b.category)
+
+
+def _corrupt(rows, column, value):
+    rows = [dict(r) for r in rows]
+    rows[1][column] = value
+    return rows
+
+
+@pytest.fixture()
+def rows(synth_samples):
+    return [sample_to_row(s) for s in synth_samples[:6]]
+
+
+@pytest.mark.parametrize("column, make_value, match", [
+    ("image", lambda r: b"not a png", "undecodable image"),
+    ("masks", lambda r: [encode_png(np.zeros((10, 10), bool))], "mask 0 is 10x10"),
+    ("boxes", lambda r: [[0.0, 0.0, 500.0, 10.0]], "outside"),
+    ("boxes", lambda r: [[0.0, 0.0, 5.0]], "not 4 numbers"),
+    ("width", lambda r: 7, "width/height"),
+    ("question", lambda r: None, "missing value"),
+])
+def test_corrupt_rows_name_file_row_and_column(tmp_path, rows, column, make_value, match):
+    for r in rows:
+        r["split"] = "train"
+    bad = _corrupt(rows, column, make_value(rows[1]))
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(bad, schema=SCHEMA), path)
+    ds = LesionDataset(str(path), split="train", batch_size=6, shuffle=False)
+    with pytest.raises(DataError) as err:
+        ds.next_batch()
+    msg = str(err.value)
+    assert "bad.parquet" in msg and repr(rows[1]["id"]) in msg and f"'{column}'" in msg and match in msg
+    skipping = LesionDataset(str(path), split="train", batch_size=5, shuffle=False, skip_invalid=True)
+    batch = skipping.next_batch()
+    assert len(batch) == 5 and rows[1]["id"] not in [s.id for s in batch] and skipping.skipped == 1
+
+
+def test_missing_column_names_file_and_column(tmp_path, rows):
+    table = pa.Table.from_pylist(rows, schema=SCHEMA).drop_columns(["masks"])
+    pq.write_table(table, tmp_path / "nomask.parquet")
+    with pytest.raises(DataError, match=r"nomask.parquet.*missing column 'masks'"):
+        LesionDataset(str(tmp_path / "nomask.parquet"), split="train")
+
+
+def test_shuffle_is_seeded_and_cursor_resumes_exactly(synth_parquet):
+    a = LesionDataset(str(synth_parquet), split="train", batch_size=3, seed=5)
+    ids = [[s.id for s in a.next_batch()] for _ in range(4)]
+    state = a.state_dict()
+    after = [[s.id for s in a.next_batch()] for _ in range(6)]  # crosses an epoch boundary
+    b = LesionDataset(str(synth_parquet), split="train", batch_size=3, seed=5)
+    assert [[s.id for s in b.next_batch()] for _ in range(4)] == ids
+    c = LesionDataset(str(synth_parquet), split="train", batch_size=3, seed=5)
+    c.load_state_dict(state)
+    assert [[s.id for s in c.next_batch()] for _ in range(6)] == after
+    d = LesionDataset(str(synth_parquet), split="train", batch_size=3, seed=6)
+    assert [[s.id for s in d.next_batch()] for _ in range(4)] != ids
+    epoch0 = sorted(i for batch in ids for i in batch)
+    assert len(set(epoch0)) == len(epoch0)  # no repeats inside an epoch
+
+
+def test_synth_is_deterministic_with_disjoint_splits_and_ood():
+    a, b = generate(40, seed=3, progress=False), generate(40, seed=3, progress=False)
+    assert [s.id for s in a] == [s.id for s in b]
+    assert all(np.array_equal(x.image, y.image) and x.reasoning == y.reasoning for x, y in zip(a, b))
+    assert not np.array_equal(a[0].image, generate(1, seed=4, progress=False)[0].image)
+    by_split = {}
+    for s in a:
+        by_split.setdefault(s.split, set()).add(s.id)
+    ids = [i for v in by_split.values() for i in v]
+    assert len(ids) == len(set(ids)) == 40
+    train = [s for s in a if s.split == "train"]
+    ood = [s for s in a if s.split == "test_ood"]
+    assert ood and {s.modality for s in ood}.isdisjoint({s.modality for s in train})
+    assert {s.category for s in ood}.isdisjoint({s.category for s in train})
+    assert len({s.modality for s in train}) >= 3
+    assert any(len(s.masks) >= 2 for s in a) and all(1 <= len(s.masks) <= 3 for s in a)
+    for s in a:  # boxes are the masks' tight boxes; no coordinates leak into the reasoning
+        for m, box in zip(s.masks, s.boxes):
+            ys, xs = np.nonzero(m)
+            assert list(box) == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert not any(ch.isdigit() for ch in s.reasoning)
+
+
+def test_import_folder(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    image = np.full((40, 50, 3), 100, np.uint8)
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:10, 5:15] = 255  # lesion 1: x 5..14, y 5..9
+    mask[20:30, 30:34] = 255  # lesion 2
+    Image.fromarray(image).save(tmp_path / "img" / "case1.jpg")
+    Image.fromarray(mask).save(tmp_path / "msk" / "case1_segmentation.png")
+    Image.fromarray(image).save(tmp_path / "img" / "nomask.png")
+    out = import_folder(tmp_path / "img", tmp_path / "msk", tmp_path / "out.parquet", category="polyp",
+                        modality="endoscopy", mask_suffix="_segmentation", split="train")
+    ds = LesionDataset(str(out), split="train", batch_size=4, shuffle=False)
+    (s,) = next(ds.iter_all())
+    assert s.id == "case1" and s.category == "polyp" and len(s.masks) == 2
+    assert sorted(map(list, s.boxes)) == [[5, 5, 15, 10], [30, 20, 34, 30]]
+    assert s.masks[0].sum() + s.masks[1].sum() == 50 + 40

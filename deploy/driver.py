@@ -1,0 +1,260 @@
+"""The driver: the only place that knows the order of a training step (DESIGN.md §2).
+
+GRPO step: rollout -> learner forward (old/ref log-probs, `<seg>` states) -> reward -> advantages ->
+update -> weight push. SFT runs through the same driver (learner step + push). Every phase is timed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from common.config import TrainConfig, save_config
+from common.data import LesionDataset, LesionSample
+from common.metrics import summarize, summarize_by
+from common.models.policy import ensure_policy_dir
+from common.prompts import build_prompt
+from common.protocol import RolloutGroup, RolloutRequest, Score, ScoreItem
+from deploy.metrics_log import MetricsLogger
+
+CHECKPOINTS = "checkpoints"
+
+
+class StaleWeightsError(RuntimeError):
+    """A worker serves an older policy version than the learner's."""
+
+
+@contextmanager
+def timed(timings: Dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[f"time/{name}"] = time.perf_counter() - start
+
+
+def llm_hidden_size(policy_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(policy_dir)).get_text_config().hidden_size)
+
+
+def score_items(samples: List[LesionSample], groups: List[RolloutGroup], forward) -> List[ScoreItem]:
+    items, k = [], 0
+    for sample, group in zip(samples, groups):
+        for comp in group.completions:
+            state = forward.seg_states[k] if forward.seg_found[k] else None
+            items.append(ScoreItem(sample_id=sample.id, text=comp.text, seg_state=state, image=sample.image,
+                                   gt_masks=sample.masks, gt_boxes=sample.boxes))
+            k += 1
+    return items
+
+
+def reward_stats(scores: List[Score]) -> Dict[str, float]:
+    out = {"reward/total": float(np.mean([s.total for s in scores]))}
+    for name in scores[0].components:
+        out[f"reward/{name}"] = float(np.mean([s.components[name] for s in scores]))
+    out["reward/dice"] = float(np.mean([s.dice for s in scores]))
+    out["reward/format_ok"] = float(np.mean([s.format_ok for s in scores]))
+    reasons = Counter(r for s in scores for r in s.reasons)
+    out.update({f"reason/{k}": float(v) for k, v in reasons.items()})
+    return out
+
+
+class Driver:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True):
+        from deploy.cluster import init_ray, placement_summary
+        from learner.worker import LearnerGroup
+        from reward.worker import RewardPool
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
+        self.ray = init_ray(cfg)
+        print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+        c = cfg.cluster
+        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=c.learner_workers,
+                                    num_gpus_per_worker=c.learner_gpus)
+        self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
+                                 num_gpus_per_worker=c.reward_gpus_per_worker)
+        self.rollout = None
+        if with_rollout:
+            from rollout.worker import RolloutPool
+            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=c.rollout_workers,
+                                       num_gpus_per_worker=c.rollout_gpus_per_worker)
+        self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
+                                  seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
+        self.logger = MetricsLogger(self.run_dir)
+        self.step = {"sft": 0, "grpo": 0}
+        self.version = 0
+
+    # ---- weights -------------------------------------------------------------------------------
+    def push_weights(self) -> Dict[str, float]:
+        """Export once, `ray.put` once; rollout and reward workers load the same ref concurrently."""
+        stats: Dict[str, float] = {}
+        with timed(stats, "push"):
+            bundle = self.learner.export_weights()
+            ref = self.ray.put(bundle)
+            pools = [p for p in (self.rollout, self.reward) if p is not None]
+            with ThreadPoolExecutor(len(pools)) as pool:
+                list(pool.map(lambda p: p.load_weights(ref), pools))
+        self.version = bundle.version
+        self.check_versions()
+        stats["push/bytes"] = float(bundle.num_bytes())
+        stats["version"] = float(bundle.version)
+        return stats
+
+    def check_versions(self) -> None:
+        served = {"reward": self.reward.versions()}
+        if self.rollout is not None:
+            served["rollout"] = self.rollout.versions()
+        stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
+        if stale:
+            raise StaleWeightsError(f"learner is at version {self.version} but workers serve {stale}")
+
+    # ---- SFT -----------------------------------------------------------------------------------
+    def sft(self, steps: int) -> None:
+        for _ in tqdm(range(steps), desc="sft", unit="step"):
+            timings: Dict[str, float] = {}
+            with timed(timings, "step"):
+                samples = self.data.next_batch()
+                with timed(timings, "update"):
+                    stats = self.learner.sft_step(samples)
+                self.step["sft"] += 1
+            self.logger.log("sft", self.step["sft"], {**stats, **timings, "batch_ids": ",".join(s.id for s in samples)})
+        self.logger.log("sft", self.step["sft"], self.push_weights())
+
+    # ---- GRPO ----------------------------------------------------------------------------------
+    def grpo_step(self) -> Dict[str, float]:
+        from learner.grpo import group_advantages
+
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        timings: Dict[str, float] = {}
+        step = self.step["grpo"] + 1
+        with timed(timings, "step"):
+            samples = self.data.next_batch()
+            requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+            with timed(timings, "rollout"):
+                groups = self.rollout.generate(requests, n=G, seed=cfg.rollout.seed * 1_000_003 + step)
+            errors = [g for g in groups if g.error]
+            kept = [(s, g) for s, g in zip(samples, groups) if not g.error]
+            if not kept:
+                raise RuntimeError(f"every rollout request failed at step {step}: {errors[0].error}")
+            samples, groups = [s for s, _ in kept], [g for _, g in kept]
+            with timed(timings, "forward"):
+                forward = self.learner.forward(groups, samples)
+            with timed(timings, "reward"):
+                scores = self.reward.score(score_items(samples, groups, forward))
+            rewards = np.array([s.total for s in scores], dtype=np.float64).reshape(len(samples), G)
+            adv, keep, dropped = group_advantages(rewards, mode=cfg.learner.advantage, eps=cfg.learner.adv_eps,
+                                                  drop_zero_variance=cfg.learner.drop_zero_variance)
+            adv = np.asarray(adv, dtype=np.float64) * np.asarray(keep, dtype=np.float64)[:, None]
+            with timed(timings, "update"):
+                stats = self.learner.update(groups, samples, adv.reshape(-1), forward)
+            push = self.push_weights()
+        self.step["grpo"] = step
+        lengths = [len(c.token_ids) for g in groups for c in g.completions]
+        record = {**reward_stats(scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,
+                  "rollout/errors": float(len(errors)), "rollout/mean_length": float(np.mean(lengths)),
+                  "adv/dropped_groups": float(dropped), "batch_ids": ",".join(s.id for s in samples)}
+        record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
+                       if isinstance(v, (int, float))})
+        self.logger.log("grpo", step, record)
+        return record
+
+    def train(self, steps: int) -> None:
+        if self.rollout is None:
+            raise RuntimeError("driver was built without rollout workers")
+        if self.version == 0:
+            self.logger.log("grpo", self.step["grpo"], self.push_weights())
+        bar = tqdm(range(steps), desc="grpo", unit="step")
+        for _ in bar:
+            rec = self.grpo_step()
+            bar.set_postfix(reward=f"{rec['reward/total']:.3f}", t=f"{rec['time/step']:.1f}s")
+            step = self.step["grpo"]
+            if self.cfg.run.save_every and step % self.cfg.run.save_every == 0:
+                self.save()
+            if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0:
+                self.evaluate([self.cfg.data.eval_splits[0]], self.cfg.run.eval_samples, tag=f"step{step}")
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:
+        """Greedy answer per sample -> `<seg>` mask -> mDice, mIoU, failure rate (+ per modality)."""
+        if self.rollout is None:
+            raise RuntimeError("evaluation needs rollout workers")
+        results: Dict[str, dict] = {}
+        for split in splits:
+            try:
+                ds = LesionDataset(self.cfg.data.path, split, batch_size=16, shuffle=False,
+                                   skip_invalid=self.cfg.data.skip_invalid)
+            except ValueError as err:
+                print(f"[coreseg] eval: skipping split {split}: {err}")
+                continue
+            records = []
+            total = min(limit or len(ds), len(ds))
+            for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
+                requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+                groups = self.rollout.generate(requests, n=1, greedy=True)
+                ok = [(s, g) for s, g in zip(samples, groups) if not g.error]
+                for s, g in zip(samples, groups):
+                    if g.error:
+                        records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
+                                        "format_ok": False, "text": f"ERROR {g.error}"})
+                if not ok:
+                    continue
+                forward = self.learner.forward([g for _, g in ok], [s for s, _ in ok])
+                scores = self.reward.score(score_items([s for s, _ in ok], [g for _, g in ok], forward))
+                for (s, g), sc in zip(ok, scores):
+                    records.append({"id": s.id, "modality": s.modality, "dice": sc.dice, "iou": sc.iou,
+                                    "format_ok": sc.format_ok, "reward": sc.total, "text": g.completions[0].text})
+            results[split] = {"overall": summarize(records), "by_modality": summarize_by(records),
+                              "records": records}
+            self.logger.log("eval", self.step["grpo"], {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
+        write_eval(self.run_dir, results, tag)
+        return results
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        path = self.run_dir / CHECKPOINTS / f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        self.learner.save_checkpoint(str(path / "learner"))
+        state = {"step": self.step, "version": self.version, "data": self.data.state_dict()}
+        (path / "driver.json").write_text(json.dumps(state, indent=1))
+        (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
+        return path
+
+    def restore(self, path: str | Path | None = None) -> None:
+        """Resume from a checkpoint folder (default: the run's latest) and push its weights."""
+        root = self.run_dir / CHECKPOINTS
+        path = Path(path) if path else root / (root / "latest").read_text().strip()
+        state = json.loads((path / "driver.json").read_text())
+        self.learner.load_checkpoint(str(path / "learner"))
+        self.step = {k: int(v) for k, v in state["step"].items()}
+        self.data.load_state_dict(state["data"])
+        self.logger.truncate_after("grpo", self.step["grpo"])
+        self.push_weights()
+
+    def close(self) -> None:
+        self.logger.close()
+        for pool in (self.rollout, self.reward, self.learner):
+            if pool is not None:
+                pool.shutdown()
+
+
+def write_eval(run_dir: Path, results: Dict[str, dict], tag: str) -> None:
+    from common.metrics import markdown_table
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
+    lines = [f"# Evaluation ({tag})", "", markdown_table({k: v["overall"] for k, v in results.items()})]
+    for split, res in results.items():
+        lines += ["", f"## {split} by modality", "", markdown_table(res["by_modality"], "modality")]
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")

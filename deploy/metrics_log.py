@@ -1,0 +1,57 @@
+"""Run logging: metrics.jsonl (one JSON object per record) + TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # tensorboard is a declared dependency; keep logging if it is absent
+                self._tb = None
+
+    def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
+        record = {"phase": phase, "step": int(step)}
+        record.update({k: _clean(v) for k, v in values.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+            self._tb.flush()
+
+    def truncate_after(self, phase: str, step: int) -> None:
+        """On resume: drop records of `phase` beyond the checkpointed step (they will be redone)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_metrics(path: str | Path) -> List[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,53 @@
+"""`coreseg predict`: one image + question -> reasoning text, mask PNG and overlay PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.config import TrainConfig
+from common.images import decode_image, encode_png
+from common.prompts import build_prompt, parse_completion
+from common.protocol import RolloutRequest
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out_dir: str,
+            checkpoint: str | None = None) -> dict:
+    import torch
+
+    from common.data import LesionSample
+    from deploy.driver import Driver
+
+    image = decode_image(Path(image_path).read_bytes())
+    cfg.cluster.reward_workers = 1
+    driver = Driver(cfg, run_dir)
+    try:
+        if (Path(run_dir) / "checkpoints" / "latest").exists() or checkpoint:
+            driver.restore(checkpoint)
+        sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
+                              boxes=np.zeros((0, 4)), question=question)
+        (group,) = driver.rollout.generate([RolloutRequest(sample.id, build_prompt(question), image)], n=1,
+                                           greedy=True)
+        if group.error:
+            raise RuntimeError(f"generation failed: {group.error}")
+        text = group.completions[0].text
+        forward = driver.learner.forward([group], [sample])
+        mask = np.zeros(image.shape[:2], bool)
+        if forward.seg_found[0]:
+            mask = driver.reward.masks([sample.id], [image], torch.as_tensor(forward.seg_states[:1]))[0]
+    finally:
+        driver.close()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mask_path, overlay_path = out / "mask.png", out / "overlay.png"
+    mask_path.write_bytes(encode_png(mask))
+    Image.fromarray(overlay(image, mask)).save(overlay_path)
+    parsed = parse_completion(text)
+    return {"text": text, "parsed": parsed, "mask_path": str(mask_path), "overlay_path": str(overlay_path)}

@@ -69,7 +69,7 @@ def preprocess_image(sam, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, i
     h, w = image.shape[:2]
     scale = size / max(h, w)
     nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None]
     if (nh, nw) != (h, w):
         x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False, antialias=True)
     mean = sam.pixel_mean.to(torch.float32).cpu()

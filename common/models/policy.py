@@ -57,7 +57,7 @@ def _tiny_config(preset: str, vocab_size: int, tokenizer):
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     text = dict(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
                 num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+                num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": p["mrope"]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, use_sliding_window=False)

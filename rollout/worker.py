@@ -1,0 +1,67 @@
+"""RolloutWorker (Ray actor owning one engine) and RolloutPool (shards requests, keeps order, broadcasts
+weight bundles by one object ref)."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import ray
+
+from common.config import TrainConfig
+from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+from rollout.engine import Sampling, make_engine
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, cfg: TrainConfig, policy_dir: str):
+        self.cfg = cfg
+        self.engine = make_engine(cfg, policy_dir)
+
+    def generate(self, requests: List[RolloutRequest], n: int, seed: Optional[int], greedy: bool) -> List[RolloutGroup]:
+        return self.engine.generate(requests, n, Sampling.from_config(self.cfg, greedy=greedy, seed=seed))
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        return self.engine.load_weights(bundle)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def engine_name(self) -> str:
+        return type(self.engine).__name__
+
+    def loaded_adapters(self) -> List[int]:
+        return self.engine.loaded_adapters() if hasattr(self.engine, "loaded_adapters") else []
+
+    def errors(self) -> int:
+        return self.engine.errors
+
+
+class RolloutPool:
+    def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
+                 num_cpus_per_worker: float = 1):
+        self.cfg = cfg
+        self.workers = [RolloutWorker.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
+                        .remote(cfg, str(policy_dir)) for _ in range(num_workers)]
+        ray.get([w.version.remote() for w in self.workers])  # surface engine start errors here
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
+                 greedy: bool = False) -> List[RolloutGroup]:
+        """Contiguous shards, one per worker; all submitted before any is gathered; order kept."""
+        k = len(self.workers)
+        size = -(-len(requests) // k)
+        shards = [list(requests[i * size:(i + 1) * size]) for i in range(k)]
+        futures = [w.generate.remote(s, n, None if seed is None else seed * 31 + i, greedy)
+                   for i, (w, s) in enumerate(zip(self.workers, shards)) if s]
+        return [g for part in ray.get(futures) for g in part]
+
+    def load_weights(self, bundle_or_ref) -> None:
+        ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
+        ray.get([w.load_weights.remote(ref) for w in self.workers])
+
+    def versions(self) -> List[int]:
+        return ray.get([w.version.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

@@ -54,19 +54,40 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean"
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
                 agg: str = "token_mean", max_len: int | None = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """PPO-style clipped surrogate with separate lower/upper clip ranges (clip-higher)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    per_token, was_clipped, ratio = per_token_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high)
     loss = aggregate(per_token, mask, agg, max_len)
     valid = mask.bool()
-    was_clipped = (clipped < unclipped) & valid
+    was_clipped = was_clipped & valid
     n = valid.sum().clamp(min=1)
     stats = {"clip_frac": float(was_clipped.sum() / n),
              "ratio_mean": float((ratio * valid).sum() / n),
              "ratio_max": float(ratio[valid].max()) if valid.any() else 1.0}
     return loss, stats
+
+
+def per_token_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """-min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) per token, whether clipping chose the term, and r."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped), clipped < unclipped, ratio
+
+
+def partial_sum(values: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None):
+    """(numerator, units) of `aggregate` for one shard of a batch: the full-batch value is
+    sum(numerators) / sum(units), so data-parallel shards and micro-batches combine exactly."""
+    mask = mask.to(values.dtype)
+    if mode == "token_mean":
+        return (values * mask).sum(), float(mask.sum())
+    counts = mask.sum(dim=1)
+    has = counts > 0
+    seq_sum = (values * mask).sum(dim=1)[has]
+    if mode == "seq_mean_token_mean":
+        return (seq_sum / counts[has]).sum(), float(has.sum())
+    if mode == "seq_mean_token_sum_norm":
+        return (seq_sum / float(max_len or values.shape[1])).sum(), float(has.sum())
+    raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:

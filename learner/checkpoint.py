@@ -1,0 +1,41 @@
+"""Learner checkpoints: PEFT adapter folder (PeftModel.from_pretrained / vLLM LoRARequest), adapter and
+mask-decoder safetensors, DeepSpeed optimizer state (trainable parameters only), version and RNG states."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_learner(core, path: str) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    core.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    if core.rank == 0:
+        module = core.module
+        module.policy.save_pretrained(str(path / "peft"))
+        bundle = module.bundle(core.version)
+        save_file(bundle.adapter, str(path / "adapter.safetensors"))
+        if bundle.mask_decoder is not None:
+            save_file(bundle.mask_decoder, str(path / "mask_decoder.safetensors"))
+    save_file({"torch": torch.get_rng_state()}, str(path / f"rng_rank{core.rank}.safetensors"))
+    np_state = np.random.get_state()
+    meta = {"version": core.version, "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    (path / f"state_rank{core.rank}.json").write_text(json.dumps(meta))
+
+
+def load_learner(core, path: str) -> None:
+    path = Path(path)
+    core.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+    meta = json.loads((path / f"state_rank{core.rank}.json").read_text())
+    core.version = int(meta["version"])
+    torch.set_rng_state(load_file(str(path / f"rng_rank{core.rank}.safetensors"))["torch"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))

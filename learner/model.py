@@ -1,0 +1,100 @@
+"""The trainable module: peft LoRA policy (Qwen2.5-VL) + prompt adapter + SAM mask decoder.
+
+The SAM image encoder and prompt encoder are frozen; image embeddings are computed once per sample id.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import TrainConfig
+from common.data import LesionSample
+from common.models.adapter import build_adapter
+from common.models.lora import lora_state, make_lora_config, peft_config_dict
+from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
+from common.models.sam import build_sam, encode_images
+from common.models.segment import decode_masks
+from common.protocol import WeightBundle
+from learner.batch import PolicyBatch, completion_logprobs
+from learner.losses import low_res_target
+
+
+class CoreSegModule(nn.Module):
+    def __init__(self, cfg: TrainConfig, policy_dir: str, device: str = "cpu"):
+        super().__init__()
+        from peft import get_peft_model
+
+        self.cfg = cfg
+        dtype = default_dtype(cfg.model.dtype, device)
+        base, self.processor = load_policy(policy_dir, dtype, device)
+        torch.manual_seed(cfg.learner.seed)
+        self.policy = get_peft_model(base, make_lora_config(cfg.model))
+        hidden = base.config.get_text_config().hidden_size
+        self.adapter = build_adapter(hidden, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks, seed=cfg.run.seed)
+        self.sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint, seed=cfg.run.seed)
+        for p in self.sam.parameters():
+            p.requires_grad_(False)
+        if cfg.model.train_mask_decoder:
+            for p in self.sam.mask_decoder.parameters():
+                p.requires_grad_(True)
+        self.adapter.to(device)
+        self.sam.to(device)
+        self.info = policy_info(policy_dir)
+        self.device = device
+        self._embeddings: Dict[str, torch.Tensor] = {}
+
+    # -- policy -------------------------------------------------------------------------------------
+    def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
+        out = self.policy(**batch.model_inputs(self.device), output_hidden_states=with_hidden, use_cache=False)
+        logp = completion_logprobs(out.logits, batch)
+        states = found = None
+        if with_hidden:
+            states, found = gather_seg_states(out.hidden_states[-1], batch.input_ids.to(self.device),
+                                              self.info.seg_token_id, batch.completion_mask.to(self.device))
+        return logp, states, found
+
+    def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        with self.policy.disable_adapter():
+            return self.policy_pass(batch, with_hidden=False)[0]
+
+    # -- masks --------------------------------------------------------------------------------------
+    def image_embeddings(self, samples: Sequence[LesionSample]) -> torch.Tensor:
+        missing = [s for s in samples if s.id not in self._embeddings]
+        if missing:
+            for s, e in zip(missing, encode_images(self.sam, [s.image for s in missing])):
+                self._embeddings[s.id] = e
+            while len(self._embeddings) > 2048:
+                self._embeddings.pop(next(iter(self._embeddings)))
+        return torch.stack([self._embeddings[s.id] for s in samples]).to(self.device)
+
+    def mask_logits(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
+        """Low-res mask logits [M, 1, l, l]; one sample (image) per state."""
+        unique: List[LesionSample] = []
+        index = []
+        for s in samples:
+            if not unique or unique[-1].id != s.id:
+                unique.append(s)
+            index.append(len(unique) - 1)
+        emb = self.image_embeddings(unique)
+        low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
+        return low
+
+    def mask_targets(self, samples: Sequence[LesionSample], low_res: int) -> torch.Tensor:
+        size = self.sam.image_encoder.img_size
+        return torch.stack([low_res_target(s.union_mask(), size, low_res)[None] for s in samples]).to(self.device)
+
+    # -- weights ------------------------------------------------------------------------------------
+    def bundle(self, version: int) -> WeightBundle:
+        cpu = lambda sd: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}  # noqa: E731
+        return WeightBundle(version=version, lora=lora_state(self.policy),
+                            peft_config=peft_config_dict(self.policy.peft_config["default"]),
+                            adapter=cpu(self.adapter.state_dict()),
+                            mask_decoder=cpu(self.sam.mask_decoder.state_dict()) if self.cfg.model.train_mask_decoder else None)
+
+    def param_groups(self):
+        lora = [p for n, p in self.policy.named_parameters() if p.requires_grad]
+        heads = list(self.adapter.parameters()) + [p for p in self.sam.mask_decoder.parameters() if p.requires_grad]
+        return lora, heads

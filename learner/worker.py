@@ -1,0 +1,262 @@
+"""LearnerWorker: a Ray actor wrapping a DeepSpeed engine around the trainable module; LearnerGroup: N
+data-parallel workers in one process group. Losses are normalised by global counts computed before the
+batch is split, so any number of ranks and micro-batches gives the same update."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from common.config import TrainConfig
+from common.data import LesionSample
+from common.protocol import ForwardResult, RolloutGroup, WeightBundle
+from learner.batch import PromptEncoder, build_batch, per_completion
+from learner.grpo import kl_penalty, partial_sum, per_token_policy_loss
+from learner.losses import dice_ce_loss
+from learner.sft import ce_sum, sft_target_ids
+
+
+def _place(values: Sequence[np.ndarray], batch, device) -> torch.Tensor:
+    """Per-completion arrays -> [B, T] tensor at the completion positions of `batch`."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for i, (p, v) in enumerate(zip(batch.prompt_lens, values)):
+        out[i, p:p + len(v)] = torch.as_tensor(np.asarray(v, dtype=np.float32))
+    return out.to(device)
+
+
+class LearnerCore:
+    def __init__(self, cfg: TrainConfig, policy_dir: str, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500):
+        import deepspeed
+
+        from learner.model import CoreSegModule
+
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        on_gpu = torch.cuda.is_available()
+        device = "cuda" if on_gpu else "cpu"
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        self.module = CoreSegModule(cfg, policy_dir, device)
+        lora, heads = self.module.param_groups()
+        L = cfg.learner
+        optimizer = torch.optim.AdamW([{"params": lora, "lr": L.lr}, {"params": heads, "lr": L.adapter_lr}],
+                                      weight_decay=L.weight_decay)
+        ds_config = {"train_micro_batch_size_per_gpu": L.micro_batch_size, "gradient_accumulation_steps": 1,
+                     "train_batch_size": L.micro_batch_size * world_size, "gradient_clipping": L.grad_clip,
+                     "zero_optimization": {"stage": L.zero_stage}, "bf16": {"enabled": on_gpu},
+                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
+                                                                 config=ds_config)
+        self.device = device
+        self.encoder = PromptEncoder(self.module.processor)
+        self.pad_id = self.module.processor.tokenizer.pad_token_id
+        self.version = 0
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _flatten(self, groups: Sequence[RolloutGroup], samples: Sequence[LesionSample]):
+        rows = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
+        return [s for s, _ in rows], [c.token_ids for _, c in rows]
+
+    def _set_lr(self, lr: float) -> None:
+        """LoRA group's learning rate (SFT and GRPO use different ones); the adapter group keeps its own."""
+        self.optimizer.param_groups[0]["lr"] = lr
+
+    def _micro(self, n: int):
+        m = self.cfg.learner.micro_batch_size
+        return [(i, min(n, i + m)) for i in range(0, n, m)]
+
+    # -- forward ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
+        flat_samples, comps = self._flatten(groups, samples)
+        old, ref, states, found = [], [], [], []
+        self.engine.eval()
+        for a, b in self._micro(len(comps)):
+            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+            logp, st, fd = self.module.policy_pass(batch)
+            old += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
+            ref += [x.float().cpu().numpy() for x in per_completion(self.module.reference_logprobs(batch), batch)]
+            states.append(st.float().cpu().numpy())
+            found.append(fd.cpu().numpy())
+        return ForwardResult(old, ref, np.concatenate(states), np.concatenate(found))
+
+    # -- GRPO update --------------------------------------------------------------------------------
+    def update(self, groups, samples, advantages: np.ndarray, old: List[np.ndarray], ref: List[np.ndarray],
+               totals: Dict[str, float]) -> Dict[str, float]:
+        L = self.cfg.learner
+        flat_samples, comps = self._flatten(groups, samples)
+        self._set_lr(L.lr)
+        self.engine.train()
+        stats = {"pg_loss": 0.0, "kl": 0.0, "dice_ce": 0.0, "clip_frac": 0.0, "tokens": 0.0}
+        micro = self._micro(len(comps))
+        max_len = self.cfg.rollout.max_new_tokens
+        for k, (a, b) in enumerate(micro):
+            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+            logp, states, found = self.module.policy_pass(batch)
+            mask = batch.completion_mask.to(self.device)
+            old_t, ref_t = _place(old[a:b], batch, self.device), _place(ref[a:b], batch, self.device)
+            adv = torch.as_tensor(advantages[a:b], dtype=torch.float32, device=self.device)
+            per_tok, clipped, _ = per_token_policy_loss(logp, old_t, adv, L.clip_low, L.clip_high)
+            pg_sum, _ = partial_sum(per_tok, mask, L.loss_agg, max_len)
+            kl_sum, _ = partial_sum(kl_penalty(logp, ref_t, L.kl_estimator), mask, L.loss_agg, max_len)
+            loss = (pg_sum + L.kl_beta * kl_sum) / totals["units"]
+            dice_sum = torch.zeros((), device=self.device)
+            if found.any() and L.mask_loss_weight > 0 and totals["masks"] > 0:
+                idx = found.nonzero(as_tuple=True)[0]
+                low = self.module.mask_logits(states[idx], [flat_samples[a + int(i)] for i in idx])
+                target = self.module.mask_targets([flat_samples[a + int(i)] for i in idx], low.shape[-1])
+                mean_loss, _ = dice_ce_loss(low, target, L.dice_weight, L.bce_weight)
+                dice_sum = mean_loss * len(idx)
+                loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+            stats["pg_loss"] += float(pg_sum) / totals["units"]
+            stats["kl"] += float(kl_sum) / totals["units"]
+            stats["dice_ce"] += float(dice_sum) / max(totals["masks"], 1)
+            stats["clip_frac"] += float((clipped & mask.bool()).sum()) / max(totals["tokens"], 1)
+            stats["tokens"] += float(mask.sum())
+        self.engine.step()
+        self.version += 1
+        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return stats
+
+    # -- SFT ----------------------------------------------------------------------------------------
+    def sft_step(self, samples: List[LesionSample], totals: Dict[str, float]) -> Dict[str, float]:
+        L = self.cfg.learner
+        tok = self.module.processor.tokenizer
+        comps = [sft_target_ids(tok, s) for s in samples]
+        self._set_lr(L.sft_lr)
+        self.engine.train()
+        stats = {"ce": 0.0, "dice_ce": 0.0}
+        micro = self._micro(len(comps))
+        for k, (a, b) in enumerate(micro):
+            batch = build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id)
+            logp, states, found = self.module.policy_pass(batch)
+            ce = ce_sum(logp, batch.completion_mask) / totals["tokens"]
+            loss = ce
+            dice_sum = torch.zeros((), device=self.device)
+            if found.any() and L.mask_loss_weight > 0:
+                idx = found.nonzero(as_tuple=True)[0]
+                low = self.module.mask_logits(states[idx], [samples[a + int(i)] for i in idx])
+                target = self.module.mask_targets([samples[a + int(i)] for i in idx], low.shape[-1])
+                mean_loss, _ = dice_ce_loss(low, target, L.dice_weight, L.bce_weight)
+                dice_sum = mean_loss * len(idx)
+                loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            stats["ce"] += float(ce)
+            stats["dice_ce"] += float(dice_sum) / totals["masks"]
+        self.engine.step()
+        self.version += 1
+        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return stats
+
+    def sft_counts(self, samples: List[LesionSample]) -> Dict[str, float]:
+        tok = self.module.processor.tokenizer
+        return {"tokens": float(sum(len(sft_target_ids(tok, s)) for s in samples)), "masks": float(len(samples))}
+
+    # -- weights / checkpoints ----------------------------------------------------------------------
+    def export_weights(self) -> WeightBundle:
+        return self.module.bundle(self.version)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def save_checkpoint(self, path: str) -> None:
+        from learner.checkpoint import save_learner
+        save_learner(self, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        from learner.checkpoint import load_learner
+        load_learner(self, path)
+
+
+@ray.remote
+class LearnerWorker(LearnerCore):
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    """N data-parallel LearnerWorkers. The batch is split by prompt group; global normalisers are computed
+    here from the whole batch, so the update does not depend on the number of ranks."""
+
+    def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
+                 num_cpus_per_worker: float = 1):
+        self.cfg = cfg
+        addr = ray.util.get_node_ip_address()
+        port = _free_port()
+        self.workers = [LearnerWorker.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
+                        .remote(cfg, str(policy_dir), rank, num_workers, addr, port) for rank in range(num_workers)]
+        ray.get([w.get_version.remote() for w in self.workers])
+
+    def _split(self, n: int) -> List[range]:
+        k = len(self.workers)
+        size = -(-n // k)
+        return [range(i * size, min(n, (i + 1) * size)) for i in range(k)]
+
+    def forward(self, groups, samples) -> ForwardResult:
+        parts = self._split(len(groups))
+        futures = [w.forward.remote([groups[i] for i in p], [samples[i] for i in p])
+                   for w, p in zip(self.workers, parts) if len(p)]
+        results = ray.get(futures)
+        return ForwardResult([x for r in results for x in r.old_logprobs], [x for r in results for x in r.ref_logprobs],
+                             np.concatenate([r.seg_states for r in results]), np.concatenate([r.seg_found for r in results]))
+
+    def update(self, groups, samples, advantages: np.ndarray, forward: ForwardResult) -> Dict[str, float]:
+        lengths = [len(c.token_ids) for g in groups for c in g.completions]
+        units = float(sum(lengths)) if self.cfg.learner.loss_agg == "token_mean" else float(sum(1 for n in lengths if n))
+        totals = {"units": max(units, 1.0), "tokens": float(sum(lengths)), "masks": float(forward.seg_found.sum())}
+        parts = self._split(len(groups))
+        offsets, futures, start = [], [], 0
+        sizes = [len(g.completions) for g in groups]
+        for w, p in zip(self.workers, parts):
+            a = sum(sizes[:p.start]) if len(p) else 0
+            b = a + sum(sizes[i] for i in p)
+            futures.append(w.update.remote([groups[i] for i in p], [samples[i] for i in p], advantages[a:b],
+                                           forward.old_logprobs[a:b], forward.ref_logprobs[a:b], totals))
+        results = ray.get(futures)
+        stats = {k: float(sum(r[k] for r in results)) for k in ("pg_loss", "kl", "dice_ce", "clip_frac", "tokens")}
+        stats["grad_norm"] = results[0]["grad_norm"]
+        stats["loss"] = stats["pg_loss"] + self.cfg.learner.kl_beta * stats["kl"] + \
+            self.cfg.learner.mask_loss_weight * stats["dice_ce"]
+        return stats
+
+    def sft_step(self, samples: List[LesionSample]) -> Dict[str, float]:
+        totals = ray.get(self.workers[0].sft_counts.remote(samples))
+        totals["masks"] = max(totals["masks"], 1.0)
+        parts = self._split(len(samples))
+        results = ray.get([w.sft_step.remote([samples[i] for i in p], totals) for w, p in zip(self.workers, parts)])
+        stats = {k: float(sum(r[k] for r in results)) for k in ("ce", "dice_ce")}
+        stats["loss"] = stats["ce"] + self.cfg.learner.mask_loss_weight * stats["dice_ce"]
+        stats["grad_norm"] = results[0]["grad_norm"]
+        return stats
+
+    def export_weights(self) -> WeightBundle:
+        return ray.get(self.workers[0].export_weights.remote())
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get([w.save_checkpoint.remote(path) for w in self.workers])
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get([w.load_checkpoint.remote(path) for w in self.workers])
+
+    @property
+    def version(self) -> int:
+        return ray.get(self.workers[0].get_version.remote())
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

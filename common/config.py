@@ -63,6 +63,7 @@ class RolloutConfig:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
+    cpu_kv_cache_gb: int = 1  # CPU only: KV cache size of each vLLM engine
     seed: int = 0
 
 

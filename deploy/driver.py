@@ -108,6 +108,7 @@ class Driver:
         self.version = bundle.version
         self.check_versions()
         stats["push/bytes"] = float(bundle.num_bytes())
+        stats["push/lora_bytes"] = float(sum(t.numel() * t.element_size() for t in bundle.lora.values()))
         stats["version"] = float(bundle.version)
         return stats
 

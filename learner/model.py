@@ -88,7 +88,7 @@ class CoreSegModule(nn.Module):
 
     # -- weights ------------------------------------------------------------------------------------
     def bundle(self, version: int) -> WeightBundle:
-        cpu = lambda sd: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}  # noqa: E731
+        cpu = lambda sd: {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}  # noqa: E731
         return WeightBundle(version=version, lora=lora_state(self.policy),
                             peft_config=peft_config_dict(self.policy.peft_config["default"]),
                             adapter=cpu(self.adapter.state_dict()),

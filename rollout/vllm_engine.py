@@ -36,6 +36,11 @@ class VLLMEngine(GenerationEngine):
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                           enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+        else:
+            # On CPU the "gpu" utilisation is a share of host RAM that must be free at start; the KV cache
+            # gets a fixed size instead, so several engines and the learner fit on one machine.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gb))
+            kwargs.update(gpu_memory_utilization=0.1)
         self.llm = LLM(**kwargs)
         self.version = 0
         self._lora = None  # current LoRARequest

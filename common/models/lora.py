@@ -36,4 +36,4 @@ def lora_state(peft_model) -> Dict[str, torch.Tensor]:
     """LoRA tensors with PEFT names (as in adapter_model.safetensors), CPU float32, contiguous."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}

@@ -59,7 +59,7 @@ class RolloutConfig:
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 160
+    max_new_tokens: int = 200
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains

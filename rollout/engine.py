@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
-from common.config import TrainConfig
+from common.config import RolloutConfig, TrainConfig
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
 
 
@@ -24,6 +24,14 @@ class Sampling:
         r = cfg.rollout
         return cls(temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p,
                    max_new_tokens=r.max_new_tokens, seed=seed)
+
+
+def as_sampling(sampling: Union[Sampling, RolloutConfig, None], cfg: TrainConfig) -> Sampling:
+    """Engines take a Sampling, a RolloutConfig (its temperature/top_p/max_new_tokens/seed) or None (the config's)."""
+    if isinstance(sampling, Sampling):
+        return sampling
+    r = sampling if isinstance(sampling, RolloutConfig) else cfg.rollout
+    return Sampling(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=r.seed)
 
 
 def request_image(request: RolloutRequest) -> Tuple[Optional[Image.Image], Optional[str]]:
@@ -74,11 +82,23 @@ class GenerationEngine:
                 prepared.append((image, [int(i) for i in ids]))
         return prepared
 
-    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+    def generate(self, requests: Sequence[RolloutRequest], n: int,
+                 sampling: Union[Sampling, RolloutConfig, None] = None) -> List[RolloutGroup]:
         raise NotImplementedError
 
     def load_weights(self, bundle: WeightBundle) -> int:
+        """Serve the bundle's LoRA from now on; returns the version served."""
         raise NotImplementedError
+
+    def loaded_adapters(self) -> List[int]:
+        """Ids of the LoRA adapters resident in the engine (at most two)."""
+        return []
+
+    def sleep(self) -> None:
+        """Free accelerator memory between rollouts (vLLM sleep mode); a no-op elsewhere."""
+
+    def wake(self) -> None:
+        """Undo `sleep`."""
 
 
 def vllm_available() -> bool:

@@ -1,0 +1,37 @@
+"""RolloutPool with 2 workers in local Ray (HF engine: cheap to start): order kept, versions reported after a
+broadcast, one bad request isolated."""
+import pytest
+import ray
+
+from common.config import load_config
+from common.prompts import build_prompt
+from common.protocol import RolloutRequest
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_samples):
+    from rollout.worker import RolloutPool
+    from tests.test_rollout_engines import random_bundle
+
+    cfg = load_config("tiny_cpu", ["rollout.engine=hf", "rollout.max_new_tokens=8", "rollout.max_model_len=512"])
+    pool = RolloutPool(cfg, tiny_policy_dir, num_workers=2, num_cpus_per_worker=1)
+    try:
+        reqs = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in synth_samples[:5]]
+        reqs[3] = RolloutRequest("broken", reqs[3].prompt, b"\x89PNG broken")
+        groups = pool.generate(reqs, n=2, seed=1)
+        assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
+        assert groups[3].error and not groups[3].completions
+        assert all(len(g.completions) == 2 for i, g in enumerate(groups) if i != 3)
+        bundle, _ = random_bundle(tiny_policy_dir, version=3, seed=0)
+        pool.load_weights(ray.put(bundle))
+        assert pool.versions() == [3, 3]
+        groups = pool.generate(reqs[:2], n=1)
+        assert all(c.version == 3 for g in groups for c in g.completions)
+    finally:
+        pool.shutdown()

@@ -100,6 +100,7 @@ class LearnerConfig:
     lr: float = 5e-4
     adapter_lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 8
     zero_stage: int = 2

@@ -45,7 +45,7 @@ class LearnerCore:
         lora, heads = self.module.param_groups()
         L = cfg.learner
         optimizer = torch.optim.AdamW([{"params": lora, "lr": L.lr}, {"params": heads, "lr": L.adapter_lr}],
-                                      weight_decay=L.weight_decay)
+                                      weight_decay=L.weight_decay, eps=L.adam_eps)
         ds_config = {"train_micro_batch_size_per_gpu": L.micro_batch_size, "gradient_accumulation_steps": 1,
                      "train_batch_size": L.micro_batch_size * world_size, "gradient_clipping": L.grad_clip,
                      "zero_optimization": {"stage": L.zero_stage}, "bf16": {"enabled": on_gpu},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -49,7 +50,7 @@ def request_image(request: RolloutRequest) -> Tuple[Optional[Image.Image], Optio
         return None, f"image cannot be decoded ({type(err).__name__}: {err})"
 
 
-class GenerationEngine:
+class GenerationEngine(ABC):
     """generate(requests, n, sampling) -> one RolloutGroup per request with exactly n completions (or an error)."""
 
     version: int = 0
@@ -82,10 +83,12 @@ class GenerationEngine:
                 prepared.append((image, [int(i) for i in ids]))
         return prepared
 
+    @abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], n: int,
                  sampling: Union[Sampling, RolloutConfig, None] = None) -> List[RolloutGroup]:
         raise NotImplementedError
 
+    @abstractmethod
     def load_weights(self, bundle: WeightBundle) -> int:
         """Serve the bundle's LoRA from now on; returns the version served."""
         raise NotImplementedError

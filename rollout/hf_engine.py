@@ -9,7 +9,7 @@ import torch
 
 from common.models.policy import default_dtype, load_policy
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
-from rollout.engine import GenerationEngine, Sampling
+from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_io import lora_config_from_dict
 
 
@@ -50,7 +50,8 @@ class HFEngine(GenerationEngine):
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, :logits.shape[1]].unsqueeze(-1))[..., 0]
         return enc["input_ids"][0].tolist(), seqs.cpu(), logprobs.cpu()
 
-    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling=None) -> List[RolloutGroup]:
+        sampling = as_sampling(sampling, self.cfg)
         prepared = self.prepare(requests, sampling.max_new_tokens)
         groups = []
         for i, (req, prep) in enumerate(zip(requests, prepared)):
@@ -62,11 +63,10 @@ class HFEngine(GenerationEngine):
                 prep[0], req.prompt, n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed))
             comps = []
             for row, lp in zip(seqs.tolist(), logprobs):
-                if self.eos in row:
+                if self.eos in row:  # generate pads a finished row after its <|im_end|> only
                     ids, reason = row[:row.index(self.eos) + 1], "stop"
                 else:
                     ids, reason = row, "length"
-                ids = [t for t in ids if t != self.pad or t == self.eos]
                 text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
                 comps.append(Completion(text=text, prompt_token_ids=prompt_ids, token_ids=ids,
                                         logprobs=lp[:len(ids)].tolist(), finish_reason=reason, version=self.version))

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
-from rollout.engine import GenerationEngine, Sampling
+from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_io import write_peft_folder
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -42,11 +42,19 @@ class VLLMEngine(GenerationEngine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gb))
             kwargs.update(gpu_memory_utilization=0.1)
         self.llm = LLM(**kwargs)
+        self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
+        self._asleep = False
         self.version = 0
         self._lora = None  # current LoRARequest
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
-        # vision special tokens must never be sampled
+        # Vision special tokens must never be sampled: bad_words masks them to -inf (each is one token on its
+        # own); logit_bias (clamped by vLLM to -100) is the fallback for a tokenizer that splits one.
+        tok = self.processor.tokenizer
+        self._bad_words = [tok.convert_ids_to_tokens(int(t)) for t in self.info.vision_token_ids]
+        if any(tok.encode(w, add_special_tokens=False) != [int(t)]
+               for w, t in zip(self._bad_words, self.info.vision_token_ids)):
+            self._bad_words = None
         self._bias = {int(t): -100.0 for t in self.info.vision_token_ids}
 
     def _params(self, n: int, sampling: Sampling):
@@ -54,9 +62,11 @@ class VLLMEngine(GenerationEngine):
 
         return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                               max_tokens=sampling.max_new_tokens, logprobs=0, seed=sampling.seed,
-                              logit_bias=self._bias, skip_special_tokens=True)
+                              logit_bias=self._bias, bad_words=self._bad_words,
+                              skip_special_tokens=True)
 
-    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling: Sampling) -> List[RolloutGroup]:
+    def generate(self, requests: Sequence[RolloutRequest], n: int, sampling=None) -> List[RolloutGroup]:
+        sampling = as_sampling(sampling, self.cfg)
         prepared = self.prepare(requests, sampling.max_new_tokens)
         groups = [RolloutGroup(r.sample_id, error=p if isinstance(p, str) else None)
                   for r, p in zip(requests, prepared)]
@@ -68,8 +78,16 @@ class VLLMEngine(GenerationEngine):
         if sampling.seed is not None:  # one seed per request: reproducible, and distinct across prompts
             params = [self._params(n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
                                                sampling.seed * 1009 + i)) for i in range(len(todo))]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        except Exception:  # a request vLLM rejects (that `prepare` missed) must not sink the batch: retry one by one
+            outputs = [self._generate_isolated(p, params if not isinstance(params, list) else params[i])
+                       for i, p in enumerate(prompts)]
         for k, out in zip(todo, outputs):
+            if isinstance(out, str):
+                self.errors += 1
+                groups[k].error = out
+                continue
             comps = []
             for o in out.outputs:
                 ids = list(o.token_ids)
@@ -78,6 +96,13 @@ class VLLMEngine(GenerationEngine):
                                         logprobs=logprobs, finish_reason=str(o.finish_reason), version=self.version))
             groups[k].completions = comps
         return groups
+
+    def _generate_isolated(self, prompt: dict, params):
+        """One request's RequestOutput, or its error message."""
+        try:
+            return self.llm.generate([prompt], params, lora_request=self._lora, use_tqdm=False)[0]
+        except Exception as err:
+            return f"vLLM rejected the request ({type(err).__name__}: {err})"
 
     def load_weights(self, bundle: WeightBundle) -> int:
         from vllm.lora.request import LoRARequest
@@ -98,12 +123,15 @@ class VLLMEngine(GenerationEngine):
         return sorted(self.llm.llm_engine.list_loras())
 
     def sleep(self) -> None:
-        if self.cfg.rollout.enable_sleep_mode:
+        # level 1: weights move to host memory, the KV cache is dropped; LoRA adapters stay registered
+        if self._can_sleep and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake(self) -> None:
-        if self.cfg.rollout.enable_sleep_mode:
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_shm", ""), ignore_errors=True)

@@ -30,10 +30,16 @@ class RolloutWorker:
         return type(self.engine).__name__
 
     def loaded_adapters(self) -> List[int]:
-        return self.engine.loaded_adapters() if hasattr(self.engine, "loaded_adapters") else []
+        return self.engine.loaded_adapters()
 
     def errors(self) -> int:
         return self.engine.errors
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
 
 
 class RolloutPool:
@@ -60,6 +66,17 @@ class RolloutPool:
 
     def versions(self) -> List[int]:
         return ray.get([w.version.remote() for w in self.workers])
+
+    def errors(self) -> int:
+        """Requests answered with a per-request error (bad image, prompt too long) since start, all workers."""
+        return int(sum(ray.get([w.errors.remote() for w in self.workers])))
+
+    def sleep(self) -> None:
+        """vLLM sleep mode on every worker (GPU colocation with the learner; no-op unless enabled)."""
+        ray.get([w.sleep.remote() for w in self.workers])
+
+    def wake(self) -> None:
+        ray.get([w.wake.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -10,7 +10,10 @@ from common.protocol import Completion, RolloutGroup
 from learner.sft import sft_target_ids
 
 OVERRIDES = ["learner.micro_batch_size=2", "learner.lr=1e-2", "learner.adapter_lr=1e-2", "learner.zero_stage=2",
-             "learner.kl_beta=0.05", "learner.mask_loss_weight=0.5", "learner.grad_clip=1000.0"]
+             "learner.kl_beta=0.05", "learner.mask_loss_weight=0.5", "learner.grad_clip=1000.0",
+             # Adam's first step is ~lr*sign(g): tiny gradients would flip with summation order. A large eps
+             # makes the step linear in the gradient, so the comparison tests the data-parallel gradients.
+             "learner.adam_eps=1.0"]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_s
         assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
         assert groups[3].error and not groups[3].completions
         assert all(len(g.completions) == 2 for i, g in enumerate(groups) if i != 3)
+        assert pool.errors() == 1
         bundle, _ = random_bundle(tiny_policy_dir, version=3, seed=0)
         pool.load_weights(ray.put(bundle))
         assert pool.versions() == [3, 3]

@@ -1,0 +1,147 @@
+"""Rollout throughput: vLLM vs the HF transformers engine on the same policy, n completions per prompt.
+
+    .venv/bin/python bench/rollout.py --presets tiny small --prompts 32 --n 8 --max-new-tokens 64 --record
+
+Each (preset, engine) runs in its own subprocess so one engine's memory and threads never slow the other.
+Generated tokens/s and completions/s are measured over one `generate` call on all prompts after a warm-up
+call; engine start time is reported separately. `--record` appends the table to bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens: int, seed: int) -> dict:
+    """Build one engine, warm it up, time one generate over all prompts; returns the measurements."""
+    from common.config import load_config
+    from common.models.policy import ensure_policy_dir
+    from common.prompts import build_prompt
+    from common.protocol import RolloutRequest
+    from common.synth import generate as synth
+    from rollout.engine import Sampling
+
+    cfg = load_config("tiny_cpu", [f"model.policy={preset}", f"rollout.engine={engine_name}",
+                                   f"rollout.max_new_tokens={max_new_tokens}", "rollout.max_model_len=1024"])
+    policy_dir = ensure_policy_dir(preset, ROOT / cfg.model.assets_dir)
+    samples = synth(prompts, image_size=112, seed=seed, progress=False)
+    requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+    t0 = time.perf_counter()
+    if engine_name == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+        engine = VLLMEngine(cfg, policy_dir)
+    else:
+        from rollout.hf_engine import HFEngine
+        engine = HFEngine(cfg, policy_dir)
+    start_s = time.perf_counter() - t0
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    engine.generate(requests[:2], 2, Sampling(1.0, 1.0, 8, seed=seed))  # warm-up (kernels, caches)
+    t0 = time.perf_counter()
+    groups = engine.generate(requests, n, sampling)
+    gen_s = time.perf_counter() - t0
+    comps = [c for g in groups for c in g.completions]
+    tokens = sum(len(c.token_ids) for c in comps)
+    return dict(preset=preset, engine=engine_name, prompts=prompts, n=n, completions=len(comps),
+                errors=sum(g.error is not None for g in groups), tokens=tokens, gen_s=gen_s, start_s=start_s,
+                tokens_per_s=tokens / gen_s, completions_per_s=len(comps) / gen_s,
+                params=count_parameters(policy_dir))
+
+
+def count_parameters(policy_dir) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(policy_dir).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            total += sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def run_subprocess(preset: str, engine: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", preset, engine, "--prompts", str(args.prompts), "--n", str(args.n),
+           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        sys.stderr.write(out.stderr[-4000:])
+        raise RuntimeError(f"{preset}/{engine} failed (exit {out.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(results: list) -> str:
+    rows = ["| preset | params | engine | completions | gen tokens | gen s | tokens/s | completions/s | start s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['engine']} | {r['completions']} | "
+                    f"{r['tokens']} | {r['gen_s']:.1f} | {r['tokens_per_s']:.1f} | {r['completions_per_s']:.2f} | "
+                    f"{r['start_s']:.1f} |")
+    by = {(r["preset"], r["engine"]): r for r in results}
+    for preset in dict.fromkeys(r["preset"] for r in results):
+        if (preset, "vllm") in by and (preset, "hf") in by:
+            v, h = by[(preset, "vllm")], by[(preset, "hf")]
+            rows.append(f"\n{preset}: vLLM / HF = {v['tokens_per_s'] / h['tokens_per_s']:.2f}x tokens/s, "
+                        f"{v['completions_per_s'] / h['completions_per_s']:.2f}x completions/s")
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:
+        gpu = "?"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--engines", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--one", nargs=2, metavar=("PRESET", "ENGINE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args.prompts, args.n, args.max_new_tokens, args.seed)))
+        return
+    results = []
+    for preset in args.presets:
+        for engine in args.engines:
+            results.append(run_subprocess(preset, engine, args))
+            print(json.dumps(results[-1]), flush=True)
+    text = table(results)
+    print(text)
+    if args.record:
+        command = "python bench/rollout.py " + " ".join(sys.argv[1:])
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(f"\n## Rollout throughput ({stamp})\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
+                    f"Sampling: temperature 1, top_p 1, random-weight policies (completions mostly run to "
+                    f"max_new_tokens). Timed: one generate over all prompts after a warm-up; start = engine "
+                    f"construction.\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

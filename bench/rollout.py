@@ -109,7 +109,8 @@ def machine() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:
         gpu = "?"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+    load = ", load average %.1f (other jobs share the CPUs)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}{load}"
 
 
 def main() -> None:

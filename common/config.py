@@ -106,6 +106,7 @@ class LearnerConfig:
     zero_stage: int = 2
     sft_lr: float = 1e-3
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
 
 
 @dataclass

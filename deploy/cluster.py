@@ -18,9 +18,9 @@ def init_ray(cfg: TrainConfig):
         return ray
     runtime_env = {"env_vars": dict(ACTOR_ENV)}
     if cfg.cluster.mode == "cluster" or os.environ.get("RAY_ADDRESS"):
-        # Under `ray job submit` RAY_ADDRESS is set; `address="auto"` joins a node started with `ray start`.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env,
-                 log_to_driver=True)
+        # Under `ray job submit` RAY_ADDRESS is set and the job's runtime env (deploy/runtime_env.yaml, which
+        # carries the same env vars) applies; `address="auto"` joins a node started with `ray start`.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.cluster.num_cpus or max(4, needed_cpus(cfg)), num_gpus=cfg.cluster.num_gpus,
                  include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)

@@ -70,12 +70,22 @@ def build_batch(encoder: PromptEncoder, samples: Sequence[LesionSample], complet
                        [e["input_ids"].shape[1] for e in encs], [len(c) for c in completions])
 
 
+def logits_window(batch: PolicyBatch) -> int:
+    """How many trailing positions need logits: from the token before the earliest completion to the end.
+    Passed as `logits_to_keep`, it skips the lm_head (the vocabulary-wide matmul) over the prompts."""
+    return batch.input_ids.shape[1] - max(min(batch.prompt_lens) - 1, 0)
+
+
 def completion_logprobs(logits: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
-    """log p(token_t | < t) at every position, aligned so entry t scores input_ids[t] ([B, T], 0 at t=0)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    ids = batch.input_ids[:, 1:].to(logits.device)
-    gathered = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return torch.cat([torch.zeros_like(gathered[:, :1]), gathered], dim=1)
+    """log p(token_t | < t) at every position, aligned so entry t scores input_ids[t] ([B, T]; 0 where no
+    logits were kept). `logits` cover the last `logits.shape[1]` positions (all of them, or `logits_window`).
+    logit - logsumexp avoids a second vocabulary-wide float32 tensor next to log_softmax's."""
+    B, T = batch.input_ids.shape
+    first = T - logits.shape[1]  # position of logits[:, 0]
+    scores = logits[:, :-1].float()
+    ids = batch.input_ids[:, first + 1:].to(logits.device)
+    picked = scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1)
+    return torch.cat([picked.new_zeros((B, first + 1)), picked], dim=1)
 
 
 def per_completion(values: torch.Tensor, batch: PolicyBatch) -> List[torch.Tensor]:

@@ -15,10 +15,10 @@ from common.data import LesionSample
 from common.models.adapter import build_adapter
 from common.models.lora import lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
-from common.models.sam import build_sam, encode_images
+from common.models.sam import build_sam, encode_images, upscale_masks
 from common.models.segment import decode_masks
 from common.protocol import WeightBundle
-from learner.batch import PolicyBatch, completion_logprobs
+from learner.batch import PolicyBatch, completion_logprobs, logits_window
 from learner.losses import low_res_target
 
 
@@ -32,6 +32,9 @@ class CoreSegModule(nn.Module):
         base, self.processor = load_policy(policy_dir, dtype, device)
         torch.manual_seed(cfg.learner.seed)
         self.policy = get_peft_model(base, make_lora_config(cfg.model))
+        if cfg.learner.gradient_checkpointing:
+            # non-reentrant checkpointing needs no input grads (the embeddings are frozen)
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hidden = base.config.get_text_config().hidden_size
         self.adapter = build_adapter(hidden, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks, seed=cfg.run.seed)
         self.sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint, seed=cfg.run.seed)
@@ -48,7 +51,8 @@ class CoreSegModule(nn.Module):
 
     # -- policy -------------------------------------------------------------------------------------
     def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
-        out = self.policy(**batch.model_inputs(self.device), output_hidden_states=with_hidden, use_cache=False)
+        out = self.policy(**batch.model_inputs(self.device), output_hidden_states=with_hidden, use_cache=False,
+                          logits_to_keep=logits_window(batch))
         logp = completion_logprobs(out.logits, batch)
         states = found = None
         if with_hidden:
@@ -81,6 +85,21 @@ class CoreSegModule(nn.Module):
         emb = self.image_embeddings(unique)
         low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
         return low
+
+    def mask_loss_pair(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]):
+        """(mask logits, targets) for the DiceCE, at SAM's low-res grid or, with
+        learner.mask_loss_resolution=full, upscaled to each image's size (one pair per image size)."""
+        low = self.mask_logits(seg_states, samples)
+        if self.cfg.learner.mask_loss_resolution == "low":
+            return [(low, self.mask_targets(samples, low.shape[-1]))]
+        pairs, by_size = [], {}
+        for i, s in enumerate(samples):
+            by_size.setdefault(s.image.shape[:2], []).append(i)
+        for (h, w), rows in by_size.items():
+            logits = upscale_masks(self.sam, low[rows], h, w)
+            target = torch.stack([torch.from_numpy(samples[i].union_mask().astype("float32"))[None] for i in rows])
+            pairs.append((logits, target.to(self.device)))
+        return pairs
 
     def mask_targets(self, samples: Sequence[LesionSample], low_res: int) -> torch.Tensor:
         size = self.sam.image_encoder.img_size

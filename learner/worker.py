@@ -70,6 +70,18 @@ class LearnerCore:
         m = self.cfg.learner.micro_batch_size
         return [(i, min(n, i + m)) for i in range(0, n, m)]
 
+    def _dice_sum(self, states: torch.Tensor, found: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
+        """Summed DiceCE over the completions that produced a `<seg>` (the others are excluded)."""
+        L = self.cfg.learner
+        total = torch.zeros((), device=self.device)
+        if not found.any() or L.mask_loss_weight <= 0:
+            return total
+        idx = found.nonzero(as_tuple=True)[0]
+        for logits, target in self.module.mask_loss_pair(states[idx], [samples[int(i)] for i in idx]):
+            mean_loss, _ = dice_ce_loss(logits, target, L.dice_weight, L.bce_weight)
+            total = total + mean_loss * logits.shape[0]
+        return total
+
     # -- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
@@ -105,13 +117,8 @@ class LearnerCore:
             pg_sum, _ = partial_sum(per_tok, mask, L.loss_agg, max_len)
             kl_sum, _ = partial_sum(kl_penalty(logp, ref_t, L.kl_estimator), mask, L.loss_agg, max_len)
             loss = (pg_sum + L.kl_beta * kl_sum) / totals["units"]
-            dice_sum = torch.zeros((), device=self.device)
-            if found.any() and L.mask_loss_weight > 0 and totals["masks"] > 0:
-                idx = found.nonzero(as_tuple=True)[0]
-                low = self.module.mask_logits(states[idx], [flat_samples[a + int(i)] for i in idx])
-                target = self.module.mask_targets([flat_samples[a + int(i)] for i in idx], low.shape[-1])
-                mean_loss, _ = dice_ce_loss(low, target, L.dice_weight, L.bce_weight)
-                dice_sum = mean_loss * len(idx)
+            dice_sum = self._dice_sum(states, found, flat_samples[a:b])
+            if totals["masks"] > 0:
                 loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
@@ -123,6 +130,7 @@ class LearnerCore:
         self.engine.step()
         self.version += 1
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        stats["lr"] = L.lr
         return stats
 
     # -- SFT ----------------------------------------------------------------------------------------
@@ -139,14 +147,8 @@ class LearnerCore:
             logp, states, found = self.module.policy_pass(batch)
             ce = ce_sum(logp, batch.completion_mask) / totals["tokens"]
             loss = ce
-            dice_sum = torch.zeros((), device=self.device)
-            if found.any() and L.mask_loss_weight > 0:
-                idx = found.nonzero(as_tuple=True)[0]
-                low = self.module.mask_logits(states[idx], [samples[a + int(i)] for i in idx])
-                target = self.module.mask_targets([samples[a + int(i)] for i in idx], low.shape[-1])
-                mean_loss, _ = dice_ce_loss(low, target, L.dice_weight, L.bce_weight)
-                dice_sum = mean_loss * len(idx)
-                loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
+            dice_sum = self._dice_sum(states, found, samples[a:b])
+            loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             stats["ce"] += float(ce)
@@ -154,6 +156,7 @@ class LearnerCore:
         self.engine.step()
         self.version += 1
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        stats["lr"] = L.sft_lr
         return stats
 
     def sft_counts(self, samples: List[LesionSample]) -> Dict[str, float]:
@@ -228,7 +231,7 @@ class LearnerGroup:
                                            forward.old_logprobs[a:b], forward.ref_logprobs[a:b], totals))
         results = ray.get(futures)
         stats = {k: float(sum(r[k] for r in results)) for k in ("pg_loss", "kl", "dice_ce", "clip_frac", "tokens")}
-        stats["grad_norm"] = results[0]["grad_norm"]
+        stats["grad_norm"], stats["lr"] = results[0]["grad_norm"], results[0]["lr"]
         stats["loss"] = stats["pg_loss"] + self.cfg.learner.kl_beta * stats["kl"] + \
             self.cfg.learner.mask_loss_weight * stats["dice_ce"]
         return stats
@@ -240,7 +243,7 @@ class LearnerGroup:
         results = ray.get([w.sft_step.remote([samples[i] for i in p], totals) for w, p in zip(self.workers, parts)])
         stats = {k: float(sum(r[k] for r in results)) for k in ("ce", "dice_ce")}
         stats["loss"] = stats["ce"] + self.cfg.learner.mask_loss_weight * stats["dice_ce"]
-        stats["grad_norm"] = results[0]["grad_norm"]
+        stats["grad_norm"], stats["lr"] = results[0]["grad_norm"], results[0]["lr"]
         return stats
 
     def export_weights(self) -> WeightBundle:

@@ -1,43 +1,63 @@
 """The adaptive dual-granularity reward (pure numpy). Each function returns its value and, when bad
 output forced the value, a reason string ("" otherwise).
 
-Box convention: [x1, y1, x2, y2] pixel edges (x2/y2 exclusive); area = (x2-x1)*(y2-y1).
+Box convention: [x1, y1, x2, y2] pixel edges (x2/y2 exclusive, as `common.images.mask_to_box`);
+area = (x2-x1)*(y2-y1).
+
+Mask reward (DESIGN.md §4): Dice < delta -> GIoU of the two masks' bounding boxes (coarse, in [-1, 1]);
+otherwise 1 + 2*Dice (fine, in [1.1, 3]). Density-aware variant (`reward.density_aware`): with f the
+ground-truth foreground fraction (lesion pixels / image pixels) and f_ref = `density_ref_fraction`,
+
+    delta_eff = min(density_max_threshold, delta * sqrt(f_ref / f))   when 0 < f < f_ref, else delta,
+
+so a lesion 100x smaller than the reference stays on the box branch until Dice reaches 10*delta (capped):
+on small lesions a low Dice is mostly boundary noise, and box guidance is the more informative signal.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from common.images import mask_to_box
-from common.prompts import ParsedCompletion
+from common.prompts import ParsedCompletion, parse_completion
+from common.protocol import Score
+
+# Reasons (stable strings: counted in metrics).
+R_NO_BOXES = "no_boxes"
+R_NO_BOX_MATCH = "no_box_match"
+R_BOXES_NOT_FINITE = "boxes_not_finite"
+R_EMPTY_MASK = "empty_mask"
+R_MASK_WITHOUT_LESION = "mask_without_lesion"
+R_MASK_SHAPE = "mask_shape_mismatch"
 
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU [len(a), len(b)]; a degenerate pair (zero union) has IoU 0."""
     a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
     x1 = np.maximum(a[:, None, 0], b[None, :, 0])
     y1 = np.maximum(a[:, None, 1], b[None, :, 1])
     x2 = np.minimum(a[:, None, 2], b[None, :, 2])
     y2 = np.minimum(a[:, None, 3], b[None, :, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def giou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Generalised IoU of two boxes, in [-1, 1]."""
-    iou = float(box_iou_matrix(np.asarray(a), np.asarray(b))[0, 0])
+    """Generalised IoU of two boxes: IoU - (hull - union) / hull, in [-1, 1]."""
+    iou_ab = float(box_iou_matrix(np.asarray(a), np.asarray(b))[0, 0])
     area_a = (a[2] - a[0]) * (a[3] - a[1])
     area_b = (b[2] - b[0]) * (b[3] - b[1])
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = area_a + area_b - ix * iy
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return iou - (hull - union) / hull if hull > 0 else iou
+    return float(iou_ab - (hull - union) / hull) if hull > 0 else iou_ab
 
 
 def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -48,47 +68,56 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def format_reward(parsed: ParsedCompletion) -> Tuple[float, str]:
+    """1 when the completion follows the template, else 0 with the parser's reason."""
     return (1.0, "") if parsed.ok else (0.0, parsed.reason)
 
 
 def box_reward(pred_boxes, gt_boxes, iou_threshold: float = 0.5,
                image_size: Optional[Tuple[int, int]] = None) -> Tuple[float, str, Dict[str, float]]:
-    """Bipartite (Hungarian on 1-IoU) matching; r_bbox = mIoU(TP pairs) x F1, F1 = 2TP/(2TP+FP+FN)."""
+    """Bipartite matching (Hungarian on 1 - IoU); a matched pair is a TP when IoU >= tau.
+    r_bbox = mIoU(TP pairs) x F1, F1 = 2TP / (2TP + FP + FN); empty/empty -> 1.
+    image_size = (width, height): predicted boxes are clipped to the image first."""
     pred = np.asarray(pred_boxes, float).reshape(-1, 4)
     gt = np.asarray(gt_boxes, float).reshape(-1, 4)
+    empty = {"tp": 0, "fp": len(pred), "fn": len(gt), "miou": 0.0, "f1": 0.0}
+    if not np.isfinite(pred).all():
+        return 0.0, R_BOXES_NOT_FINITE, empty
     if image_size is not None:
         pred = clip_boxes(pred, *image_size)
     if len(gt) == 0 and len(pred) == 0:
         return 1.0, "", {"tp": 0, "fp": 0, "fn": 0, "miou": 1.0, "f1": 1.0}
     if len(pred) == 0:
-        return 0.0, "no_boxes", {"tp": 0, "fp": 0, "fn": len(gt), "miou": 0.0, "f1": 0.0}
-    iou = box_iou_matrix(pred, gt)
+        return 0.0, R_NO_BOXES, empty
+    iou_m = box_iou_matrix(pred, gt)
     tp_ious: List[float] = []
     if len(gt):
-        rows, cols = linear_sum_assignment(1.0 - iou)
-        tp_ious = [float(iou[r, c]) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
+        rows, cols = linear_sum_assignment(1.0 - iou_m)
+        tp_ious = [float(iou_m[r, c]) for r, c in zip(rows, cols) if iou_m[r, c] >= iou_threshold]
     tp = len(tp_ious)
     fp, fn = len(pred) - tp, len(gt) - tp
     f1 = 2 * tp / (2 * tp + fp + fn)
     miou = float(np.mean(tp_ious)) if tp else 0.0
     details = {"tp": tp, "fp": fp, "fn": fn, "miou": miou, "f1": f1}
-    return miou * f1, ("" if tp else "no_box_match"), details
+    return miou * f1, ("" if tp else R_NO_BOX_MATCH), details
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    pred, gt = pred.astype(bool), gt.astype(bool)
-    total = pred.sum() + gt.sum()
+    """2|A∩B| / (|A| + |B|) on bool masks; 1 when both are empty."""
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    total = int(pred.sum()) + int(gt.sum())
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
 
 
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    pred, gt = pred.astype(bool), gt.astype(bool)
-    union = np.logical_or(pred, gt).sum()
+    """|A∩B| / |A∪B| on bool masks; 1 when both are empty."""
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    union = int(np.logical_or(pred, gt).sum())
     return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 
 
 @dataclass
 class MaskRewardConfig:
+    """The mask-reward constants (same names as `common.config.RewardConfig`, which also works here)."""
     dice_threshold: float = 0.05
     density_aware: bool = False
     density_ref_fraction: float = 0.05
@@ -96,29 +125,33 @@ class MaskRewardConfig:
     empty_mask_reward: float = -1.0
 
 
-def switch_threshold(gt: np.ndarray, cfg: MaskRewardConfig) -> float:
-    """delta; density-aware: for a foreground fraction f below ref, delta_eff = min(max, delta * sqrt(ref / f)),
-    so small lesions stay on the coarse (box) branch longer."""
+def switch_threshold(gt: np.ndarray, cfg=None) -> float:
+    """delta, or for the density-aware variant min(max, delta * sqrt(ref / f)) when 0 < f < ref."""
+    cfg = cfg or MaskRewardConfig()
     if not cfg.density_aware:
-        return cfg.dice_threshold
-    frac = float(gt.mean()) if gt.size else 0.0
+        return float(cfg.dice_threshold)
+    frac = float(np.asarray(gt, bool).mean()) if np.size(gt) else 0.0
     if frac <= 0 or frac >= cfg.density_ref_fraction:
-        return cfg.dice_threshold
+        return float(cfg.dice_threshold)
     return float(min(cfg.density_max_threshold, cfg.dice_threshold * np.sqrt(cfg.density_ref_fraction / frac)))
 
 
-def mask_reward(pred: np.ndarray, gt: np.ndarray, cfg: MaskRewardConfig = MaskRewardConfig()) -> Tuple[float, str, float]:
+def mask_reward(pred: np.ndarray, gt: np.ndarray, cfg=None) -> Tuple[float, str, float]:
     """Dual granularity: Dice < delta -> GIoU of the masks' bounding boxes (coarse, in [-1, 1]);
-    else 1 + 2*Dice (fine). Returns (reward, reason, dice)."""
-    pred, gt = pred.astype(bool), gt.astype(bool)
+    else 1 + 2*Dice (fine). Empty prediction -> cfg.empty_mask_reward with a reason.
+    cfg: MaskRewardConfig or RewardConfig. Returns (reward, reason, dice)."""
+    cfg = cfg or MaskRewardConfig()
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    if pred.shape != gt.shape:
+        return 0.0, R_MASK_SHAPE, 0.0
     d = dice(pred, gt)
     pred_box, gt_box = mask_to_box(pred), mask_to_box(gt)
     if pred_box is None:
         if gt_box is None:
-            return 3.0, "", 1.0  # nothing to find and nothing drawn: a perfect answer
-        return cfg.empty_mask_reward, "empty_mask", 0.0
+            return 3.0, "", 1.0  # nothing to find and nothing drawn: a perfect answer (1 + 2*Dice, Dice=1)
+        return float(cfg.empty_mask_reward), R_EMPTY_MASK, 0.0
     if gt_box is None:
-        return cfg.empty_mask_reward, "mask_without_lesion", 0.0
+        return float(cfg.empty_mask_reward), R_MASK_WITHOUT_LESION, 0.0
     if d < switch_threshold(gt, cfg):
         return giou(pred_box, gt_box), "", d
     return 1.0 + 2.0 * d, "", d
@@ -126,5 +159,47 @@ def mask_reward(pred: np.ndarray, gt: np.ndarray, cfg: MaskRewardConfig = MaskRe
 
 def total_reward(format_value: float, box_value: float, mask_value: float, w_format: float = 1.0,
                  w_box: float = 1.0, w_mask: float = 1.0) -> Tuple[float, Dict[str, float]]:
-    comps = {"format": format_value, "box": box_value, "mask": mask_value}
+    """a*format + b*box + c*mask; returns (total, unweighted components). A zero weight ablates a term."""
+    comps = {"format": float(format_value), "box": float(box_value), "mask": float(mask_value)}
     return w_format * format_value + w_box * box_value + w_mask * mask_value, comps
+
+
+def union_mask(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
+    out = np.zeros((height, width), bool)
+    for m in masks:
+        m = np.asarray(m, bool)
+        if m.shape != out.shape:
+            raise ValueError(f"ground-truth mask is {m.shape}, image is {(height, width)}")
+        out |= m
+    return out
+
+
+def score_completion(text: str, pred: Union[np.ndarray, str], gt_masks: Sequence[np.ndarray], gt_boxes,
+                     image_hw: Tuple[int, int], cfg) -> Score:
+    """One completion -> Score. pred: the predicted HxW mask, or a reason string when none could be drawn
+    (missing `<seg>`, non-finite state): then the mask term is 0 and the reason is recorded.
+    cfg: RewardConfig (weights, tau, mask constants). Reasons are prefixed by their component."""
+    parsed = parse_completion(text)
+    reasons: List[str] = []
+    f_val, f_reason = format_reward(parsed)
+    if f_reason:
+        reasons.append(f"format:{f_reason}")
+    h, w = image_hw
+    if parsed.boxes_ok:  # boxes salvaged from an otherwise malformed answer still earn box reward
+        b_val, b_reason, _ = box_reward(parsed.boxes, gt_boxes, cfg.iou_threshold, (w, h))
+    else:
+        b_val, b_reason = 0.0, parsed.reason
+    if b_reason:
+        reasons.append(f"box:{b_reason}")
+    gt = union_mask(gt_masks, h, w)
+    if isinstance(pred, str):
+        m_val, d, j = 0.0, 0.0, 0.0
+        reasons.append(f"mask:{pred}")
+    else:
+        m_val, m_reason, d = mask_reward(pred, gt, cfg)
+        j = iou(pred, gt) if m_reason != R_MASK_SHAPE else 0.0
+        if m_reason:
+            reasons.append(f"mask:{m_reason}")
+    total, comps = total_reward(f_val, b_val, m_val, cfg.w_format, cfg.w_box, cfg.w_mask)
+    return Score(total=float(total), components=comps, reasons=reasons, dice=float(d), iou=float(j),
+                 format_ok=bool(parsed.ok))

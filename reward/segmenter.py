@@ -2,7 +2,8 @@
 
 The image encoder is frozen, so an embedding is a pure function of the image: each is computed once and
 kept in an LRU (bounded in bytes) keyed by sample id, shared by the G rollouts of a prompt and by later
-epochs. All `<seg>` states of one image are decoded in one mask-decoder call.
+epochs, optionally warm-started from a file written by `reward.embed`. All `<seg>` states of one image
+are decoded in one mask-decoder call.
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from common.models.sam import encode_images, upscale_masks
 from common.models.segment import decode_masks
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class EmbeddingCache:
+    """LRU of image embeddings keyed by sample id, bounded by the bytes it holds."""
+
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -34,75 +41,124 @@ class EmbeddingCache:
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+        size = _nbytes(value)
         if size > self.max_bytes:
             return
         if key in self._items:
-            self.bytes -= self._items.pop(key).numel() * value.element_size()
+            self.bytes -= _nbytes(self._items.pop(key))
         while self._items and self.bytes + size > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
             self.evictions += 1
         self._items[key] = value
         self.bytes += size
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 
-    def load_file(self, path: str | Path) -> int:
-        """Warm from a safetensors file written by `coreseg data embed` (keys are sample ids)."""
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        for key, value in tensors.items():
-            self.put(key, value.float())
-        return len(tensors)
-
 
 class Segmenter:
-    def __init__(self, sam, adapter, cache_bytes: int = 256 << 20, mask_threshold: float = 0.0):
-        self.sam = sam.eval()
-        self.adapter = adapter.eval()
+    """Frozen SAM image encoder + cache; the adapter and mask decoder turn `<seg>` states into masks."""
+
+    def __init__(self, sam, adapter, cache_bytes: int = 256 << 20, mask_threshold: float = 0.0,
+                 device: Optional[str] = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sam = sam.eval().to(self.device)
+        self.adapter = adapter.eval().to(self.device)
+        for p in self.sam.image_encoder.parameters():
+            p.requires_grad_(False)
         self.cache = EmbeddingCache(cache_bytes)
-        self.mask_threshold = mask_threshold
+        self.mask_threshold = float(mask_threshold)
         self.encoder_calls = 0  # images passed through the image encoder
 
+    def embedding_shape(self) -> tuple:
+        grid = self.sam.prompt_encoder.image_embedding_size
+        return (self.sam.prompt_encoder.embed_dim, *grid)
+
+    def warm_start(self, path: str | Path, expect_meta: Optional[Dict[str, str]] = None) -> int:
+        """Fill the cache from a safetensors file written by `reward.embed` (keys are sample ids).
+        expect_meta: metadata that must match (e.g. the SAM it was computed with). Returns the number of
+        embeddings loaded (the LRU bound still applies)."""
+        from safetensors import safe_open
+
+        want = self.embedding_shape()
+        loaded = 0
+        if not Path(path).exists():
+            raise FileNotFoundError(f"reward.embed_cache_path={str(path)!r} does not exist (run `coreseg data embed`)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for key, value in (expect_meta or {}).items():
+                if key in meta and meta[key] != str(value):
+                    raise ValueError(f"{path}: embeddings were computed with {key}={meta[key]!r}, "
+                                     f"this worker has {key}={value!r}")
+            for key in f.keys():
+                value = f.get_tensor(key)
+                if tuple(value.shape) != want:
+                    raise ValueError(f"{path}: embedding {key!r} has shape {tuple(value.shape)} but this SAM "
+                                     f"gives {want} (precomputed with another model.sam_type?)")
+                self.cache.put(key, value.float().to(self.device))
+                loaded += 1
+        return loaded
+
     def embeddings(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> torch.Tensor:
-        out: Dict[str, torch.Tensor] = {}
-        missing = []
+        """[N, C, g, g] for N images; only images missing from the cache go through the encoder."""
+        found: Dict[str, torch.Tensor] = {}
+        missing: Dict[str, np.ndarray] = {}
         for sid, image in zip(ids, images):
-            if sid in out:
+            if sid in found or sid in missing:
                 continue
             cached = self.cache.get(sid)
             if cached is None:
-                missing.append((sid, image))
+                missing[sid] = image
             else:
-                out[sid] = cached
+                found[sid] = cached
         if missing:
-            fresh = encode_images(self.sam, [im for _, im in missing])
+            fresh = encode_images(self.sam, list(missing.values()))
             self.encoder_calls += len(missing)
-            for (sid, _), emb in zip(missing, fresh):
-                out[sid] = emb
+            for sid, emb in zip(missing, fresh):
+                found[sid] = emb
                 self.cache.put(sid, emb)
-        return torch.stack([out[sid] for sid in ids])
+        return torch.stack([found[sid] for sid in ids])
 
     @torch.no_grad()
-    def masks(self, ids: Sequence[str], images: Sequence[np.ndarray], seg_states: torch.Tensor,
-              image_index: Optional[Sequence[int]] = None) -> List[np.ndarray]:
-        """Binary masks at each image's size. ids/images: one per distinct image; seg_states [M, H];
-        image_index[m] says which image state m belongs to (default: one state per image)."""
+    def masks(self, items: Sequence) -> List[np.ndarray]:
+        """One HxW bool mask per item (anything with .sample_id, .image, .seg_state [H], finite).
+        Items of one image share one embedding and one decoder call."""
+        if not items:
+            return []
+        order: Dict[str, int] = {}
+        for item in items:
+            order.setdefault(item.sample_id, len(order))
+        ids = list(order)
+        images = [None] * len(ids)
+        for item in items:
+            images[order[item.sample_id]] = item.image
+        states = np.stack([np.asarray(item.seg_state, np.float32) for item in items])
+        return self.masks_for(ids, images, torch.from_numpy(states), [order[i.sample_id] for i in items])
+
+    @torch.no_grad()
+    def masks_for(self, ids: Sequence[str], images: Sequence[np.ndarray], seg_states: torch.Tensor,
+                  image_index: Optional[Sequence[int]] = None) -> List[np.ndarray]:
+        """ids/images: one per distinct image; seg_states [M, H]; image_index[m]: the image of state m
+        (default: one state per image). Masks at each image's size, thresholded at `mask_threshold`."""
         if image_index is None:
             image_index = list(range(len(ids)))
         emb = self.embeddings(ids, images)
-        index = torch.as_tensor(list(image_index), dtype=torch.long)
-        low, _ = decode_masks(self.sam, self.adapter, emb, seg_states.float(), index)
-        out = []
-        for m, img in enumerate(index.tolist()):
+        index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
+        low, _ = decode_masks(self.sam, self.adapter, emb, seg_states.float().to(self.device), index)
+        out: List[Optional[np.ndarray]] = [None] * len(index)
+        for img in torch.unique(index).tolist():
+            rows = (index == img).nonzero(as_tuple=True)[0]
             h, w = images[img].shape[:2]
-            logits = upscale_masks(self.sam, low[m:m + 1], h, w)[0, 0]
-            out.append((logits > self.mask_threshold).cpu().numpy())
-        return out
+            binary = (upscale_masks(self.sam, low[rows], h, w)[:, 0] > self.mask_threshold).cpu().numpy()
+            for j, r in enumerate(rows.tolist()):
+                out[r] = binary[j]
+        return out  # type: ignore[return-value]
 
     def stats(self) -> Dict[str, float]:
         return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses, "cache_items": len(self.cache),
-                "cache_bytes": self.cache.bytes, "encoder_calls": self.encoder_calls}
+                "cache_bytes": self.cache.bytes, "cache_evictions": self.cache.evictions,
+                "encoder_calls": self.encoder_calls}

@@ -1,27 +1,128 @@
-"""RewardWorker (Ray actor around RewardScorer) and RewardPool, which spreads a batch over N workers
-grouped by image, submits all shares, gathers in order, and survives a worker that dies."""
+"""Reward workers: `RewardWorker` (Ray actor: SAM + adapter + embedding cache around the pure reward
+functions) and `RewardPool`, which spreads a batch over N workers grouped by image, submits every share,
+gathers in input order, and survives a worker that dies (Ray restarts it; the pool reloads the last weight
+bundle into it and re-sends its share)."""
 from __future__ import annotations
 
 import time
 import zlib
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
-
-ACTOR_GONE = (RayActorError, ActorUnavailableError)
+import torch
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from common.config import TrainConfig
-from common.protocol import Score, ScoreItem
-from reward.scorer import RewardScorer
+from common.models.adapter import build_adapter
+from common.models.sam import build_sam
+from common.protocol import Score, ScoreItem, WeightBundle
+from reward.rewards import score_completion
+from reward.segmenter import Segmenter
 
-MAX_RETRIES = 3
+ACTOR_GONE = (RayActorError, ActorUnavailableError)
+MAX_RETRIES = 3  # re-sends of one share before the pool gives up
+RECOVER_WAIT_S = 60.0  # how long a restarting actor may take to come back
+
+R_NO_SEG = "no_seg_token"
+R_SEG_NOT_FINITE = "seg_state_not_finite"
+R_SEG_BAD_SHAPE = "seg_state_bad_shape"
+R_BAD_IMAGE = "bad_image"
 
 
-@ray.remote
-class RewardWorker(RewardScorer):
-    pass
+class StaleWeightsError(RuntimeError):
+    """The worker serves another weight version than the pool expects (it was restarted)."""
+
+
+class LocalRewardWorker:
+    """The worker's state and logic, usable without Ray (tests, predict); `RewardWorker` is its actor."""
+
+    def __init__(self, cfg: TrainConfig, llm_hidden: int, num_threads: int = 1, device: Optional[str] = None):
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.cfg = cfg
+        self.llm_hidden = int(llm_hidden)
+        # same seed in every worker: all agree before the first bundle arrives
+        sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint, seed=cfg.run.seed)
+        adapter = build_adapter(llm_hidden, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks,
+                                seed=cfg.run.seed)
+        self.segmenter = Segmenter(sam, adapter, cfg.reward.cache_bytes, cfg.reward.mask_threshold, device)
+        self.warm_loaded = 0
+        if cfg.reward.embed_cache_path:
+            expect = {"sam_type": cfg.model.sam_type, "sam_checkpoint": cfg.model.sam_checkpoint}
+            if not cfg.model.sam_checkpoint:  # random init: the embeddings depend on the seed
+                expect["seed"] = str(cfg.run.seed)
+            self.warm_loaded = self.segmenter.warm_start(cfg.reward.embed_cache_path, expect)
+        self._version = 0
+        self.scored = 0
+        self.reasons: Dict[str, int] = defaultdict(int)
+
+    def load_weights(self, bundle: WeightBundle) -> int:
+        """Adapter (+ mask decoder when present); refuses a version older than the current one."""
+        if bundle.version < self._version:
+            raise ValueError(f"refusing weights version {bundle.version}: already at {self._version}")
+        self.segmenter.adapter.load_state_dict(bundle.adapter)
+        if bundle.mask_decoder is not None:
+            self.segmenter.sam.mask_decoder.load_state_dict(bundle.mask_decoder)
+        self._version = int(bundle.version)
+        return self._version
+
+    def version(self) -> int:
+        return self._version
+
+    def _bad_state(self, item: ScoreItem) -> str:
+        """Why no mask can be drawn for this item ("" when it can)."""
+        if item.seg_state is None:
+            return R_NO_SEG
+        try:
+            state = np.asarray(item.seg_state, dtype=np.float32)
+        except (TypeError, ValueError):
+            return R_SEG_BAD_SHAPE
+        if state.shape != (self.llm_hidden,):
+            return R_SEG_BAD_SHAPE
+        if not np.isfinite(state).all():
+            return R_SEG_NOT_FINITE
+        image = np.asarray(item.image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+            return R_BAD_IMAGE
+        return ""
+
+    def pred_masks(self, items: Sequence[ScoreItem]) -> List[Union[np.ndarray, str]]:
+        """The predicted mask per item, or the reason string when none can be drawn."""
+        out: List[Union[np.ndarray, str]] = [self._bad_state(item) for item in items]
+        good = [k for k, why in enumerate(out) if not why]
+        for k, mask in zip(good, self.segmenter.masks([items[k] for k in good])):
+            out[k] = mask
+        return out
+
+    def score(self, items: Sequence[ScoreItem], expected_version: Optional[int] = None) -> List[Score]:
+        """Scores in input order. expected_version: raise StaleWeightsError instead of scoring with other
+        weights (a silently restarted actor)."""
+        if expected_version is not None and expected_version != self._version:
+            raise StaleWeightsError(f"worker serves version {self._version}, pool expects {expected_version}")
+        scores = []
+        for item, pred in zip(items, self.pred_masks(items)):
+            score = score_completion(item.text, pred, item.gt_masks, item.gt_boxes,
+                                     tuple(np.asarray(item.image).shape[:2]), self.cfg.reward)
+            for reason in score.reasons:
+                self.reasons[reason] += 1
+            scores.append(score)
+        self.scored += len(items)
+        return scores
+
+    def masks_for(self, ids, images, states) -> List[np.ndarray]:
+        return self.segmenter.masks_for(ids, images, torch.as_tensor(np.asarray(states, np.float32)))
+
+    def stats(self) -> Dict[str, float]:
+        return {**self.segmenter.stats(), "scored": self.scored, "warm_loaded": self.warm_loaded,
+                **{f"reason/{k}": v for k, v in self.reasons.items()}}
+
+
+RewardWorker = ray.remote(LocalRewardWorker)
+
+
+def _is_stale(err: Exception) -> bool:
+    return isinstance(err, StaleWeightsError) or isinstance(getattr(err, "cause", None), StaleWeightsError)
 
 
 class RewardPool:
@@ -29,13 +130,16 @@ class RewardPool:
                  num_gpus_per_worker: float = 0.0):
         self.cfg = cfg
         options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1,
-                       max_task_retries=0)
-        self.workers = [RewardWorker.options(**options).remote(cfg, llm_hidden) for _ in range(num_workers)]
+                       max_task_retries=0)  # the pool re-sends itself, after reloading the weights
+        threads = max(1, int(num_cpus_per_worker))
+        self.workers = [RewardWorker.options(**options).remote(cfg, llm_hidden, threads)
+                        for _ in range(num_workers)]
         self.version = 0
         self._bundle_ref = None
         self.restarts = 0
+        self.restart_causes: Dict[str, int] = defaultdict(int)  # actor_died | stale_weights
 
-    def _assign(self, items: List[ScoreItem]) -> Dict[int, List[int]]:
+    def _assign(self, items: Sequence[ScoreItem]) -> Dict[int, List[int]]:
         """Item indices per worker: all rollouts of one image on one worker (its cache), a stable preferred
         worker per image (hits across steps), spilling to the least loaded one to keep shares balanced."""
         groups: Dict[str, List[int]] = defaultdict(list)
@@ -51,59 +155,73 @@ class RewardPool:
                 w = min(range(n), key=lambda i: load[i])
             load[w] += 1
             shares[w].extend(rows)
-        return shares
+        return dict(shares)
 
-    def _recover(self, w: int) -> None:
-        """A restarted worker comes back with fresh weights: give it the current bundle again."""
+    def _recover(self, w: int, cause: str) -> None:
+        """A restarted worker comes back with its initial weights: give it the current bundle again."""
         self.restarts += 1
-        if self._bundle_ref is None:
-            return
-        for attempt in range(30):  # the actor may still be restarting
+        self.restart_causes[cause] += 1
+        deadline = time.monotonic() + RECOVER_WAIT_S
+        while True:
             try:
-                ray.get(self.workers[w].load_weights.remote(self._bundle_ref))
+                if self._bundle_ref is None:
+                    ray.get(self.workers[w].version.remote())
+                else:
+                    ray.get(self.workers[w].load_weights.remote(self._bundle_ref))
                 return
             except ACTOR_GONE:
-                time.sleep(0.5)
-        raise RuntimeError(f"reward worker {w} did not come back after a restart")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"reward worker {w} did not come back after a restart") from None
+                time.sleep(0.2)
 
-    def score(self, items: List[ScoreItem]) -> List[Score]:
+    def _submit(self, w: int, items: Sequence[ScoreItem], rows: List[int]):
+        return self.workers[w].score.remote([items[k] for k in rows], self.version)
+
+    def score(self, items: Sequence[ScoreItem]) -> List[Score]:
+        """Scores in input order; every share is submitted before any is awaited."""
         shares = self._assign(items)
-        futures = {w: self.workers[w].score.remote([items[k] for k in rows]) for w, rows in shares.items()}
+        pending = {self._submit(w, items, rows): w for w, rows in shares.items()}
+        attempts = defaultdict(int)
         out: List[Optional[Score]] = [None] * len(items)
-        for w, rows in shares.items():
-            result = None
-            for attempt in range(MAX_RETRIES + 1):
-                try:
-                    version, result = ray.get(futures[w])
-                    if version == self.version:
-                        break
-                    # the actor was restarted behind our back and lost its weights
-                except ACTOR_GONE:
-                    if attempt == MAX_RETRIES:
-                        raise
-                self._recover(w)
-                futures[w] = self.workers[w].score.remote([items[k] for k in rows])
-                result = None
-            for k, s in zip(rows, result):
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            w = pending.pop(done)
+            try:
+                result = ray.get(done)
+            except (*ACTOR_GONE, RayTaskError) as err:
+                if isinstance(err, RayTaskError) and not _is_stale(err):
+                    raise
+                attempts[w] += 1
+                if attempts[w] > MAX_RETRIES:
+                    raise
+                self._recover(w, "stale_weights" if _is_stale(err) else "actor_died")
+                pending[self._submit(w, items, shares[w])] = w
+                continue
+            for k, s in zip(shares[w], result):
                 out[k] = s
         return out  # type: ignore[return-value]
 
     def load_weights(self, bundle_or_ref) -> None:
+        """Every worker loads the same object (pass an ObjectRef to share one `ray.put`)."""
         ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
         versions = ray.get([w.load_weights.remote(ref) for w in self.workers])
         self._bundle_ref = ref
         self.version = versions[0]
 
     def versions(self) -> List[int]:
-        return ray.get([w.get_version.remote() for w in self.workers])
+        return ray.get([w.version.remote() for w in self.workers])
 
-    def masks(self, ids, images, states) -> list:
-        return ray.get(self.workers[0].masks_for.remote(ids, images, states))
+    def masks(self, ids, images, states) -> List[np.ndarray]:
+        """Masks for one state per image (predict/eval), drawn by the first worker."""
+        return ray.get(self.workers[0].masks_for.remote(list(ids), list(images), np.asarray(states, np.float32)))
 
     def stats(self) -> Dict[str, float]:
         per = ray.get([w.stats.remote() for w in self.workers])
-        total = {k: float(sum(p[k] for p in per)) for k in per[0]}
+        keys = sorted({k for p in per for k in p})
+        total = {k: float(sum(p.get(k, 0) for p in per)) for k in keys}
         total["restarts"] = float(self.restarts)
+        total.update({f"restarts/{k}": float(v) for k, v in self.restart_causes.items()})
+        total["workers"] = float(len(self.workers))
         return total
 
     def shutdown(self) -> None:

@@ -166,3 +166,39 @@ def test_hf_engine_contract_and_lora(tiny_policy_dir, reference, synth_samples):
     assert comp.version == 4
     _, want = recompute_logprobs(peft_model, processor, synth_samples[0], comp.token_ids)
     np.testing.assert_allclose(comp.logprobs, want, atol=1e-4)
+
+
+def test_sampling_from_rollout_config_and_default():
+    from common.config import RolloutConfig
+    from rollout.engine import as_sampling
+
+    cfg = _cfg()
+    got = as_sampling(RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, seed=3), cfg)
+    assert (got.temperature, got.top_p, got.max_new_tokens, got.seed) == (0.7, 0.9, 5, 3)
+    assert as_sampling(None, cfg).max_new_tokens == cfg.rollout.max_new_tokens
+    fixed = Sampling(0.5, 1.0, 4, seed=1)
+    assert as_sampling(fixed, cfg) is fixed
+
+
+@pytest.mark.parametrize("image, reason", [
+    (b"\x89PNG\r\n\x1a\n truncated", "cannot be decoded"),
+    (np.zeros((32, 32), np.uint8), "HxWx3 uint8"),  # grayscale
+    (np.zeros((32, 32, 3), np.float32), "HxWx3 uint8"),  # wrong dtype
+    (np.zeros((4, 32, 3), np.uint8), "HxWx3 uint8"),  # too small
+])
+def test_bad_images_give_an_error_message(image, reason):
+    from rollout.engine import request_image
+
+    pil, err = request_image(RolloutRequest("x", "p", image))
+    assert pil is None and reason in err
+
+
+def test_png_bytes_decode():
+    import io
+
+    from rollout.engine import request_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 20, 3), 7, np.uint8)).save(buf, format="PNG")
+    pil, err = request_image(RolloutRequest("x", "p", buf.getvalue()))
+    assert err is None and pil.size == (20, 16) and np.asarray(pil)[0, 0, 0] == 7

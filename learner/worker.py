@@ -40,6 +40,11 @@ class LearnerCore:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
+        if not on_gpu:
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a
+            # killed process leaves behind); gloo's own collectives are all the learner needs.
+            import deepspeed.comm.torch as ds_torch_comm
+            ds_torch_comm.build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.module = CoreSegModule(cfg, policy_dir, device)
         lora, heads = self.module.param_groups()

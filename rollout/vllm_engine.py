@@ -41,6 +41,9 @@ class VLLMEngine(GenerationEngine):
             # gets a fixed size instead, so several engines and the learner fit on one machine.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gb))
             kwargs.update(gpu_memory_utilization=0.1)
+            # A chunked (partial) prefill makes vLLM rewind the request's seeded generator, which CPU generators
+            # cannot do ("CPU Generator does not use offset"): prefill whole prompts instead.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, cfg.rollout.max_model_len))
         self.llm = LLM(**kwargs)
         self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
         self._asleep = False

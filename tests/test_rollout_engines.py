@@ -202,3 +202,12 @@ def test_png_bytes_decode():
     Image.fromarray(np.full((16, 20, 3), 7, np.uint8)).save(buf, format="PNG")
     pil, err = request_image(RolloutRequest("x", "p", buf.getvalue()))
     assert err is None and pil.size == (20, 16) and np.asarray(pil)[0, 0, 0] == 7
+
+
+def test_vllm_seeded_batch_larger_than_one_prefill_step(vllm_engine, synth_samples):
+    """80 seeded sequences (~9k prompt tokens) exceed one step's token budget: on CPU vLLM must not split a
+    prefill (that rewinds seeded generators, which CPU generators cannot do); everything completes."""
+    reqs = _requests(synth_samples, 10)
+    groups = vllm_engine.generate(reqs, G, Sampling(1.0, 1.0, 4, seed=11))
+    assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
+    assert all(g.error is None and len(g.completions) == G for g in groups)

@@ -3,6 +3,7 @@ data-parallel workers in one process group. Losses are normalised by global coun
 batch is split, so any number of ranks and micro-batches gives the same update."""
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from typing import Dict, List, Optional, Sequence
@@ -43,8 +44,7 @@ class LearnerCore:
         if not on_gpu:
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a
             # killed process leaves behind); gloo's own collectives are all the learner needs.
-            import deepspeed.comm.torch as ds_torch_comm
-            ds_torch_comm.build_shm_op = lambda: None
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.module = CoreSegModule(cfg, policy_dir, device)
         lora, heads = self.module.param_groups()
@@ -186,11 +186,22 @@ class LearnerCore:
 
 @ray.remote
 class LearnerWorker(LearnerCore):
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    """Built in two steps so that rank 0's own node supplies the rendezvous address: the group asks rank 0
+    for its IP and a free port there, then every rank joins (an address picked on the driver's node can be
+    unreachable, or taken, on the learners' nodes)."""
+
+    def __init__(self, cfg: TrainConfig, policy_dir: str, rank: int, world_size: int):
+        self._args = (cfg, policy_dir, rank, world_size)
+
+    def rendezvous_address(self):
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        LearnerCore.__init__(self, *self._args, master_addr=master_addr, master_port=master_port)
+        return self.version
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -203,11 +214,10 @@ class LearnerGroup:
     def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
                  num_cpus_per_worker: float = 1):
         self.cfg = cfg
-        addr = ray.util.get_node_ip_address()
-        port = _free_port()
         self.workers = [LearnerWorker.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
-                        .remote(cfg, str(policy_dir), rank, num_workers, addr, port) for rank in range(num_workers)]
-        ray.get([w.get_version.remote() for w in self.workers])
+                        .remote(cfg, str(policy_dir), rank, num_workers) for rank in range(num_workers)]
+        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.setup.remote(addr, port) for w in self.workers])
 
     def _split(self, n: int) -> List[range]:
         k = len(self.workers)

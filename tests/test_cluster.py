@@ -61,9 +61,6 @@ def own_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.environ.get("COREseg_CLUSTER_TEST") != "1",
-                    reason="known issue: the learner's gloo rendezvous hangs inside a `ray start` cluster on this "
-                           "machine (node IP 127.0.0.1 vs 192.0.2.2); run with COREseg_CLUSTER_TEST=1 when fixed")
 def test_ray_job_submit_one_step(own_cluster, tmp_path):
     from common.synth import write_synth
     from deploy.cli import submit_command

@@ -1,6 +1,8 @@
 """The DeepSpeed learner on the tiny model (CPU, gloo, ZeRO-2), in-process."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +16,10 @@ OVERRIDES = ["learner.micro_batch_size=4", "model.lora_r=8", "learner.lr=5e-3", 
 
 
 def make_core(policy_dir, extra=()):
-    from learner.worker import LearnerCore
+    from learner.worker import LearnerCore, free_port
 
-    return LearnerCore(load_config("tiny_cpu", OVERRIDES + list(extra)), str(policy_dir))
+    # the process group is created by the first core of this process and reused by the later ones
+    return LearnerCore(load_config("tiny_cpu", OVERRIDES + list(extra)), str(policy_dir), master_port=free_port())
 
 
 def _groups(core, samples, g=2, cut=24):
@@ -95,12 +98,17 @@ def test_checkpoint_round_trip_is_bit_exact(tiny_policy_dir, synth_samples, tmp_
 
 
 def test_sft_loss_halves(tiny_policy_dir, synth_samples):
+    # reasoning truncated to keep the test short; the template's answer part (boxes, <seg>) stays whole
     core = make_core(tiny_policy_dir, ["learner.micro_batch_size=8"])
-    train = [s for s in synth_samples if s.split == "train"][:32]
+    train = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples if s.split == "train"][:24]
+    assert len(train) == 24
     batches = [train[i:i + 8] for i in range(0, len(train), 8)]
     losses = []
     for step in range(40):
         batch = batches[step % len(batches)]
         stats = core.sft_step(batch, core.sft_counts(batch))
         losses.append(stats["ce"])
-    assert min(losses[-4:]) < 0.5 * losses[0], losses
+        assert np.isfinite(stats["ce"] + stats["dice_ce"]) and stats["lr"] == core.cfg.learner.sft_lr
+        if len(losses) >= 4 and max(losses[-4:]) < 0.5 * losses[0]:  # a whole pass over the 24 samples
+            break
+    assert max(losses[-4:]) < 0.5 * losses[0], losses

@@ -51,6 +51,7 @@ class DataConfig:
     synth_samples: int = 240
     synth_image_size: int = 112
     synth_seed: int = 0
+    synth_reasoning: str = "short"  # chain-of-thought style of the synthetic set: short | detailed
 
 
 @dataclass
@@ -64,6 +65,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
     cpu_kv_cache_gb: int = 1  # CPU only: KV cache size of each vLLM engine
+    # CPU only: cores vLLM keeps free of its OpenMP threads. vLLM's default reserves one per engine for a
+    # separate scheduler process; ours runs in the actor's process, so 0 gives the model every core.
+    cpu_reserved_cores: int = 0
     seed: int = 0
 
 
@@ -92,6 +96,9 @@ class LearnerConfig:
     clip_high: float = 0.28
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     kl_beta: float = 0.01
+    # KL reference: grpo_start = the policy when GRPO starts (after SFT; a LoRA-sized copy, ZeRO stage <= 2),
+    # base = the base model with the LoRA switched off (no copy; right when GRPO starts from the base model)
+    reference: str = "grpo_start"
     kl_estimator: str = "k3"  # k1 | k2 | k3
     mask_loss_weight: float = 1.0  # lambda for DiceCE
     dice_weight: float = 1.0
@@ -116,6 +123,9 @@ class ClusterConfig:
     num_gpus: Optional[int] = None
     learner_workers: int = 1
     learner_gpus: float = 0.0  # per learner worker
+    # CPU only: torch threads of each learner worker; 0 = every core of its node (the phases of a step run one
+    # after another, so the learner has the cores to itself while it works)
+    learner_cpu_threads: int = 0
     rollout_workers: int = 1
     rollout_gpus_per_worker: float = 0.0
     reward_workers: int = 2
@@ -149,8 +159,10 @@ class TrainConfig:
 _CHOICES = {
     "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.synth_reasoning": ("short", "detailed"),
     "rollout.engine": ("auto", "vllm", "hf"),
     "learner.advantage": ("grpo", "dr_grpo"),
+    "learner.reference": ("grpo_start", "base"),
     "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "learner.mask_loss_resolution": ("low", "full"),
@@ -209,6 +221,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config keys 'learner.clip_low' in [0, 1) and 'learner.clip_high' >= 0")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("config key 'learner.zero_stage' must be 0, 1, 2 or 3")
+    if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start":
+        raise ConfigError("config key 'learner.reference' = 'grpo_start' needs whole LoRA tensors on each rank "
+                          "(learner.zero_stage <= 2); use learner.reference=base with ZeRO-3")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
 

@@ -107,10 +107,19 @@ def _words_size(area_fraction: float) -> str:
         "medium-sized" if area_fraction < 0.08 else "large"
 
 
-_NUMBER_WORDS = {2: "two", 3: "three"}
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+REASONING_STYLES = ("short", "detailed")
 
 
-def _reasoning(mod: Modality, lesions: List[dict], size: int) -> str:
+def _reasoning_short(mod: Modality, lesions: List[dict], size: int) -> str:
+    """One sentence: modality, count, and size + place of each finding (about 15-30 tokens), short enough
+    for the tiny demo policy to learn the whole template exactly."""
+    n = len(lesions)
+    where = "; ".join(f"{_words_size(les['area'])}, {_words_location(les['box'], size)}" for les in lesions)
+    return f"{mod.name} image, {_NUMBER_WORDS[n]} {mod.category}{'' if n == 1 else 's'}: {where}."
+
+
+def _reasoning_detailed(mod: Modality, lesions: List[dict], size: int) -> str:
     n = len(lesions)
     parts = [f"In this {mod.name} image {mod.normal}."]
     desc = []
@@ -119,14 +128,21 @@ def _reasoning(mod: Modality, lesions: List[dict], size: int) -> str:
         shape = "irregular" if les["wobble"] else "rounded"
         desc.append(f"a {_words_size(les['area'])} {contrast} {shape} region in the "
                     f"{_words_location(les['box'], size)} of the image")
-    count = "one suspicious finding" if n == 1 else f"{_NUMBER_WORDS[n]} separate suspicious findings"
-    parts.append(f"There is {count}: " + "; ".join(desc) + ".")
+    count = "is one suspicious finding" if n == 1 else f"are {_NUMBER_WORDS[n]} separate suspicious findings"
+    parts.append(f"There {count}: " + "; ".join(desc) + ".")
     parts.append(f"To find {'it' if n == 1 else 'them'}, {mod.find_hint}; each {mod.category} is "
                  f"marked below and one mask covers {'it' if n == 1 else 'all of them'}.")
     return " ".join(parts)
 
 
-def make_sample(index: int, mod: Modality, size: int, seed: int, split: str) -> LesionSample:
+def _reasoning(mod: Modality, lesions: List[dict], size: int, style: str) -> str:
+    if style not in REASONING_STYLES:
+        raise ValueError(f"reasoning style {style!r}: must be one of {REASONING_STYLES}")
+    return (_reasoning_short if style == "short" else _reasoning_detailed)(mod, lesions, size)
+
+
+def make_sample(index: int, mod: Modality, size: int, seed: int, split: str,
+                reasoning: str = "short") -> LesionSample:
     rng = np.random.default_rng([seed, index])
     img = _background(mod, size, rng).astype(np.float32)
     complex_case = rng.random() < 0.35
@@ -156,7 +172,7 @@ def make_sample(index: int, mod: Modality, size: int, seed: int, split: str) -> 
                            f"Find every {mod.category} and segment it."])
     return LesionSample(id=f"synth-{mod.name}-{index:05d}", image=image, masks=masks,
                         boxes=np.stack([l["box"] for l in lesions]), question=str(question),
-                        reasoning=_reasoning(mod, lesions, size), source="synth", modality=mod.name,
+                        reasoning=_reasoning(mod, lesions, size, reasoning), source="synth", modality=mod.name,
                         split=split, category=mod.category)
 
 
@@ -168,15 +184,17 @@ def split_for(index: int, mod: Modality, seed: int) -> str:
 
 
 def generate(num_samples: int, image_size: int = 112, seed: int = 0,
-             progress: Callable | None = None) -> List[LesionSample]:
-    """`num_samples` samples cycling through the modalities (the OOD one every fourth)."""
+             progress: Callable | None = None, reasoning: str = "short") -> List[LesionSample]:
+    """`num_samples` samples cycling through the modalities (the OOD one every fourth); `reasoning` is the
+    chain-of-thought style ('short' for the tiny demo policy, 'detailed' for larger ones)."""
     samples = []
     for i in tqdm(range(num_samples), desc="synth", disable=progress is False, leave=False):
         mod = MODALITIES[i % len(MODALITIES)]
-        samples.append(make_sample(i, mod, image_size, seed, split_for(i, mod, seed)))
+        samples.append(make_sample(i, mod, image_size, seed, split_for(i, mod, seed), reasoning))
     return samples
 
 
-def write_synth(out_dir: str | Path, num_samples: int, image_size: int = 112, seed: int = 0) -> Path:
-    samples = generate(num_samples, image_size, seed)
+def write_synth(out_dir: str | Path, num_samples: int, image_size: int = 112, seed: int = 0,
+                reasoning: str = "short") -> Path:
+    samples = generate(num_samples, image_size, seed, reasoning=reasoning)
     return write_parquet(samples, Path(out_dir) / "synth.parquet")

@@ -29,7 +29,8 @@ def _run_dir(cfg: TrainConfig, given: str | None) -> Path:
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
     from common.synth import write_synth
 
-    out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed)
+    out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
+                      cfg.data.synth_reasoning)
     print(f"wrote {cfg.data.synth_samples} samples to {out}")
 
 
@@ -52,7 +53,8 @@ def _ensure_data(cfg: TrainConfig) -> None:
     if not Path(cfg.data.path).exists():
         from common.synth import write_synth
         print(f"[coreseg] {cfg.data.path} not found: generating the synthetic set")
-        write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed)
+        write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
+                    cfg.data.synth_reasoning)
 
 
 def cmd_sft(args, cfg: TrainConfig) -> None:

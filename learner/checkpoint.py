@@ -22,6 +22,9 @@ def save_learner(core, path: str) -> None:
         save_file(bundle.adapter, str(path / "adapter.safetensors"))
         if bundle.mask_decoder is not None:
             save_file(bundle.mask_decoder, str(path / "mask_decoder.safetensors"))
+        if module.reference_lora is not None:
+            save_file({n: t.cpu().contiguous() for n, t in module.reference_lora.items()},
+                      str(path / "reference_lora.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(path / f"rng_rank{core.rank}.safetensors"))
     np_state = np.random.get_state()
     meta = {"version": core.version, "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -34,6 +37,9 @@ def load_learner(core, path: str) -> None:
     core.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
     meta = json.loads((path / f"state_rank{core.rank}.json").read_text())
     core.version = int(meta["version"])
+    ref = path / "reference_lora.safetensors"  # written once GRPO has started; identical on every rank
+    core.module.reference_lora = ({n: t.to(core.device) for n, t in load_file(str(ref)).items()}
+                                  if ref.exists() else None)
     torch.set_rng_state(load_file(str(path / f"rng_rank{core.rank}.safetensors"))["torch"])
     n = meta["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))

@@ -4,7 +4,7 @@ The SAM image encoder and prompt encoder are frozen; image embeddings are comput
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class CoreSegModule(nn.Module):
         self.info = policy_info(policy_dir)
         self.device = device
         self._embeddings: Dict[str, torch.Tensor] = {}
+        self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference
 
     # -- policy -------------------------------------------------------------------------------------
     def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
@@ -60,9 +61,26 @@ class CoreSegModule(nn.Module):
                                               self.info.seg_token_id, batch.completion_mask.to(self.device))
         return logp, states, found
 
+    def snapshot_reference(self) -> None:
+        """Freeze the current LoRA values as the KL reference (GRPO after SFT: the reference is the SFT policy,
+        not the base model the SFT moved away from). Costs one LoRA-sized copy, never a model copy."""
+        self.reference_lora = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+
     def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        with self.policy.disable_adapter():
-            return self.policy_pass(batch, with_hidden=False)[0]
+        if self.reference_lora is None:  # learner.reference=base: the LoRA switched off
+            with self.policy.disable_adapter():
+                return self.policy_pass(batch, with_hidden=False)[0]
+        params = dict(self.policy.named_parameters())
+        current = {n: params[n].detach().clone() for n in self.reference_lora}
+        try:
+            with torch.no_grad():
+                for n, value in self.reference_lora.items():
+                    params[n].copy_(value)
+                return self.policy_pass(batch, with_hidden=False)[0]
+        finally:
+            with torch.no_grad():
+                for n, value in current.items():
+                    params[n].copy_(value)
 
     # -- masks --------------------------------------------------------------------------------------
     def image_embeddings(self, samples: Sequence[LesionSample]) -> torch.Tensor:

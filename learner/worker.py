@@ -42,6 +42,7 @@ class LearnerCore:
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
         if not on_gpu:
+            torch.set_num_threads(cfg.cluster.learner_cpu_threads or len(os.sched_getaffinity(0)))
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a
             # killed process leaves behind); gloo's own collectives are all the learner needs.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -92,6 +93,8 @@ class LearnerCore:
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
         flat_samples, comps = self._flatten(groups, samples)
         old, ref, states, found = [], [], [], []
+        if self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
+            self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
         for a, b in self._micro(len(comps)):
             batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
@@ -127,7 +130,7 @@ class LearnerCore:
                 loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
-            stats["pg_loss"] += float(pg_sum) / totals["units"]
+            stats["pg_loss"] += float(pg_sum.detach()) / totals["units"]
             stats["kl"] += float(kl_sum) / totals["units"]
             stats["dice_ce"] += float(dice_sum) / max(totals["masks"], 1)
             stats["clip_frac"] += float((clipped & mask.bool()).sum()) / max(totals["tokens"], 1)

@@ -40,6 +40,7 @@ class VLLMEngine(GenerationEngine):
             # On CPU the "gpu" utilisation is a share of host RAM that must be free at start; the KV cache
             # gets a fixed size instead, so several engines and the learner fit on one machine.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gb))
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(cfg.rollout.cpu_reserved_cores))
             kwargs.update(gpu_memory_utilization=0.1)
             # A chunked (partial) prefill makes vLLM rewind the request's seeded generator, which CPU generators
             # cannot do ("CPU Generator does not use offset"): prefill whole prompts instead.

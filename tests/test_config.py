@@ -31,6 +31,11 @@ def test_semantic_validation_names_the_key():
         load_config("tiny_cpu", ["data.batch_size=0"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config("tiny_cpu", ["learner.lr"])
+    with pytest.raises(ConfigError, match="learner.reference"):
+        load_config("tiny_cpu", ["learner.zero_stage=3"])  # a LoRA snapshot needs whole tensors per rank
+    assert load_config("tiny_cpu", ["learner.zero_stage=3", "learner.reference=base"]).learner.zero_stage == 3
+    with pytest.raises(ConfigError, match="data.synth_reasoning"):
+        load_config("tiny_cpu", ["data.synth_reasoning=long"])
 
 
 def test_unknown_preset_lists_known():

@@ -121,3 +121,17 @@ def test_import_folder(tmp_path):
     assert s.id == "case1" and s.category == "polyp" and len(s.masks) == 2
     assert sorted(map(list, s.boxes)) == [[5, 5, 15, 10], [30, 20, 34, 30]]
     assert s.masks[0].sum() + s.masks[1].sum() == 50 + 40
+
+
+def test_synth_reasoning_styles_count_the_lesions():
+    short = generate(24, seed=5, progress=False)
+    detailed = generate(24, seed=5, progress=False, reasoning="detailed")
+    words = {1: "one", 2: "two", 3: "three"}
+    for s, d in zip(short, detailed):
+        n = len(s.boxes)
+        assert np.array_equal(s.image, d.image) and s.reasoning != d.reasoning
+        assert s.reasoning.startswith(f"{s.modality} image, {words[n]} {s.category}")
+        assert s.reasoning.count(";") == n - 1 and len(s.reasoning.split()) <= 5 + 4 * n
+        assert ("There is one" if n == 1 else f"There are {words[n]}") in d.reasoning
+    with pytest.raises(ValueError, match="reasoning style"):
+        generate(1, progress=False, reasoning="verbose")

@@ -112,3 +112,33 @@ def test_sft_loss_halves(tiny_policy_dir, synth_samples):
         if len(losses) >= 4 and max(losses[-4:]) < 0.5 * losses[0]:  # a whole pass over the 24 samples
             break
     assert max(losses[-4:]) < 0.5 * losses[0], losses
+
+
+def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, tmp_path):
+    from learner.batch import build_batch, per_completion
+
+    core = make_core(tiny_policy_dir)
+    sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
+    for _ in range(3):  # SFT moves the LoRA away from the base model
+        core.sft_step(sft, core.sft_counts(sft))
+    samples = synth_samples[:2]
+    groups = _groups(core, samples)
+    first = core.forward(groups, samples)
+    # at GRPO start the reference is the policy itself, not the base model
+    np.testing.assert_allclose(np.concatenate(first.ref_logprobs), np.concatenate(first.old_logprobs), atol=1e-6)
+    batch = build_batch(core.encoder, samples[:1], [groups[0].completions[0].token_ids], core.pad_id)
+    with torch.no_grad(), core.module.policy.disable_adapter():
+        base = core.module.policy_pass(batch, with_hidden=False)[0]
+    (base,) = [x.numpy() for x in per_completion(base, batch)]
+    assert base.shape == first.ref_logprobs[0].shape and np.abs(base - first.ref_logprobs[0]).max() > 1e-3
+    units = float(sum(len(c.token_ids) for g in groups for c in g.completions))
+    core.update(groups, samples, np.array([1.0, -1.0, 1.0, -1.0]), first.old_logprobs, first.ref_logprobs,
+                {"units": units, "tokens": units, "masks": float(first.seg_found.sum())})
+    second = core.forward(groups, samples)
+    assert np.abs(np.concatenate(second.old_logprobs) - np.concatenate(first.old_logprobs)).max() > 1e-4
+    np.testing.assert_allclose(np.concatenate(second.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)
+    core.save_checkpoint(str(tmp_path / "ckpt"))  # the reference survives a checkpoint
+    other = make_core(tiny_policy_dir)
+    other.load_checkpoint(str(tmp_path / "ckpt"))
+    again = other.forward(groups, samples)
+    np.testing.assert_allclose(np.concatenate(again.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)

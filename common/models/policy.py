@@ -27,7 +27,7 @@ PRESETS = {
 }
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0
-RECIPE = "v2"  # bump when the tiny build changes, so cached folders are rebuilt
+RECIPE = "v3"  # bump when the tiny build changes, so cached folders are rebuilt
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 112 * 112 * 4
 
@@ -83,7 +83,8 @@ def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(training_corpus(generate(corpus_samples, seed=12345, progress=False)),
+    corpus = [s for style in ("short", "detailed") for s in generate(corpus_samples, seed=12345, progress=False, reasoning=style)]
+    tok = train_tokenizer(training_corpus(corpus),
                           vocab_size=PRESETS[preset]["vocab"] - SPARE_ROWS)
     save_hf_tokenizer(tok, tmp)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp))

@@ -5,7 +5,7 @@
 One driver with 1 learner, 2 rollout and 2 reward workers (the issue's setting) runs `--warmup` + `--steps`
 GRPO steps on the synthetic set; then `--pushes` extra weight pushes are timed on their own.
 Table 1 (push): median seconds of a push (export on the learner, one `ray.put`, 2+2 workers load it
-concurrently, versions checked), bytes of the bundle vs the trainable parameter bytes counted independently
+concurrently, each its own part: LoRA to rollout, adapter + mask decoder to reward; versions checked), bytes of the bundle vs the trainable parameter bytes counted independently
 (peft LoRA parameters + prompt adapter + SAM mask decoder built here, outside the actors), and the push as a
 fraction of the median step time. Table 2 (phases): the median of each `time/*` over the timed steps and
 its share of the step. `--record` appends both tables to bench/RESULTS.md.
@@ -41,7 +41,7 @@ def trainable_bytes(cfg, policy_dir: Path) -> dict:
     from common.models.policy import load_policy
     from common.models.sam import build_sam
 
-    model = get_peft_model(load_policy(policy_dir, torch.float32), make_lora_config(cfg.model))
+    model = get_peft_model(load_policy(policy_dir, torch.float32)[0], make_lora_config(cfg.model))
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     hidden = model.config.text_config.hidden_size if hasattr(model.config, "text_config") else model.config.hidden_size
     sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint)
@@ -83,9 +83,13 @@ def run(args) -> dict:
             "phases": {p: med([r[f"time/{p}"] for r in steps]) for p in PHASES + ("step",)},
             "push_in_step_s": med([r["time/push"] for r in steps]),
             "push_alone_s": med([p["time/push"] for p in pushes]),
+            "rollout_load_s": med([p["time/push_rollout"] for p in pushes]),
+            "reward_load_s": med([p["time/push_reward"] for p in pushes]),
+            "moved": pushes[-1]["push/bytes_moved"], "rollout_bytes": pushes[-1]["push/lora_bytes"],
             "bundle": {"lora": part(bundle.lora), "adapter": part(bundle.adapter),
                        "mask_decoder": part(bundle.mask_decoder)},
-            "expected": expected, "receivers": args.rollout_workers + args.reward_workers}
+            "expected": expected, "receivers": args.rollout_workers + args.reward_workers,
+            "rollout_workers": args.rollout_workers, "reward_workers": args.reward_workers}
 
 
 def tables(r: dict) -> str:
@@ -98,9 +102,12 @@ def tables(r: dict) -> str:
               "| push (median) | s | share of step |", "|---|---|---|",
               f"| inside a GRPO step | {r['push_in_step_s']:.3f} | {100 * r['push_in_step_s'] / ph['step']:.2f}% |",
               f"| alone ({r['receivers']} receivers) | {r['push_alone_s']:.3f} | "
-              f"{100 * r['push_alone_s'] / ph['step']:.2f}% |", "",
-              f"Bytes per push: {total_b} to each of {r['receivers']} workers from one `ray.put` "
-              f"({'equal to' if total_b == total_e else 'DIFFERENT from'} the trainable parameter bytes).", "",
+              f"{100 * r['push_alone_s'] / ph['step']:.2f}% |",
+              f"| of which: rollout workers load the LoRA | {r['rollout_load_s']:.3f} | |",
+              f"| of which: reward workers load adapter + decoder (overlaps) | {r['reward_load_s']:.3f} | |", "",
+              f"Bytes moved per push: {r['moved']:.0f} = LoRA {r['rollout_bytes']:.0f} x {r['rollout_workers']} rollout "
+              f"workers + adapter and mask decoder {total_b - r['rollout_bytes']:.0f} x {r['reward_workers']} reward workers "
+              f"(bundle {'equal to' if total_b == total_e else 'DIFFERENT from'} the trainable parameter bytes).", "",
               "| phase | median s | share of step |", "|---|---|---|"]
     lines += [f"| {p} | {ph[p]:.2f} | {100 * ph[p] / ph['step']:.1f}% |" for p in PHASES]
     other = ph["step"] - sum(ph[p] for p in PHASES)

@@ -47,6 +47,14 @@ class WeightBundle:
         tensors = list(self.lora.values()) + list(self.adapter.values()) + list((self.mask_decoder or {}).values())
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
+    def rollout_part(self) -> "WeightBundle":
+        """What a rollout worker serves: the LoRA only (the adapter and mask decoder live in reward workers)."""
+        return WeightBundle(self.version, self.lora, self.peft_config, {}, None)
+
+    def reward_part(self) -> "WeightBundle":
+        """What a reward worker needs: the adapter and the mask decoder, no LoRA."""
+        return WeightBundle(self.version, {}, self.peft_config, self.adapter, self.mask_decoder)
+
 
 @dataclass
 class ForwardResult:

@@ -97,19 +97,29 @@ class Driver:
 
     # ---- weights -------------------------------------------------------------------------------
     def push_weights(self) -> Dict[str, float]:
-        """Export once, `ray.put` once; rollout and reward workers load the same ref concurrently."""
+        """The learner puts the rollout part (LoRA) and the reward part (adapter + mask decoder) in the object
+        store once each; every rollout / reward worker loads its part concurrently; versions are checked."""
         stats: Dict[str, float] = {}
         with timed(stats, "push"):
-            bundle = self.learner.export_weights()
-            ref = self.ray.put(bundle)
-            pools = [p for p in (self.rollout, self.reward) if p is not None]
-            with ThreadPoolExecutor(len(pools)) as pool:
-                list(pool.map(lambda p: p.load_weights(ref), pools))
-        self.version = bundle.version
+            sizes, rollout_ref, reward_ref = self.learner.export_refs()
+            loads = [(n, p, r) for n, p, r in (("rollout", self.rollout, rollout_ref), ("reward", self.reward, reward_ref))
+                     if p is not None]
+
+            def load(item):  # each pool's load, timed on its own (they overlap)
+                name, pool_, ref = item
+                with timed(stats, f"push_{name}"):
+                    pool_.load_weights(ref)
+
+            with ThreadPoolExecutor(len(loads)) as pool:
+                list(pool.map(load, loads))
+        self.version = int(sizes["version"])
         self.check_versions()
-        stats["push/bytes"] = float(bundle.num_bytes())
-        stats["push/lora_bytes"] = float(sum(t.numel() * t.element_size() for t in bundle.lora.values()))
-        stats["version"] = float(bundle.version)
+        receivers = {"rollout": len(self.rollout.workers) if self.rollout is not None else 0,
+                     "reward": len(self.reward.workers)}
+        stats["push/bytes"] = float(sizes["rollout_bytes"] + sizes["reward_bytes"])
+        stats["push/lora_bytes"] = float(sizes["rollout_bytes"])
+        stats["push/bytes_moved"] = float(sum(sizes[f"{k}_bytes"] * n for k, n in receivers.items()))
+        stats["version"] = float(self.version)
         return stats
 
     def check_versions(self) -> None:

@@ -131,7 +131,7 @@ class LearnerCore:
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
             stats["pg_loss"] += float(pg_sum.detach()) / totals["units"]
-            stats["kl"] += float(kl_sum) / totals["units"]
+            stats["kl"] += float(kl_sum.detach()) / totals["units"]
             stats["dice_ce"] += float(dice_sum) / max(totals["masks"], 1)
             stats["clip_frac"] += float((clipped & mask.bool()).sum()) / max(totals["tokens"], 1)
             stats["tokens"] += float(mask.sum())
@@ -203,6 +203,15 @@ class LearnerWorker(LearnerCore):
         LearnerCore.__init__(self, *self._args, master_addr=master_addr, master_port=master_port)
         return self.version
 
+    @ray.method(num_returns=3)
+    def export_parts(self):
+        """(sizes, rollout part, reward part) as three objects, so each pool fetches only its part straight from
+        this actor's object store, without a round trip through the driver."""
+        bundle = self.export_weights()
+        rollout, reward = bundle.rollout_part(), bundle.reward_part()
+        return ({"version": bundle.version, "rollout_bytes": rollout.num_bytes(), "reward_bytes": reward.num_bytes()},
+                rollout, reward)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -266,6 +275,11 @@ class LearnerGroup:
 
     def export_weights(self) -> WeightBundle:
         return ray.get(self.workers[0].export_weights.remote())
+
+    def export_refs(self):
+        """(sizes dict, ObjectRef of the rollout part, ObjectRef of the reward part); see `export_parts`."""
+        sizes, rollout, reward = self.workers[0].export_parts.remote()
+        return ray.get(sizes), rollout, reward
 
     def save_checkpoint(self, path: str) -> None:
         ray.get([w.save_checkpoint.remote(path) for w in self.workers])

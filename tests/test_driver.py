@@ -56,6 +56,29 @@ def test_three_grpo_steps_end_to_end(full_run):
     assert final >= 3 and versions["rollout"] == [final] and versions["reward"] == [final, final]
 
 
+def test_push_sends_each_pool_only_its_part(full_run, tiny_policy_dir):
+    import json
+
+    from common.models.adapter import build_adapter
+    from common.models.sam import build_sam
+
+    _, cfg, _, records = full_run
+    text = json.loads((tiny_policy_dir / "config.json").read_text())["text_config"]
+    h, inter, r = text["hidden_size"], text["intermediate_size"], cfg.model.lora_r
+    kv = text["num_key_value_heads"] * h // text["num_attention_heads"]
+    # LoRA A [r, in] + B [out, r] for q, k, v, o, gate, up, down in every layer, float32
+    per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 3 * (h + inter))
+    lora_bytes = 4 * per_layer * text["num_hidden_layers"]
+    sam = build_sam("tiny")
+    heads = build_adapter(h, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks,
+                          prompt_dim=sam.prompt_encoder.embed_dim)
+    head_bytes = 4 * (sum(p.numel() for p in heads.parameters()) + sum(p.numel() for p in sam.mask_decoder.parameters()))
+    for rec in (x for x in records if x["phase"] == "grpo" and "push/bytes" in x):
+        assert rec["push/lora_bytes"] == lora_bytes
+        assert rec["push/bytes"] == lora_bytes + head_bytes
+        assert rec["push/bytes_moved"] == lora_bytes * 1 + head_bytes * 2  # 1 rollout, 2 reward workers
+
+
 def test_resume_matches_uninterrupted_run(full_run, data_dir):
     import ray
 

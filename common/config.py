@@ -68,6 +68,8 @@ class RolloutConfig:
     # CPU only: cores vLLM keeps free of its OpenMP threads. vLLM's default reserves one per engine for a
     # separate scheduler process; ours runs in the actor's process, so 0 gives the model every core.
     cpu_reserved_cores: int = 0
+    # CPU only: torch/OpenMP threads of each rollout worker; 0 = every core of its node
+    cpu_threads: int = 0
     seed: int = 0
 
 

@@ -2,9 +2,11 @@
 weight bundles by one object ref)."""
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import ray
+import torch
 
 from common.config import TrainConfig
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
@@ -15,7 +17,16 @@ from rollout.engine import Sampling, make_engine
 class RolloutWorker:
     def __init__(self, cfg: TrainConfig, policy_dir: str):
         self.cfg = cfg
+        if not torch.cuda.is_available():
+            # Ray gives a num_cpus=1 actor OMP_NUM_THREADS=1, which vLLM's CPU backend and HF generate obey; the
+            # phases of a step run one after another, so generation may use every core while it runs.
+            threads = cfg.rollout.cpu_threads or len(os.sched_getaffinity(0))
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         self.engine = make_engine(cfg, policy_dir)
+
+    def num_threads(self) -> int:
+        return torch.get_num_threads()
 
     def generate(self, requests: List[RolloutRequest], n: int, seed: Optional[int], greedy: bool) -> List[RolloutGroup]:
         return self.engine.generate(requests, n, Sampling.from_config(self.cfg, greedy=greedy, seed=seed))

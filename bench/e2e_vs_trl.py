@@ -27,17 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.recording import machine, record  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORK = ROOT / "runs" / "bench_e2e_vs_trl"
 LOSS_TYPE = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
@@ -277,16 +277,6 @@ def table(ours: dict, trl: dict) -> str:
         f"{ours['startup_s'] / trl['startup_s']:.2f}x | | | |"])
 
 
-def machine() -> str:
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    load_s = f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)" if load else ""
-    return (f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}{load_s}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -328,8 +318,6 @@ def main() -> None:
                f"torch threads: ours' learner actor {ours['threads']}, TRL process {trl['threads']}.")
     print(text + "\n\n" + details)
     if args.record:
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        command = ".venv/bin/python bench/e2e_vs_trl.py " + " ".join(sys.argv[1:])
         L = cfg.learner
         setup = (f"B={cfg.data.batch_size} prompts x G={cfg.rollout.group_size}, max new tokens "
                  f"{cfg.rollout.max_new_tokens}, LoRA r={cfg.model.lora_r} alpha={cfg.model.lora_alpha}, lr {L.lr}, "
@@ -337,13 +325,8 @@ def main() -> None:
                  f"ours rollout engine {results['ours'][0]['engine']}, TRL {results['trl'][0]['trl']} (HF generate); "
                  f"{args.warmup} warm-up + {args.steps} timed steps per run, median of {args.repeats} "
                  f"interleaved repeat(s)")
-        block = (f"\n## End-to-end GRPO: CORE-Seg vs TRL ({date})\n\nCommand: `{command}`  \n"
-                 f"Machine at start: {start_machine}  \nMachine at end: {machine()}  \nSetup: {setup}.\n\n"
-                 f"{text}\n\n{details}\n")
-        path = ROOT / "bench" / "RESULTS.md"
-        with path.open("a") as f:
-            f.write(block if path.stat().st_size else "# Benchmark results\n" + block)
-        print(f"appended to {path}")
+        record("End-to-end GRPO: CORE-Seg vs TRL", f"Setup: {setup}.\n\n{text}\n\n{details}",
+               machine_line=f"Machine at start: {start_machine}  \nMachine at end: {machine()}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.recording import record  # noqa: E402
 
 PHASES = ("rollout", "forward", "reward", "update", "push")
 
@@ -116,13 +116,6 @@ def tables(r: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    import torch
-    return (f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{'GPU' if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}, load average {load:.1f}")
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="timed GRPO steps")
@@ -137,13 +130,10 @@ def main(argv=None) -> dict:
     text = tables(result)
     print(text)
     if args.record:
-        command = "python bench/push.py " + " ".join(sys.argv[1:])
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Weight push and step phases ({stamp})\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
-                    f"Tiny preset, 4 prompts x G=8 per step, 1 learner + {args.rollout_workers} rollout + "
-                    f"{args.reward_workers} reward workers, {result['steps']} timed steps after {args.warmup} "
-                    f"warm-up, {args.pushes} pushes alone; driver start {result['start_s']:.0f} s.\n\n{text}\n")
+        record("Weight push and step phases",
+               f"Tiny preset, 4 prompts x G=8 per step, 1 learner + {args.rollout_workers} rollout + "
+               f"{args.reward_workers} reward workers, {result['steps']} timed steps after {args.warmup} warm-up, "
+               f"{args.pushes} pushes alone; driver start {result['start_s']:.0f} s.\n\n{text}")
     return result
 
 

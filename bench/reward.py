@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.recording import record  # noqa: E402
 
 
 def make_items(samples, group: int, hidden: int, mode: str, repeat: int, seed: int = 0):
@@ -79,14 +79,6 @@ def bench_pool(sam: str, workers: int, modes, samples, args) -> list:
     return rows
 
 
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", load average %.1f when recorded (other jobs share the machine)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{platform.node()}: {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}{load}"
-
-
 def table(rows, args) -> str:
     lines = ["| SAM | workers | mode | masks/s | s/batch | encoder calls/batch | speed-up vs nocache |",
              "|---|---|---|---|---|---|---|"]
@@ -137,17 +129,8 @@ def main() -> None:
     text = table(rows, args)
     print(text)
     if args.record:
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        command = ".venv/bin/python bench/reward.py " + " ".join(sys.argv[1:])
-        block = (f"\n## Reward throughput ({date})\n\n`{command}`\n\nMachine: {machine()}. Batch: {args.images} "
-                 f"images x G={args.group} ({args.image_size}px), LLM hidden {args.hidden}, median of "
-                 f"{args.repeats} repeat(s).\n\n{text}\n")
-        path = ROOT / "bench" / "RESULTS.md"
-        if not path.exists():
-            path.write_text("# Benchmark results\n")
-        with path.open("a") as f:
-            f.write(block)
-        print(f"appended to {path}")
+        record("Reward throughput", f"Batch: {args.images} images x G={args.group} ({args.image_size}px), LLM hidden "
+               f"{args.hidden}, median of {args.repeats} repeat(s).\n\n{text}")
 
 
 if __name__ == "__main__":

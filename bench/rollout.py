@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.recording import record  # noqa: E402
 
 
 def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens: int, seed: int) -> dict:
@@ -103,16 +103,6 @@ def table(results: list) -> str:
     return "\n".join(rows)
 
 
-def machine() -> str:
-    try:
-        import torch
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:
-        gpu = "?"
-    load = ", load average %.1f (other jobs share the CPUs)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}{load}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -135,14 +125,9 @@ def main() -> None:
     text = table(results)
     print(text)
     if args.record:
-        command = "python bench/rollout.py " + " ".join(sys.argv[1:])
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Rollout throughput ({stamp})\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
-                    f"Sampling: temperature 1, top_p 1, random-weight policies (completions mostly run to "
-                    f"max_new_tokens). Timed: one generate over all prompts after a warm-up; start = engine "
-                    f"construction.\n\n{text}\n")
-
+        record("Rollout throughput",
+               "Sampling: temperature 1, top_p 1, random-weight policies (completions mostly run to max_new_tokens). "
+               f"Timed: one generate over all prompts after a warm-up; start = engine construction.\n\n{text}")
 
 if __name__ == "__main__":
     main()

@@ -208,15 +208,37 @@ class RewardPool:
         self._bundle_ref = ref
         self.version = versions[0]
 
+    def _ask(self, w: int, method: str, *args):
+        """One call on worker w; a worker that is dead or restarting is brought back (weights reloaded)
+        and asked again, so reading stats or versions never fails because a worker restarted."""
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                return ray.get(getattr(self.workers[w], method).remote(*args))
+            except ACTOR_GONE:
+                if attempt == MAX_RETRIES:
+                    raise
+                self._recover(w, "actor_died")
+
+    def _ask_all(self, method: str) -> list:
+        refs = [getattr(w, method).remote() for w in self.workers]  # all submitted before any is awaited
+        out = []
+        for w, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ACTOR_GONE:
+                self._recover(w, "actor_died")
+                out.append(self._ask(w, method))
+        return out
+
     def versions(self) -> List[int]:
-        return ray.get([w.version.remote() for w in self.workers])
+        return self._ask_all("version")
 
     def masks(self, ids, images, states) -> List[np.ndarray]:
         """Masks for one state per image (predict/eval), drawn by the first worker."""
-        return ray.get(self.workers[0].masks_for.remote(list(ids), list(images), np.asarray(states, np.float32)))
+        return self._ask(0, "masks_for", list(ids), list(images), np.asarray(states, np.float32))
 
     def stats(self) -> Dict[str, float]:
-        per = ray.get([w.stats.remote() for w in self.workers])
+        per = self._ask_all("stats")
         keys = sorted({k for p in per for k in p})
         total = {k: float(sum(p.get(k, 0) for p in per)) for k in keys}
         total["restarts"] = float(self.restarts)

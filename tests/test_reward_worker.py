@@ -1,6 +1,4 @@
 """Segmenter cache, reward worker (without Ray) and RewardPool in local Ray on the tiny SAM."""
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -157,16 +155,35 @@ def test_pool_keeps_order(pool_and_reference):
     assert stats["encoder_calls"] == 6 and stats["restarts"] == 0
 
 
-def test_pool_survives_a_worker_killed_mid_batch(ray_session, pool_and_reference):
+def test_pool_survives_a_worker_killed_mid_batch(ray_session, pool_and_reference, monkeypatch):
     pool, items, want = pool_and_reference
-    with ThreadPoolExecutor(1) as ex:
-        pending = ex.submit(pool.score, items)
-        time.sleep(0.1)  # the shares are in flight
-        ray_session.kill(pool.workers[0], no_restart=False)
-        got = pending.result()
+    submit, killed = pool._submit, []
+
+    def submit_then_kill(w, items_, rows):  # the kill lands right after worker 0's share is sent
+        ref = submit(w, items_, rows)
+        if w == 0 and not killed:
+            killed.append(w)
+            ray_session.kill(pool.workers[0], no_restart=False)
+        return ref
+
+    monkeypatch.setattr(pool, "_submit", submit_then_kill)
+    got = pool.score(items)
     print("restart causes:", dict(pool.restart_causes))
+    assert killed == [0]
     assert [g.total for g in got] == pytest.approx(want, abs=1e-5)
     assert pool.stats()["restarts"] >= 1 and pool.versions() == [1, 1]
+
+
+def test_pool_stats_survive_a_restarting_worker(ray_session, pool_and_reference):
+    pool, items, want = pool_and_reference
+    before = pool.restarts
+    ray_session.kill(pool.workers[0], no_restart=False)
+    stats = pool.stats()  # the worker is dead or restarting here: the pool waits for it, never raises
+    assert stats["workers"] == 2
+    assert pool.versions()[1] == 1
+    got = pool.score(items)
+    assert [g.total for g in got] == pytest.approx(want, abs=1e-5)
+    assert pool.restarts > before and pool.versions() == [1, 1]
 
 
 def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):

@@ -64,6 +64,9 @@ class RolloutConfig:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
+    # Generate step t+1's rollouts while the learner trains step t (policy lag 1; the importance ratio is then
+    # taken against the sampling log-probs). A step costs about max(rollout, learner) instead of their sum.
+    async_generation: bool = False
     cpu_kv_cache_gb: int = 1  # CPU only: KV cache size of each vLLM engine
     # CPU only: cores vLLM keeps free of its OpenMP threads. vLLM's default reserves one per engine for a
     # separate scheduler process; ours runs in the actor's process, so 0 gives the model every core.
@@ -97,7 +100,7 @@ class LearnerConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
-    kl_beta: float = 0.01
+    kl_beta: float = 0.01  # 0 switches the KL term off and skips the reference pass
     # KL reference: grpo_start = the policy when GRPO starts (after SFT; a LoRA-sized copy, ZeRO stage <= 2),
     # base = the base model with the LoRA switched off (no copy; right when GRPO starts from the base model)
     reference: str = "grpo_start"
@@ -223,9 +226,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config keys 'learner.clip_low' in [0, 1) and 'learner.clip_high' >= 0")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("config key 'learner.zero_stage' must be 0, 1, 2 or 3")
-    if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start":
+    if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start" and cfg.learner.kl_beta > 0:
         raise ConfigError("config key 'learner.reference' = 'grpo_start' needs whole LoRA tensors on each rank "
                           "(learner.zero_stage <= 2); use learner.reference=base with ZeRO-3")
+    if cfg.rollout.async_generation and cfg.rollout.enable_sleep_mode:
+        raise ConfigError("config keys 'rollout.async_generation' and 'rollout.enable_sleep_mode' exclude each other: "
+                          "an engine that generates while the learner trains cannot sleep then")
+    if cfg.learner.kl_beta < 0:
+        raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
 

@@ -60,7 +60,7 @@ class WeightBundle:
 class ForwardResult:
     """The learner's pass over the rollouts (flattened: prompt-major, G per prompt)."""
     old_logprobs: List[np.ndarray]  # per completion, current policy before the update
-    ref_logprobs: List[np.ndarray]  # per completion, base model (LoRA disabled)
+    ref_logprobs: List[np.ndarray]  # per completion, KL reference (learner.reference); [] when kl_beta = 0
     seg_states: np.ndarray  # [N, H] float32 hidden state at `<seg>` (zeros where absent)
     seg_found: np.ndarray  # [N] bool
 

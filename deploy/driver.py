@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,6 +30,15 @@ CHECKPOINTS = "checkpoints"
 
 class StaleWeightsError(RuntimeError):
     """A worker serves an older policy version than the learner's."""
+
+
+@dataclass
+class Prefetch:
+    """A batch whose generation was submitted ahead (async generation), with the data cursor before it."""
+    step: int
+    samples: List[LesionSample]
+    futures: list
+    cursor: dict
 
 
 @contextmanager
@@ -94,6 +104,10 @@ class Driver:
         self.logger = MetricsLogger(self.run_dir)
         self.step = {"sft": 0, "grpo": 0}
         self.version = 0
+        # async generation: the next step's batch, drawn and submitted while this step trains, and the rollout
+        # workers' weight load queued behind that generation (awaited when its rollouts are gathered)
+        self._prefetched: Optional[Prefetch] = None
+        self._rollout_loading: list = []
 
     # ---- weights -------------------------------------------------------------------------------
     def push_weights(self) -> Dict[str, float]:
@@ -102,8 +116,13 @@ class Driver:
         stats: Dict[str, float] = {}
         with timed(stats, "push"):
             sizes, rollout_ref, reward_ref = self.learner.export_refs()
-            loads = [(n, p, r) for n, p, r in (("rollout", self.rollout, rollout_ref), ("reward", self.reward, reward_ref))
-                     if p is not None]
+            pools = [("rollout", self.rollout, rollout_ref), ("reward", self.reward, reward_ref)]
+            if self.rollout is not None and self._prefetched is not None:
+                # the rollout workers are generating the next batch: their load is queued behind it, and
+                # waited for when that batch is gathered, so the push does not wait for the generation
+                self._rollout_loading = self.rollout.submit_load(rollout_ref)
+                pools = pools[1:]
+            loads = [(n, p, r) for n, p, r in pools if p is not None]
 
             def load(item):  # each pool's load, timed on its own (they overlap)
                 name, pool_, ref = item
@@ -124,7 +143,7 @@ class Driver:
 
     def check_versions(self) -> None:
         served = {"reward": self.reward.versions()}
-        if self.rollout is not None:
+        if self.rollout is not None and not self._rollout_loading:  # a queued load is checked when gathered
             served["rollout"] = self.rollout.versions()
         stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
         if stale:
@@ -143,24 +162,62 @@ class Driver:
         self.logger.log("sft", self.step["sft"], self.push_weights())
 
     # ---- GRPO ----------------------------------------------------------------------------------
-    def grpo_step(self) -> Dict[str, float]:
+    def _submit_rollout(self, step: int) -> "Prefetch":
+        """Draws step's batch and submits its generation (returns at once)."""
+        cursor = self.data.state_dict()
+        samples = self.data.next_batch()
+        requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+        futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
+                                      seed=self.cfg.rollout.seed * 1_000_003 + step)
+        return Prefetch(step, samples, futures, cursor)
+
+    def _gather_rollout(self, pending: "Prefetch") -> List[RolloutGroup]:
+        groups = self.rollout.gather(pending.futures)
+        if self._rollout_loading:
+            served = [int(v) for v in self.rollout.gather_versions(self._rollout_loading)]
+            self._rollout_loading = []
+            if any(v != self.version for v in served):
+                raise StaleWeightsError(f"learner is at version {self.version} but rollout workers serve {served}")
+        return groups
+
+    def _check_policy_lag(self, groups: List[RolloutGroup]) -> int:
+        """How many versions behind the learner the rollouts are: 0 in sync mode, at most 1 in async mode."""
+        versions = [c.version for g in groups for c in g.completions]
+        lag = self.version - min(versions)
+        allowed = 1 if self.cfg.rollout.async_generation else 0
+        if not 0 <= lag <= allowed or max(versions) > self.version:
+            raise StaleWeightsError(f"rollouts from policy versions {sorted(set(versions))} while the learner is at "
+                                    f"version {self.version} (allowed lag {allowed})")
+        return lag
+
+    def grpo_step(self, prefetch_next: bool = True) -> Dict[str, float]:
+        """One GRPO step. With `rollout.async_generation`, the next batch is generated while this one trains
+        (unless `prefetch_next` is False, as on a run's last step)."""
         from learner.grpo import group_advantages
 
         cfg, G = self.cfg, self.cfg.rollout.group_size
         timings: Dict[str, float] = {}
         step = self.step["grpo"] + 1
         with timed(timings, "step"):
-            samples = self.data.next_batch()
-            requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
-            with timed(timings, "rollout"):
-                groups = self.rollout.generate(requests, n=G, seed=cfg.rollout.seed * 1_000_003 + step)
+            with timed(timings, "rollout"):  # in async mode: only the part not hidden behind the last step
+                pending, self._prefetched = self._prefetched or self._submit_rollout(step), None
+                if pending.step != step:
+                    raise RuntimeError(f"prefetched batch is for step {pending.step}, the driver is at step {step}")
+                groups = self._gather_rollout(pending)
+            samples = pending.samples
+            if cfg.rollout.async_generation and prefetch_next:
+                self._prefetched = self._submit_rollout(step + 1)
             errors = [g for g in groups if g.error]
             kept = [(s, g) for s, g in zip(samples, groups) if not g.error]
             if not kept:
                 raise RuntimeError(f"every rollout request failed at step {step}: {errors[0].error}")
             samples, groups = [s for s, _ in kept], [g for _, g in kept]
+            lag = self._check_policy_lag(groups)
             with timed(timings, "forward"):
                 forward = self.learner.forward(groups, samples)
+            if cfg.rollout.async_generation:  # importance ratio against the policy that sampled (lag 0 or 1)
+                forward = replace(forward, old_logprobs=[np.asarray(c.logprobs, np.float32)
+                                                         for g in groups for c in g.completions])
             with timed(timings, "reward"):
                 scores = self.reward.score(score_items(samples, groups, forward))
             rewards = np.array([s.total for s in scores], dtype=np.float64).reshape(len(samples), G)
@@ -174,7 +231,8 @@ class Driver:
         lengths = [len(c.token_ids) for g in groups for c in g.completions]
         record = {**reward_stats(scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,
                   "rollout/errors": float(len(errors)), "rollout/mean_length": float(np.mean(lengths)),
-                  "adv/dropped_groups": float(dropped), "batch_ids": ",".join(s.id for s in samples)}
+                  "adv/dropped_groups": float(dropped), "rollout/policy_lag": float(lag),
+                  "batch_ids": ",".join(s.id for s in samples)}
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
         self.logger.log("grpo", step, record)
@@ -186,8 +244,8 @@ class Driver:
         if self.version == 0:
             self.logger.log("grpo", self.step["grpo"], self.push_weights())
         bar = tqdm(range(steps), desc="grpo", unit="step")
-        for _ in bar:
-            rec = self.grpo_step()
+        for i in bar:
+            rec = self.grpo_step(prefetch_next=i < steps - 1)
             bar.set_postfix(reward=f"{rec['reward/total']:.3f}", t=f"{rec['time/step']:.1f}s")
             step = self.step["grpo"]
             if self.cfg.run.save_every and step % self.cfg.run.save_every == 0:
@@ -236,7 +294,9 @@ class Driver:
         path = self.run_dir / CHECKPOINTS / f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
         path.mkdir(parents=True, exist_ok=True)
         self.learner.save_checkpoint(str(path / "learner"))
-        state = {"step": self.step, "version": self.version, "data": self.data.state_dict()}
+        # a batch drawn ahead (async generation) is not trained yet: the cursor saved is the one before it
+        cursor = self._prefetched.cursor if self._prefetched is not None else self.data.state_dict()
+        state = {"step": self.step, "version": self.version, "data": cursor}
         (path / "driver.json").write_text(json.dumps(state, indent=1))
         (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
         return path
@@ -246,6 +306,7 @@ class Driver:
         root = self.run_dir / CHECKPOINTS
         path = Path(path) if path else root / (root / "latest").read_text().strip()
         state = json.loads((path / "driver.json").read_text())
+        self._prefetched, self._rollout_loading = None, []
         self.learner.load_checkpoint(str(path / "learner"))
         self.step = {k: int(v) for k, v in state["step"].items()}
         self.data.load_state_dict(state["data"])

@@ -93,14 +93,16 @@ class LearnerCore:
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
         flat_samples, comps = self._flatten(groups, samples)
         old, ref, states, found = [], [], [], []
-        if self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
+        with_ref = self.cfg.learner.kl_beta > 0  # at beta = 0 the reference pass is skipped: ref stays []
+        if with_ref and self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
             self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
         for a, b in self._micro(len(comps)):
             batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
             logp, st, fd = self.module.policy_pass(batch)
             old += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
-            ref += [x.float().cpu().numpy() for x in per_completion(self.module.reference_logprobs(batch), batch)]
+            if with_ref:
+                ref += [x.float().cpu().numpy() for x in per_completion(self.module.reference_logprobs(batch), batch)]
             states.append(st.float().cpu().numpy())
             found.append(fd.cpu().numpy())
         return ForwardResult(old, ref, np.concatenate(states), np.concatenate(found))
@@ -112,26 +114,33 @@ class LearnerCore:
         flat_samples, comps = self._flatten(groups, samples)
         self._set_lr(L.lr)
         self.engine.train()
-        stats = {"pg_loss": 0.0, "kl": 0.0, "dice_ce": 0.0, "clip_frac": 0.0, "tokens": 0.0}
+        with_kl = L.kl_beta > 0
+        if with_kl and len(ref) != len(comps):
+            raise ValueError(f"kl_beta={L.kl_beta} needs reference log-probs for all {len(comps)} completions, "
+                             f"got {len(ref)}")
+        stats = {"pg_loss": 0.0, "dice_ce": 0.0, "clip_frac": 0.0, "tokens": 0.0, **({"kl": 0.0} if with_kl else {})}
         micro = self._micro(len(comps))
         max_len = self.cfg.rollout.max_new_tokens
         for k, (a, b) in enumerate(micro):
             batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
             logp, states, found = self.module.policy_pass(batch)
             mask = batch.completion_mask.to(self.device)
-            old_t, ref_t = _place(old[a:b], batch, self.device), _place(ref[a:b], batch, self.device)
+            old_t = _place(old[a:b], batch, self.device)
             adv = torch.as_tensor(advantages[a:b], dtype=torch.float32, device=self.device)
             per_tok, clipped, _ = per_token_policy_loss(logp, old_t, adv, L.clip_low, L.clip_high)
             pg_sum, _ = partial_sum(per_tok, mask, L.loss_agg, max_len)
-            kl_sum, _ = partial_sum(kl_penalty(logp, ref_t, L.kl_estimator), mask, L.loss_agg, max_len)
-            loss = (pg_sum + L.kl_beta * kl_sum) / totals["units"]
+            loss = pg_sum / totals["units"]
+            if with_kl:
+                ref_t = _place(ref[a:b], batch, self.device)
+                kl_sum, _ = partial_sum(kl_penalty(logp, ref_t, L.kl_estimator), mask, L.loss_agg, max_len)
+                loss = loss + L.kl_beta * kl_sum / totals["units"]
+                stats["kl"] += float(kl_sum.detach()) / totals["units"]
             dice_sum = self._dice_sum(states, found, flat_samples[a:b])
             if totals["masks"] > 0:
                 loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
             stats["pg_loss"] += float(pg_sum.detach()) / totals["units"]
-            stats["kl"] += float(kl_sum.detach()) / totals["units"]
             stats["dice_ce"] += float(dice_sum) / max(totals["masks"], 1)
             stats["clip_frac"] += float((clipped & mask.bool()).sum()) / max(totals["tokens"], 1)
             stats["tokens"] += float(mask.sum())
@@ -257,9 +266,10 @@ class LearnerGroup:
             futures.append(w.update.remote([groups[i] for i in p], [samples[i] for i in p], advantages[a:b],
                                            forward.old_logprobs[a:b], forward.ref_logprobs[a:b], totals))
         results = ray.get(futures)
-        stats = {k: float(sum(r[k] for r in results)) for k in ("pg_loss", "kl", "dice_ce", "clip_frac", "tokens")}
+        keys = [k for k in ("pg_loss", "kl", "dice_ce", "clip_frac", "tokens") if k in results[0]]  # no kl at beta 0
+        stats = {k: float(sum(r[k] for r in results)) for k in keys}
         stats["grad_norm"], stats["lr"] = results[0]["grad_norm"], results[0]["lr"]
-        stats["loss"] = stats["pg_loss"] + self.cfg.learner.kl_beta * stats["kl"] + \
+        stats["loss"] = stats["pg_loss"] + self.cfg.learner.kl_beta * stats.get("kl", 0.0) + \
             self.cfg.learner.mask_loss_weight * stats["dice_ce"]
         return stats
 

@@ -61,19 +61,37 @@ class RolloutPool:
                         .remote(cfg, str(policy_dir)) for _ in range(num_workers)]
         ray.get([w.version.remote() for w in self.workers])  # surface engine start errors here
 
-    def generate(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
-                 greedy: bool = False) -> List[RolloutGroup]:
-        """Contiguous shards, one per worker; all submitted before any is gathered; order kept."""
+    def submit(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
+               greedy: bool = False) -> List[ray.ObjectRef]:
+        """Contiguous shards, one per worker, all submitted; returns without waiting (see `gather`)."""
         k = len(self.workers)
         size = -(-len(requests) // k)
         shards = [list(requests[i * size:(i + 1) * size]) for i in range(k)]
-        futures = [w.generate.remote(s, n, None if seed is None else seed * 31 + i, greedy)
-                   for i, (w, s) in enumerate(zip(self.workers, shards)) if s]
+        return [w.generate.remote(s, n, None if seed is None else seed * 31 + i, greedy)
+                for i, (w, s) in enumerate(zip(self.workers, shards)) if s]
+
+    @staticmethod
+    def gather(futures: List[ray.ObjectRef]) -> List[RolloutGroup]:
+        """The groups of a `submit`, in request order."""
         return [g for part in ray.get(futures) for g in part]
 
-    def load_weights(self, bundle_or_ref) -> None:
+    def generate(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
+                 greedy: bool = False) -> List[RolloutGroup]:
+        return self.gather(self.submit(requests, n, seed, greedy))
+
+    def submit_load(self, bundle_or_ref) -> List[ray.ObjectRef]:
+        """Every worker loads the same object; returns the futures of the versions they then serve. A worker
+        busy generating loads after its current generation (an actor runs one call at a time)."""
         ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
-        ray.get([w.load_weights.remote(ref) for w in self.workers])
+        return [w.load_weights.remote(ref) for w in self.workers]
+
+    def load_weights(self, bundle_or_ref) -> None:
+        ray.get(self.submit_load(bundle_or_ref))
+
+    @staticmethod
+    def gather_versions(futures: List[ray.ObjectRef]) -> List[int]:
+        """The versions a `submit_load` left the workers serving."""
+        return ray.get(futures)
 
     def versions(self) -> List[int]:
         return ray.get([w.version.remote() for w in self.workers])

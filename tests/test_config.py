@@ -36,6 +36,12 @@ def test_semantic_validation_names_the_key():
     assert load_config("tiny_cpu", ["learner.zero_stage=3", "learner.reference=base"]).learner.zero_stage == 3
     with pytest.raises(ConfigError, match="data.synth_reasoning"):
         load_config("tiny_cpu", ["data.synth_reasoning=long"])
+    # without a KL term no reference is kept, so ZeRO-3 is fine with the default reference
+    assert load_config("tiny_cpu", ["learner.zero_stage=3", "learner.kl_beta=0"]).learner.kl_beta == 0
+    with pytest.raises(ConfigError, match="learner.kl_beta"):
+        load_config("tiny_cpu", ["learner.kl_beta=-0.1"])
+    with pytest.raises(ConfigError, match="rollout.async_generation"):
+        load_config("tiny_cpu", ["rollout.async_generation=true", "rollout.enable_sleep_mode=true"])
 
 
 def test_unknown_preset_lists_known():

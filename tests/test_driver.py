@@ -99,3 +99,35 @@ def test_resume_matches_uninterrupted_run(full_run, data_dir):
     assert record["batch_ids"] == want["batch_ids"]
     for key in ("reward/total", "learner/loss", "rollout/mean_length"):
         assert record[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
+def test_async_generation_overlaps_with_lag_one(full_run, data_dir, tmp_path):
+    """Async mode draws the same batches, trains on rollouts one version old (the first step has none
+    prefetched), checkpoints the cursor before the batch drawn ahead, and ends with every worker current."""
+    import json
+
+    from deploy.driver import Driver
+
+    tmp, _, _, records = full_run
+    sync = {r["step"]: r for r in records if r["phase"] == "grpo" and "reward/total" in r}
+    cfg = tiny_cfg(tmp_path, data_dir, "async", ["rollout.async_generation=true"])
+    driver = Driver(cfg, tmp_path / "async")
+    try:
+        driver.train(cfg.run.steps)
+        versions = {"learner": driver.version, "rollout": driver.rollout.versions(),
+                    "reward": driver.reward.versions()}
+        assert driver._prefetched is None  # nothing generated past the last step
+    finally:
+        driver.close()
+    steps = [r for r in read_metrics(tmp_path / "async") if r["phase"] == "grpo" and "reward/total" in r]
+    assert [r["rollout/policy_lag"] for r in steps] == [0.0, 1.0, 1.0]
+    assert [r["batch_ids"] for r in steps] == [sync[k]["batch_ids"] for k in (1, 2, 3)]
+    for r in steps:
+        for key in PHASES + COMPONENTS + ("learner/loss", "learner/clip_frac"):
+            assert math.isfinite(r[key]), key
+    final = versions["learner"]
+    assert versions["rollout"] == [final] and versions["reward"] == [final, final]
+    # the checkpoint after step 2 was written while batch 3 was already drawn: its cursor must not include it
+    ckpt = "checkpoints/grpo_000002_sft_000000/driver.json"
+    cursor = json.loads((tmp_path / "async" / ckpt).read_text())["data"]
+    assert cursor == json.loads((tmp / "full" / ckpt).read_text())["data"]

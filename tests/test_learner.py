@@ -51,8 +51,7 @@ def test_grpo_update_moves_logprobs_with_advantages(core, synth_samples):
     delta = sums(after) - sums(before)
     assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
     assert np.isfinite(stats["pg_loss"]) and stats["tokens"] == 88 and core.version == 1
-    # reference = base model: unchanged by the update
-    np.testing.assert_allclose(np.concatenate(after.ref_logprobs), np.concatenate(before.ref_logprobs), atol=1e-6)
+    assert before.ref_logprobs == [] and "kl" not in stats  # kl_beta = 0: no reference pass, no KL term
 
 
 def test_bundle_loads_into_hf_peft_with_identical_logits(core, tiny_policy_dir, synth_samples):
@@ -115,7 +114,7 @@ def test_sft_loss_halves(tiny_policy_dir, synth_samples):
 def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, tmp_path):
     from learner.batch import build_batch, per_completion
 
-    core = make_core(tiny_policy_dir)
+    core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01"])
     sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
     for _ in range(3):  # SFT moves the LoRA away from the base model
         core.sft_step(sft, core.sft_counts(sft))
@@ -136,7 +135,7 @@ def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, t
     assert np.abs(np.concatenate(second.old_logprobs) - np.concatenate(first.old_logprobs)).max() > 1e-4
     np.testing.assert_allclose(np.concatenate(second.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)
     core.save_checkpoint(str(tmp_path / "ckpt"))  # the reference survives a checkpoint
-    other = make_core(tiny_policy_dir)
+    other = make_core(tiny_policy_dir, ["learner.kl_beta=0.01"])
     other.load_checkpoint(str(tmp_path / "ckpt"))
     again = other.forward(groups, samples)
     np.testing.assert_allclose(np.concatenate(again.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)

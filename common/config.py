@@ -71,7 +71,7 @@ class RolloutConfig:
     # CPU only: cores vLLM keeps free of its OpenMP threads. vLLM's default reserves one per engine for a
     # separate scheduler process; ours runs in the actor's process, so 0 gives the model every core.
     cpu_reserved_cores: int = 0
-    # CPU only: torch/OpenMP threads of each rollout worker; 0 = every core of its node
+    # CPU only: torch/OpenMP threads of each rollout worker; 0 = every core of its node (half with async_generation)
     cpu_threads: int = 0
     seed: int = 0
 
@@ -128,8 +128,8 @@ class ClusterConfig:
     num_gpus: Optional[int] = None
     learner_workers: int = 1
     learner_gpus: float = 0.0  # per learner worker
-    # CPU only: torch threads of each learner worker; 0 = every core of its node (the phases of a step run one
-    # after another, so the learner has the cores to itself while it works)
+    # CPU only: torch threads of each learner worker; 0 = every core of its node (half with
+    # rollout.async_generation, see `cpu_threads`)
     learner_cpu_threads: int = 0
     rollout_workers: int = 1
     rollout_gpus_per_worker: float = 0.0
@@ -236,6 +236,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
+
+
+def cpu_threads(cfg: TrainConfig, role: str, cores: int) -> int:
+    """Torch/OpenMP threads of a CPU `learner` or `rollout` worker on a node with `cores` cores. A set value
+    (`cluster.learner_cpu_threads`, `rollout.cpu_threads`) wins. 0 means every core in sync mode, where the
+    phases run one after another; with async generation both run at once and each takes half (OpenMP threads
+    of two processes sharing cores slow both: on 2 cores, async with all cores each was 1.5x slower than
+    sync, with one core each 1.55x faster)."""
+    chosen = cfg.cluster.learner_cpu_threads if role == "learner" else cfg.rollout.cpu_threads
+    if chosen:
+        return chosen
+    if not cfg.rollout.async_generation:
+        return cores
+    return max(1, (cores + 1) // 2 if role == "learner" else cores // 2)
 
 
 def get_value(cfg: TrainConfig, dotted: str):

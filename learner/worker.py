@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from common.config import TrainConfig
+from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
 from common.protocol import ForwardResult, RolloutGroup, WeightBundle
 from learner.batch import PromptEncoder, build_batch, per_completion
@@ -42,7 +42,7 @@ class LearnerCore:
         on_gpu = torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
         if not on_gpu:
-            torch.set_num_threads(cfg.cluster.learner_cpu_threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a
             # killed process leaves behind); gloo's own collectives are all the learner needs.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

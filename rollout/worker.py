@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import ray
 import torch
 
-from common.config import TrainConfig
+from common.config import TrainConfig, cpu_threads
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
 from rollout.engine import Sampling, make_engine
 
@@ -18,9 +18,9 @@ class RolloutWorker:
     def __init__(self, cfg: TrainConfig, policy_dir: str):
         self.cfg = cfg
         if not torch.cuda.is_available():
-            # Ray gives a num_cpus=1 actor OMP_NUM_THREADS=1, which vLLM's CPU backend and HF generate obey; the
-            # phases of a step run one after another, so generation may use every core while it runs.
-            threads = cfg.rollout.cpu_threads or len(os.sched_getaffinity(0))
+            # Ray gives a num_cpus=1 actor OMP_NUM_THREADS=1, which vLLM's CPU backend and HF generate obey; in
+            # sync mode the phases run one after another, so generation may use every core while it runs.
+            threads = cpu_threads(cfg, "rollout", len(os.sched_getaffinity(0)))
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
         self.engine = make_engine(cfg, policy_dir)

@@ -61,3 +61,16 @@ def test_saved_config_round_trip(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_saved_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_cpu_threads_split_the_node_only_in_async_mode():
+    from common.config import cpu_threads
+
+    sync = load_config("tiny_cpu")
+    assert (cpu_threads(sync, "learner", 16), cpu_threads(sync, "rollout", 16)) == (16, 16)
+    both = load_config("tiny_cpu", ["rollout.async_generation=true"])
+    assert [(cpu_threads(both, "learner", n), cpu_threads(both, "rollout", n)) for n in (1, 2, 3, 16)] == \
+        [(1, 1), (1, 1), (2, 1), (8, 8)]
+    pinned = load_config("tiny_cpu", ["rollout.async_generation=true", "rollout.cpu_threads=3",
+                                      "cluster.learner_cpu_threads=5"])
+    assert (cpu_threads(pinned, "learner", 16), cpu_threads(pinned, "rollout", 16)) == (5, 3)

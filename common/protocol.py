@@ -55,6 +55,39 @@ class WeightBundle:
         """What a reward worker needs: the adapter and the mask decoder, no LoRA."""
         return WeightBundle(self.version, {}, self.peft_config, self.adapter, self.mask_decoder)
 
+    def __reduce__(self):
+        # Tensors travel as numpy arrays: Ray hands numpy buffers out of its object store without pickling
+        # them (a 14 MB bundle reaches an actor in ~2 ms instead of ~21 ms as torch tensors).
+        return _unpack_bundle, (self.version, _pack(self.lora), self.peft_config, _pack(self.adapter),
+                                None if self.mask_decoder is None else _pack(self.mask_decoder))
+
+
+_VIEW_AS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as same-width integers
+
+
+def _pack(tensors: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        out[name] = (t.view(_VIEW_AS[t.dtype]) if t.dtype in _VIEW_AS else t).numpy(), str(t.dtype)
+    return out
+
+
+def _unpack(packed: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, (array, dtype) in packed.items():
+        # a copy: arrays from Ray's object store are read-only shared memory, and a tensor written in place
+        # later must not point there (the copy costs ~1/10 of unpickling tensors)
+        t = torch.from_numpy(np.array(array, copy=True))
+        want = getattr(torch, dtype.removeprefix("torch."))
+        out[name] = t.view(want) if t.dtype != want else t
+    return out
+
+
+def _unpack_bundle(version, lora, peft_config, adapter, mask_decoder) -> WeightBundle:
+    return WeightBundle(version, _unpack(lora), peft_config, _unpack(adapter),
+                        None if mask_decoder is None else _unpack(mask_decoder))
+
 
 @dataclass
 class ForwardResult:

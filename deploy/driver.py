@@ -124,15 +124,17 @@ class Driver:
                 pools = pools[1:]
             loads = [(n, p, r) for n, p, r in pools if p is not None]
 
-            def load(item):  # each pool's load, timed on its own (they overlap)
+            def load(item):  # each pool's load, timed on its own (they overlap); returns the versions served
                 name, pool_, ref = item
                 with timed(stats, f"push_{name}"):
-                    pool_.load_weights(ref)
+                    return name, pool_.load_weights(ref)
 
             with ThreadPoolExecutor(len(loads)) as pool:
-                list(pool.map(load, loads))
+                served = dict(pool.map(load, loads))
         self.version = int(sizes["version"])
-        self.check_versions()
+        stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
+        if stale:
+            raise StaleWeightsError(f"learner is at version {self.version} but workers serve {stale}")
         receivers = {"rollout": len(self.rollout.workers) if self.rollout is not None else 0,
                      "reward": len(self.reward.workers)}
         stats["push/bytes"] = float(sizes["rollout_bytes"] + sizes["reward_bytes"])
@@ -140,14 +142,6 @@ class Driver:
         stats["push/bytes_moved"] = float(sum(sizes[f"{k}_bytes"] * n for k, n in receivers.items()))
         stats["version"] = float(self.version)
         return stats
-
-    def check_versions(self) -> None:
-        served = {"reward": self.reward.versions()}
-        if self.rollout is not None and not self._rollout_loading:  # a queued load is checked when gathered
-            served["rollout"] = self.rollout.versions()
-        stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
-        if stale:
-            raise StaleWeightsError(f"learner is at version {self.version} but workers serve {stale}")
 
     # ---- SFT -----------------------------------------------------------------------------------
     def sft(self, steps: int) -> None:

@@ -201,12 +201,14 @@ class RewardPool:
                 out[k] = s
         return out  # type: ignore[return-value]
 
-    def load_weights(self, bundle_or_ref) -> None:
-        """Every worker loads the same object (pass an ObjectRef to share one `ray.put`)."""
+    def load_weights(self, bundle_or_ref) -> List[int]:
+        """Every worker loads the same object (pass an ObjectRef to share one `ray.put`); returns the versions
+        they then serve."""
         ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
         versions = ray.get([w.load_weights.remote(ref) for w in self.workers])
         self._bundle_ref = ref
         self.version = versions[0]
+        return versions
 
     def _ask(self, w: int, method: str, *args):
         """One call on worker w; a worker that is dead or restarting is brought back (weights reloaded)

@@ -85,8 +85,9 @@ class RolloutPool:
         ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
         return [w.load_weights.remote(ref) for w in self.workers]
 
-    def load_weights(self, bundle_or_ref) -> None:
-        ray.get(self.submit_load(bundle_or_ref))
+    def load_weights(self, bundle_or_ref) -> List[int]:
+        """Loads on every worker; returns the versions they then serve."""
+        return ray.get(self.submit_load(bundle_or_ref))
 
     @staticmethod
     def gather_versions(futures: List[ray.ObjectRef]) -> List[int]:

@@ -92,3 +92,24 @@ def test_missing_paths_fail_clearly(tmp_path):
         build_sam("vit_b", str(tmp_path / "sam.pth"))
     with pytest.raises(ValueError, match="sam_type"):
         build_sam("vit_x", "")
+
+
+def test_weight_bundle_travels_as_numpy_and_comes_back_exact():
+    import pickle
+
+    from common.protocol import WeightBundle
+
+    g = torch.Generator().manual_seed(0)
+    lora = {"m.lora_A.weight": torch.randn(4, 6, generator=g).to(torch.bfloat16)}
+    adapter = {"w": torch.randn(3, 5, generator=g), "b": torch.arange(5, dtype=torch.float16)}
+    bundle = WeightBundle(7, lora, {"r": 4}, adapter, None)
+    payload = pickle.dumps(bundle)
+    assert b"torch._utils" not in payload  # no pickled torch storages: the tensors went as numpy buffers
+    back = pickle.loads(payload)
+    assert back.version == 7 and back.peft_config == {"r": 4} and back.mask_decoder is None
+    for want, got in ((lora, back.lora), (adapter, back.adapter)):
+        assert set(want) == set(got)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    back.adapter["w"].add_(1.0)  # a private, writable copy
+    assert not torch.equal(back.adapter["w"], adapter["w"])

@@ -1,5 +1,7 @@
 """RolloutPool with 2 workers in local Ray (HF engine: cheap to start): order kept, versions reported after a
 broadcast, one bad request isolated."""
+import os
+
 import pytest
 import ray
 
@@ -34,5 +36,23 @@ def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_s
         assert pool.versions() == [3, 3]
         groups = pool.generate(reqs[:2], n=1)
         assert all(c.version == 3 for g in groups for c in g.completions)
+        # the two engines share one node: each is pinned to its own cores, with one thread per core
+        (_, a), (_, b) = ray.get([w.placement.remote() for w in pool.workers])
+        assert a and b and (not set(a) & set(b) or len(os.sched_getaffinity(0)) < 2)
+        assert ray.get([w.num_threads.remote() for w in pool.workers]) == [len(a), len(b)]
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("cores, workers, per_worker, want", [
+    ([0, 1], 2, 1, [[0], [1]]),  # two engines on two cores: one each, never the same one
+    ([0, 1], 1, 2, [[0, 1]]),  # sync mode, one engine: every core
+    ([0, 1], 1, 1, [[1]]),  # async mode: the rollout half, from the end
+    (list(range(16)), 2, 4, [[8, 9, 10, 11], [12, 13, 14, 15]]),
+    (list(range(16)), 3, 8, [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]),  # capped at 16 // 3
+    ([0, 1], 4, 1, [[0], [1], [0], [1]]),  # more engines than cores: shared round-robin
+])
+def test_core_slices(cores, workers, per_worker, want):
+    from rollout.worker import core_slices
+
+    assert core_slices(cores, workers, per_worker) == want

@@ -26,6 +26,20 @@ def _run_dir(cfg: TrainConfig, given: str | None) -> Path:
     return Path(given) if given else Path(cfg.run.output_dir) / cfg.run.name
 
 
+def fresh_run_dir(cfg: TrainConfig, given: str | None) -> Path:
+    """The folder of a new run. A new run never appends to an old one (its metrics and report would mix):
+    if the folder already holds a run, the next free `NAME-2`, `NAME-3`, ... is used and the old run is kept."""
+    base = _run_dir(cfg, given)
+    if not (base / "metrics.jsonl").exists():
+        return base
+    n = 2
+    while (base.parent / f"{base.name}-{n}" / "metrics.jsonl").exists():
+        n += 1
+    out = base.parent / f"{base.name}-{n}"
+    print(f"[coreseg] {base} already holds a run; this run goes to {out} (continue the old one with --resume {base})")
+    return out
+
+
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
     from common.synth import write_synth
 
@@ -61,7 +75,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
 
     _ensure_data(cfg)
-    driver = Driver(cfg, _run_dir(cfg, args.run_dir), with_rollout=False)
+    driver = Driver(cfg, fresh_run_dir(cfg, args.run_dir), with_rollout=False)
     try:
         driver.sft(cfg.run.sft_steps)
         print(f"checkpoint: {driver.save()}")
@@ -73,7 +87,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
     from deploy.report import write_report
 
-    run_dir = Path(args.resume) if args.resume else _run_dir(cfg, args.run_dir)
+    run_dir = Path(args.resume) if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
         cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
     _ensure_data(cfg)
@@ -150,7 +164,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
 
     start = time.time()
     _ensure_data(cfg)
-    run_dir = _run_dir(cfg, args.run_dir)
+    run_dir = fresh_run_dir(cfg, args.run_dir)
     driver = Driver(cfg, run_dir)
     try:
         driver.sft(cfg.run.sft_steps)

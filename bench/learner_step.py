@@ -25,11 +25,12 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.recording import record  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Qwen2.5-VL-3B-Instruct config.json values (text + vision).
@@ -216,10 +217,12 @@ def run(args) -> dict:
     return out
 
 
+def title(r: dict) -> str:
+    return f"Learner step ({r['shape']}, {r['device']})"
+
+
 def markdown(r: dict) -> str:
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
-        f"## Learner step ({r['shape']}, {r['device']}, {when})", "",
         f"{r['prompts']} prompts x G={r['group']} x {r['completion_tokens']} completion tokens, one "
         f"{r['image_size']} px image each; LoRA r={r['lora_r']} ({r['lora_params'] / 1e6:.1f} M params), "
         f"ZeRO-{r['zero']}, micro-batch {r['micro_batch']}, gradient checkpointing {r['grad_ckpt']}.", "",
@@ -258,12 +261,11 @@ def main(argv=None) -> dict:
             setattr(args, k, v)
     result = run(args)
     print(json.dumps(result, indent=1))
-    print(markdown(result))
+    print(f"## {title(result)}\n\n{markdown(result)}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + markdown(result))
+        record(title(result), markdown(result))  # with the date, the command and the machine
     return result
 
 

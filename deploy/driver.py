@@ -132,9 +132,7 @@ class Driver:
             with ThreadPoolExecutor(len(loads)) as pool:
                 served = dict(pool.map(load, loads))
         self.version = int(sizes["version"])
-        stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
-        if stale:
-            raise StaleWeightsError(f"learner is at version {self.version} but workers serve {stale}")
+        self._check_served(served)
         receivers = {"rollout": len(self.rollout.workers) if self.rollout is not None else 0,
                      "reward": len(self.reward.workers)}
         stats["push/bytes"] = float(sizes["rollout_bytes"] + sizes["reward_bytes"])
@@ -142,6 +140,12 @@ class Driver:
         stats["push/bytes_moved"] = float(sum(sizes[f"{k}_bytes"] * n for k, n in receivers.items()))
         stats["version"] = float(self.version)
         return stats
+
+    def _check_served(self, served: Dict[str, List[int]]) -> None:
+        """Every worker of every pool named in `served` must serve the learner's version."""
+        stale = {k: v for k, v in served.items() if any(x != self.version for x in v)}
+        if stale:
+            raise StaleWeightsError(f"learner is at version {self.version} but workers serve {stale}")
 
     # ---- SFT -----------------------------------------------------------------------------------
     def sft(self, steps: int) -> None:
@@ -168,10 +172,9 @@ class Driver:
     def _gather_rollout(self, pending: "Prefetch") -> List[RolloutGroup]:
         groups = self.rollout.gather(pending.futures)
         if self._rollout_loading:
-            served = [int(v) for v in self.rollout.gather_versions(self._rollout_loading)]
+            served = {"rollout": self.rollout.gather_versions(self._rollout_loading)}
             self._rollout_loading = []
-            if any(v != self.version for v in served):
-                raise StaleWeightsError(f"learner is at version {self.version} but rollout workers serve {served}")
+            self._check_served(served)
         return groups
 
     def _check_policy_lag(self, groups: List[RolloutGroup]) -> int:

@@ -210,27 +210,22 @@ class RewardPool:
         self.version = versions[0]
         return versions
 
-    def _ask(self, w: int, method: str, *args):
-        """One call on worker w; a worker that is dead or restarting is brought back (weights reloaded)
-        and asked again, so reading stats or versions never fails because a worker restarted."""
+    def _ask(self, w: int, method: str, *args, sent: Optional[ray.ObjectRef] = None):
+        """One call on worker w (`sent`: its reply, when already submitted); a worker that is dead or restarting
+        is brought back (weights reloaded) and asked again, so reading stats or versions never fails because a
+        worker restarted."""
         for attempt in range(MAX_RETRIES + 1):
             try:
-                return ray.get(getattr(self.workers[w], method).remote(*args))
+                return ray.get(sent if sent is not None and attempt == 0
+                               else getattr(self.workers[w], method).remote(*args))
             except ACTOR_GONE:
                 if attempt == MAX_RETRIES:
                     raise
                 self._recover(w, "actor_died")
 
     def _ask_all(self, method: str) -> list:
-        refs = [getattr(w, method).remote() for w in self.workers]  # all submitted before any is awaited
-        out = []
-        for w, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except ACTOR_GONE:
-                self._recover(w, "actor_died")
-                out.append(self._ask(w, method))
-        return out
+        sent = [getattr(w, method).remote() for w in self.workers]  # all submitted before any is awaited
+        return [self._ask(w, method, sent=ref) for w, ref in enumerate(sent)]
 
     def versions(self) -> List[int]:
         return self._ask_all("version")

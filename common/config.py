@@ -73,6 +73,8 @@ class RolloutConfig:
     cpu_reserved_cores: int = 0
     # CPU only: torch/OpenMP threads of each rollout worker; 0 = every core of its node (half with async_generation)
     cpu_threads: int = 0
+    # vLLM KV-cache block size in tokens; 0 = 32 on CPU (see rollout/vllm_engine.py), vLLM's default on GPU
+    block_size: int = 0
     seed: int = 0
 
 

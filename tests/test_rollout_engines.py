@@ -81,6 +81,9 @@ def test_vllm_logprobs_match_transformers(vllm_engine, reference, synth_samples)
     model, processor = reference
     groups = vllm_engine.generate(_requests(synth_samples), G, Sampling(1.0, 1.0, 24, seed=3))
     _check_groups(groups, G, 0)
+    # the G samples can share the prompt's prefill only if it fills at least one whole KV block
+    block = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert block == 32 and all(len(g.completions[0].prompt_token_ids) >= 2 * block for g in groups)
     vision = set(vllm_engine.info.vision_token_ids)
     for sample, group in zip(synth_samples, groups):
         for comp in group.completions[:3]:

@@ -1,10 +1,10 @@
 """Rollout throughput: vLLM vs the HF transformers engine on the same policy, n completions per prompt.
 
-    .venv/bin/python bench/rollout.py --presets tiny small --prompts 32 --n 8 --max-new-tokens 64 --record
+    .venv/bin/python bench/rollout.py --presets tiny small --prompts 32 --n 8 --max-new-tokens 64 --repeats 3 --record
 
 Each (preset, engine) runs in its own subprocess so one engine's memory and threads never slow the other.
-Generated tokens/s and completions/s are measured over one `generate` call on all prompts after a warm-up
-call; engine start time is reported separately. `--record` appends the table to bench/RESULTS.md.
+Generated tokens/s and completions/s are those of the median of `--repeats` timed `generate` calls, each
+on new prompts, after a warm-up call; engine start time is reported separately. `--record` appends the table to bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.recording import record  # noqa: E402
 
 
-def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens: int, seed: int) -> dict:
-    """Build one engine, warm it up, time one generate over all prompts; returns the measurements."""
+def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens: int, seed: int,
+            repeats: int = 1) -> dict:
+    """Build one engine, warm it up, time `repeats` generates, each over `prompts` new prompts (as in training,
+    where no prompt is in the prefix cache yet); returns the measurements of the median call."""
     from common.config import load_config
     from common.models.policy import ensure_policy_dir
     from common.prompts import build_prompt
@@ -36,7 +38,7 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
     cfg = load_config("tiny_cpu", [f"model.policy={preset}", f"rollout.engine={engine_name}",
                                    f"rollout.max_new_tokens={max_new_tokens}", "rollout.max_model_len=1024"])
     policy_dir = ensure_policy_dir(preset, ROOT / cfg.model.assets_dir)
-    samples = synth(prompts, image_size=112, seed=seed, progress=False)
+    samples = synth(prompts * repeats + 2, image_size=112, seed=seed, progress=False)
     requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
     t0 = time.perf_counter()
     if engine_name == "vllm":
@@ -47,16 +49,20 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
         engine = HFEngine(cfg, policy_dir)
     start_s = time.perf_counter() - t0
     sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    engine.generate(requests[:2], 2, Sampling(1.0, 1.0, 8, seed=seed))  # warm-up (kernels, caches)
-    t0 = time.perf_counter()
-    groups = engine.generate(requests, n, sampling)
-    gen_s = time.perf_counter() - t0
-    comps = [c for g in groups for c in g.completions]
-    tokens = sum(len(c.token_ids) for c in comps)
-    return dict(preset=preset, engine=engine_name, prompts=prompts, n=n, completions=len(comps),
-                errors=sum(g.error is not None for g in groups), tokens=tokens, gen_s=gen_s, start_s=start_s,
-                tokens_per_s=tokens / gen_s, completions_per_s=len(comps) / gen_s,
-                params=count_parameters(policy_dir))
+    engine.generate(requests[-2:], 2, Sampling(1.0, 1.0, 8, seed=seed))  # warm-up (kernels, allocations)
+    calls = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        groups = engine.generate(requests[r * prompts:(r + 1) * prompts], n, sampling)
+        gen_s = time.perf_counter() - t0
+        comps = [c for g in groups for c in g.completions]
+        calls.append(dict(gen_s=gen_s, completions=len(comps), tokens=sum(len(c.token_ids) for c in comps),
+                          errors=sum(g.error is not None for g in groups)))
+    median = sorted(calls, key=lambda c: c["gen_s"])[len(calls) // 2]
+    return dict(preset=preset, engine=engine_name, prompts=prompts, n=n, **median, start_s=start_s,
+                tokens_per_s=median["tokens"] / median["gen_s"],
+                completions_per_s=median["completions"] / median["gen_s"], repeats=repeats,
+                all_gen_s=[round(c["gen_s"], 1) for c in calls], params=count_parameters(policy_dir))
 
 
 def count_parameters(policy_dir) -> int:
@@ -78,7 +84,7 @@ def _prod(shape) -> int:
 
 def run_subprocess(preset: str, engine: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", preset, engine, "--prompts", str(args.prompts), "--n", str(args.n),
-           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
+           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -88,12 +94,12 @@ def run_subprocess(preset: str, engine: str, args) -> dict:
 
 
 def table(results: list) -> str:
-    rows = ["| preset | params | engine | completions | gen tokens | gen s | tokens/s | completions/s | start s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| preset | params | engine | completions | gen tokens | gen s | tokens/s | completions/s | start s | all calls s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['engine']} | {r['completions']} | "
                     f"{r['tokens']} | {r['gen_s']:.1f} | {r['tokens_per_s']:.1f} | {r['completions_per_s']:.2f} | "
-                    f"{r['start_s']:.1f} |")
+                    f"{r['start_s']:.1f} | {', '.join(map(str, r['all_gen_s']))} |")
     by = {(r["preset"], r["engine"]): r for r in results}
     for preset in dict.fromkeys(r["preset"] for r in results):
         if (preset, "vllm") in by and (preset, "hf") in by:
@@ -111,11 +117,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls per engine, each on new prompts; median")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--one", nargs=2, metavar=("PRESET", "ENGINE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.prompts, args.n, args.max_new_tokens, args.seed)))
+        print("RESULT " + json.dumps(run_one(*args.one, args.prompts, args.n, args.max_new_tokens, args.seed, args.repeats)))
         return
     results = []
     for preset in args.presets:
@@ -127,7 +134,8 @@ def main() -> None:
     if args.record:
         record("Rollout throughput",
                "Sampling: temperature 1, top_p 1, random-weight policies (completions mostly run to max_new_tokens). "
-               f"Timed: one generate over all prompts after a warm-up; start = engine construction.\n\n{text}")
+               f"Timed: after a warm-up, {args.repeats} generate call(s), each on {args.prompts} new prompts; the "
+               f"median call is shown; start = engine construction.\n\n{text}")
 
 if __name__ == "__main__":
     main()

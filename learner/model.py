@@ -4,6 +4,7 @@ The SAM image encoder and prompt encoder are frozen; image embeddings are comput
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -66,17 +67,21 @@ class CoreSegModule(nn.Module):
         not the base model the SFT moved away from). Costs one LoRA-sized copy, never a model copy."""
         self.reference_lora = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
 
-    def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        if self.reference_lora is None:  # learner.reference=base: the LoRA switched off
+    @contextmanager
+    def reference_policy(self):
+        """Inside, the policy is the KL reference: the snapshot's LoRA values (grpo_start) or the LoRA switched
+        off (base). Entered once per forward, so the LoRA is swapped twice per step, not per micro-batch."""
+        if self.reference_lora is None:
             with self.policy.disable_adapter():
-                return self.policy_pass(batch, with_hidden=False)[0]
+                yield
+            return
         params = dict(self.policy.named_parameters())
         current = {n: params[n].detach().clone() for n in self.reference_lora}
         try:
             with torch.no_grad():
                 for n, value in self.reference_lora.items():
                     params[n].copy_(value)
-                return self.policy_pass(batch, with_hidden=False)[0]
+            yield
         finally:
             with torch.no_grad():
                 for n, value in current.items():

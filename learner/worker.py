@@ -97,14 +97,18 @@ class LearnerCore:
         if with_ref and self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
             self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
-        for a, b in self._micro(len(comps)):
-            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+        batches = [build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+                   for a, b in self._micro(len(comps))]
+        for batch in batches:
             logp, st, fd = self.module.policy_pass(batch)
             old += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
-            if with_ref:
-                ref += [x.float().cpu().numpy() for x in per_completion(self.module.reference_logprobs(batch), batch)]
             states.append(st.float().cpu().numpy())
             found.append(fd.cpu().numpy())
+        if with_ref:
+            with self.module.reference_policy():
+                for batch in batches:
+                    logp = self.module.policy_pass(batch, with_hidden=False)[0]
+                    ref += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
         return ForwardResult(old, ref, np.concatenate(states), np.concatenate(found))
 
     # -- GRPO update --------------------------------------------------------------------------------

@@ -139,3 +139,26 @@ def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, t
     other.load_checkpoint(str(tmp_path / "ckpt"))
     again = other.forward(groups, samples)
     np.testing.assert_allclose(np.concatenate(again.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)
+
+
+def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_samples):
+    from learner.batch import build_batch, per_completion
+
+    core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01", "learner.reference=base",
+                                       "learner.micro_batch_size=1"])
+    sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
+    core.sft_step(sft, core.sft_counts(sft))  # the LoRA differs from zero, so base != policy
+    lora = {n: p.detach().clone() for n, p in core.module.policy.named_parameters() if p.requires_grad}
+    samples = synth_samples[:2]
+    groups = _groups(core, samples)
+    result = core.forward(groups, samples)  # 4 micro-batches of one completion each
+    comps = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
+    for (sample, comp), ref, old in zip(comps, result.ref_logprobs, result.old_logprobs):
+        batch = build_batch(core.encoder, [sample], [comp.token_ids], core.pad_id)
+        with torch.no_grad(), core.module.policy.disable_adapter():
+            (want,) = [x.numpy() for x in per_completion(core.module.policy_pass(batch, with_hidden=False)[0], batch)]
+        np.testing.assert_allclose(ref, want, atol=1e-6)
+        assert np.abs(old - ref).max() > 1e-4
+    for n, p in core.module.policy.named_parameters():  # the forward left the trained LoRA in place
+        if n in lora:
+            assert torch.equal(p, lora[n]), n

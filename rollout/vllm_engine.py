@@ -158,6 +158,7 @@ class VLLMEngine(GenerationEngine):
             deltas = lora_deltas(bundle.lora, bundle.peft_config)
             self.llm.apply_model(partial(install_merged_lora, reader=self._checkpoint, deltas=deltas))
             self.llm.reset_prefix_cache()  # cached KV of the old weights must not serve the new ones
+            self.llm.reset_mm_cache()  # nor cached image embeddings, should the LoRA touch the vision tower
             self.version = bundle.version
             return self.version
         folder = write_peft_folder(bundle, self._shm / f"v{bundle.version}")

@@ -4,7 +4,8 @@
 
 Each (preset, engine) runs in its own subprocess so one engine's memory and threads never slow the other.
 Generated tokens/s and completions/s are those of the median of `--repeats` timed `generate` calls, each
-on new prompts, after a warm-up call; engine start time is reported separately. `--record` appends the table to bench/RESULTS.md.
+on new prompts, after a warm-up call; engine start time is reported separately. `--lora` makes both engines
+serve a random LoRA, as in training. `--record` appends the table to bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from bench.recording import record  # noqa: E402
 
 
 def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens: int, seed: int,
-            repeats: int = 1) -> dict:
-    """Build one engine, warm it up, time `repeats` generates, each over `prompts` new prompts (as in training,
-    where no prompt is in the prefix cache yet); returns the measurements of the median call."""
+            repeats: int = 1, lora: bool = False) -> dict:
+    """Build one engine (serving a random LoRA when `lora`, as in training), warm it up, time `repeats`
+    generates, each over `prompts` new prompts (as in training, where no prompt is in the prefix cache yet);
+    returns the measurements of the median call."""
     from common.config import load_config
     from common.models.policy import ensure_policy_dir
     from common.prompts import build_prompt
@@ -48,6 +50,8 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
         from rollout.hf_engine import HFEngine
         engine = HFEngine(cfg, policy_dir)
     start_s = time.perf_counter() - t0
+    if lora:
+        engine.load_weights(random_lora_bundle(cfg, policy_dir, seed))
     sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     engine.generate(requests[-2:], 2, Sampling(1.0, 1.0, 8, seed=seed))  # warm-up (kernels, allocations)
     calls = []
@@ -63,6 +67,21 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
                 tokens_per_s=median["tokens"] / median["gen_s"],
                 completions_per_s=median["completions"] / median["gen_s"], repeats=repeats,
                 all_gen_s=[round(c["gen_s"], 1) for c in calls], params=count_parameters(policy_dir))
+
+
+def random_lora_bundle(cfg, policy_dir, seed: int):
+    """A version-1 bundle of random LoRA weights (A and B both non-zero) on the config's target modules."""
+    import torch
+    from peft import get_peft_model
+
+    from common.models.lora import lora_state, make_lora_config, peft_config_dict
+    from common.models.policy import load_policy
+    from common.protocol import WeightBundle
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_policy(policy_dir)[0], make_lora_config(cfg.model, init_random=True))
+    config = peft_config_dict(model.peft_config["default"])
+    return WeightBundle(version=1, lora=lora_state(model), peft_config=config, adapter={})
 
 
 def count_parameters(policy_dir) -> int:
@@ -84,7 +103,8 @@ def _prod(shape) -> int:
 
 def run_subprocess(preset: str, engine: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", preset, engine, "--prompts", str(args.prompts), "--n", str(args.n),
-           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--repeats", str(args.repeats)]
+           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--repeats", str(args.repeats),
+           *(["--lora"] if args.lora else [])]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -94,7 +114,8 @@ def run_subprocess(preset: str, engine: str, args) -> dict:
 
 
 def table(results: list) -> str:
-    rows = ["| preset | params | engine | completions | gen tokens | gen s | tokens/s | completions/s | start s | all calls s |",
+    rows = ["| preset | params | engine | completions | gen tokens | gen s | tokens/s | completions/s | start s "
+            "| all calls s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['engine']} | {r['completions']} | "
@@ -117,12 +138,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", action="store_true", help="both engines serve a random LoRA (r from the preset)")
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per engine, each on new prompts; median")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--one", nargs=2, metavar=("PRESET", "ENGINE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.prompts, args.n, args.max_new_tokens, args.seed, args.repeats)))
+        result = run_one(*args.one, args.prompts, args.n, args.max_new_tokens, args.seed, args.repeats, args.lora)
+        print("RESULT " + json.dumps(result))
         return
     results = []
     for preset in args.presets:
@@ -133,6 +156,7 @@ def main() -> None:
     print(text)
     if args.record:
         record("Rollout throughput",
+               f"LoRA: {'a random LoRA served by both engines (vLLM as configured for CPU)' if args.lora else 'none'}. "
                "Sampling: temperature 1, top_p 1, random-weight policies (completions mostly run to max_new_tokens). "
                f"Timed: after a warm-up, {args.repeats} generate call(s), each on {args.prompts} new prompts; the "
                f"median call is shown; start = engine construction.\n\n{text}")

@@ -170,6 +170,12 @@ def test_hf_engine_contract_and_lora(tiny_policy_dir, reference, synth_samples):
     assert comp.version == 4
     _, want = recompute_logprobs(peft_model, processor, synth_samples[0], comp.token_ids)
     np.testing.assert_allclose(comp.logprobs, want, atol=1e-4)
+    # a second version replaces the first (merged from the base weights, not on top of version 4)
+    bundle, peft_model = random_bundle(tiny_policy_dir, version=5, seed=5)
+    engine.load_weights(bundle)
+    comp = engine.generate(_requests(synth_samples, 1), 2, Sampling(1.0, 1.0, 16, seed=3))[0].completions[0]
+    _, want = recompute_logprobs(peft_model, processor, synth_samples[0], comp.token_ids)
+    np.testing.assert_allclose(comp.logprobs, want, atol=1e-4)
 
 
 def test_sampling_from_rollout_config_and_default():

@@ -161,5 +161,6 @@ def main() -> None:
                f"Timed: after a warm-up, {args.repeats} generate call(s), each on {args.prompts} new prompts; the "
                f"median call is shown; start = engine construction.\n\n{text}")
 
+
 if __name__ == "__main__":
     main()

@@ -36,8 +36,7 @@ class HFEngine(GenerationEngine):
         with torch.no_grad():
             for module, delta in deltas.items():
                 weight = params[f"{module}.weight"]
-                base = self._checkpoint.get(self._checkpoint.weight_key(module)).float()
-                weight.copy_((base + delta).to(weight.dtype))
+                weight.copy_(self._checkpoint.merged(self._checkpoint.weight_key(module), delta).to(weight.dtype))
         self.version = bundle.version
         return self.version
 

@@ -1,4 +1,4 @@
-"""LoRA merged into the served weights, for vLLM on CPU.
+"""LoRA merged into the served weights: vLLM on CPU (rollout.lora_mode) and the transformers engine.
 
 vLLM-CPU serves LoRA through a torch fallback of the punica kernels that gathers each token's adapter matrices,
 which made generation ~2.5x slower than the base model (small preset, 32 sequences). Merging
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,14 +53,20 @@ class CheckpointReader:
         if not self._files:
             raise FileNotFoundError(f"no *.safetensors in {folder}")
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._files
-
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(self._files[key], "pt") as f:
             return f.get_tensor(key)
+
+    def merged(self, key: str, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The checkpoint's weight `key` in float32, plus `delta` when given (shapes must agree)."""
+        base = self.get(key).float()
+        if delta is None:
+            return base
+        if delta.shape != base.shape:
+            raise ValueError(f"LoRA delta for {key} is {tuple(delta.shape)}, weight is {tuple(base.shape)}")
+        return base + delta
 
     def weight_key(self, module: str) -> str:
         """The checkpoint key of a module's weight. transformers names the language model
@@ -81,7 +87,7 @@ def merged_weights(model, reader: CheckpointReader, deltas: Dict[str, torch.Tens
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     packed = getattr(model, "packed_modules_mapping", {}) or {}
     part_of = {part: (stack, parts) for stack, parts in packed.items() for part in parts}
-    layers: Dict[str, Dict[str, str]] = {}  # vLLM module -> {part leaf: checkpoint key}
+    layers: Dict[str, List[str]] = {}  # vLLM module -> checkpoint keys of its parts, in stacking order
     delta_of: Dict[str, torch.Tensor] = {}
     for module, delta in deltas.items():
         key = reader.weight_key(module)
@@ -91,18 +97,7 @@ def merged_weights(model, reader: CheckpointReader, deltas: Dict[str, torch.Tens
         prefix, leaf = vllm_name.removesuffix(".weight").rsplit(".", 1)
         key_prefix = key.removesuffix(".weight").rsplit(".", 1)[0]
         stack, parts = part_of.get(leaf, (leaf, [leaf]))
-        layers[f"{prefix}.{stack}"] = {p: f"{key_prefix}.{p}.weight" for p in parts}
+        layers[f"{prefix}.{stack}"] = [f"{key_prefix}.{p}.weight" for p in parts]
         delta_of[key] = delta
-    out = []
-    for name, parts in layers.items():
-        pieces = []
-        for key in parts.values():
-            base = reader.get(key).float()
-            if key in delta_of:
-                if delta_of[key].shape != base.shape:
-                    raise ValueError(f"LoRA delta for {key} is {tuple(delta_of[key].shape)}, "
-                                     f"weight is {tuple(base.shape)}")
-                base = base + delta_of[key]
-            pieces.append(base)
-        out.append((name, torch.cat(pieces, 0)))
-    return out
+    return [(name, torch.cat([reader.merged(key, delta_of.get(key)) for key in keys], 0))
+            for name, keys in layers.items()]

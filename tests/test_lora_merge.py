@@ -6,31 +6,14 @@ import math
 import pytest
 import torch
 
-from common.models.lora import lora_state, make_lora_config, peft_config_dict
-from common.models.policy import load_policy
 from rollout.lora_merge import CheckpointReader, lora_deltas
-
-
-def _peft(policy_dir, seed, **overrides):
-    from peft import get_peft_model
-
-    from common.config import load_config
-
-    cfg = load_config("tiny_cpu", [f"model.{k}={v}" for k, v in overrides.items()])
-    model, _ = load_policy(policy_dir)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, make_lora_config(cfg.model, init_random=True))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    return peft_model
+from tests.test_rollout_engines import random_bundle
 
 
 @pytest.mark.parametrize("r,alpha", [(8, 16), (4, 4)])
 def test_deltas_equal_peft_merge(tiny_policy_dir, r, alpha):
-    peft_model = _peft(tiny_policy_dir, seed=r, lora_r=r, lora_alpha=alpha)
-    lora, config = lora_state(peft_model), peft_config_dict(peft_model.peft_config["default"])
+    bundle, peft_model = random_bundle(tiny_policy_dir, 1, seed=r, lora_r=r, lora_alpha=alpha)
+    lora, config = bundle.lora, bundle.peft_config
     deltas = lora_deltas(lora, config)
     base = CheckpointReader(tiny_policy_dir)
     merged = dict(peft_model.merge_and_unload().named_parameters())
@@ -46,8 +29,8 @@ def test_deltas_equal_peft_merge(tiny_policy_dir, r, alpha):
 
 
 def test_rslora_scale_and_bad_adapters(tiny_policy_dir):
-    peft_model = _peft(tiny_policy_dir, seed=0)
-    lora, config = lora_state(peft_model), peft_config_dict(peft_model.peft_config["default"])
+    bundle, _ = random_bundle(tiny_policy_dir, 1, seed=0)
+    lora, config = bundle.lora, bundle.peft_config
     name = sorted(lora_deltas(lora, config))[0]
     plain = lora_deltas(lora, config)[name]
     rs = lora_deltas(lora, {**config, "use_rslora": True})[name]

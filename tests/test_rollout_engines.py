@@ -42,12 +42,15 @@ def recompute_logprobs(model, processor, sample, completion_ids):
     return enc["input_ids"][0].tolist(), lp.gather(-1, torch.tensor(completion_ids)[:, None])[:, 0].numpy()
 
 
-def random_bundle(policy_dir, version, seed):
+def random_bundle(policy_dir, version, seed, **model_overrides):
+    """A bundle of random LoRA weights (B ~ N(0, 0.2), so versions differ clearly) and the peft model holding
+    them; `model_overrides` set ModelConfig keys (lora_r, lora_alpha, ...)."""
     from peft import get_peft_model
 
     model, _ = load_policy(policy_dir)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, make_lora_config(_cfg().model, init_random=True))
+    model_cfg = load_config("tiny_cpu", [f"model.{k}={v}" for k, v in model_overrides.items()]).model
+    peft_model = get_peft_model(model, make_lora_config(model_cfg, init_random=True))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

@@ -79,7 +79,7 @@ def reward_stats(scores: List[Score]) -> Dict[str, float]:
 class Driver:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True):
         from deploy.cluster import init_ray, placement_summary
-        from learner.worker import LearnerGroup
+        from learner.group import LearnerGroup
         from reward.worker import RewardPool
 
         self.cfg = cfg

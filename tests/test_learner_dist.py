@@ -33,7 +33,7 @@ def _batch(tokenizer, samples):
 
 
 def _step(cfg, policy_dir, workers, samples, groups):
-    from learner.worker import LearnerGroup
+    from learner.group import LearnerGroup
 
     group = LearnerGroup(cfg, policy_dir, num_workers=workers)
     try:

@@ -145,6 +145,7 @@ def run(args) -> dict:
 
     from common.config import load_config
     from learner.batch import build_batch, logits_window
+    from learner.grpo import loss_norm
     from learner.worker import LearnerCore
 
     on_gpu = torch.cuda.is_available() and not args.tiny
@@ -176,8 +177,7 @@ def run(args) -> dict:
     lora_params = sum(p.numel() for p in core.module.param_groups()[0])
     flops = step_flops(core, shapes, lora_params)
     n_tokens = sum(t for t, _, _ in shapes)
-    totals = {"units": float(len(comps) * args.tokens), "tokens": float(len(comps) * args.tokens),
-              "masks": float(len(comps))}
+    norm = loss_norm([args.tokens] * len(comps), len(comps), "token_mean")
 
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     times = {"forward": [], "update": []}
@@ -186,10 +186,12 @@ def run(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
+        for c in (c for g in groups for c in g.completions):
+            c.version = core.version  # on-policy, as in a synchronous run
         fwd = core.forward(groups, samples)
         sync()
         t1 = time.perf_counter()
-        stats = core.update(groups, samples, adv, fwd.old_logprobs, fwd.ref_logprobs, totals)
+        stats = core.update(groups, samples, adv, fwd.ref_logprobs, norm)
         sync()
         t2 = time.perf_counter()
         if step >= args.warmup:

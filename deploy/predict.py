@@ -8,8 +8,7 @@ from PIL import Image
 
 from common.config import TrainConfig
 from common.images import decode_image, encode_png
-from common.prompts import build_prompt, parse_completion
-from common.protocol import RolloutRequest
+from common.prompts import parse_completion
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
@@ -33,12 +32,10 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
             driver.restore(checkpoint)
         sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
                               boxes=np.zeros((0, 4)), question=question)
-        (group,) = driver.rollout.generate([RolloutRequest(sample.id, build_prompt(question), image)], n=1,
-                                           greedy=True)
-        if group.error:
-            raise RuntimeError(f"generation failed: {group.error}")
-        text = group.completions[0].text
-        forward = driver.learner.forward([group], [sample])
+        answered = driver.answer([sample], driver.generate([sample], n=1, greedy=True), score=False)
+        if answered.failed:
+            raise RuntimeError(f"generation failed: {answered.failed[0][1]}")
+        text, forward = answered.groups[0].completions[0].text, answered.forward
         mask = np.zeros(image.shape[:2], bool)
         if forward.seg_found[0]:
             mask = driver.reward.masks([sample.id], [image], torch.as_tensor(forward.seg_states[:1]))[0]

@@ -7,7 +7,8 @@ import numpy as np
 import ray
 
 from common.data import LesionSample
-from common.protocol import ForwardResult, WeightBundle
+from common.protocol import Advantages, ForwardResult, WeightBundle
+from learner.grpo import combine_stats, group_advantages, loss_norm
 from learner.worker import LearnerWorker
 
 
@@ -33,38 +34,36 @@ class LearnerGroup:
         futures = [w.forward.remote([groups[i] for i in p], [samples[i] for i in p])
                    for w, p in zip(self.workers, parts) if len(p)]
         results = ray.get(futures)
-        return ForwardResult([x for r in results for x in r.old_logprobs], [x for r in results for x in r.ref_logprobs],
+        return ForwardResult([x for r in results for x in r.logprobs], [x for r in results for x in r.ref_logprobs],
                              np.concatenate([r.seg_states for r in results]), np.concatenate([r.seg_found for r in results]))
 
+    def advantages(self, rewards: np.ndarray) -> Advantages:
+        """Group advantages of rewards [P, G] by the configured estimator; groups with no reward variance are
+        marked for removal when `learner.drop_zero_variance` is on (the caller drops them before `update`)."""
+        L = self.cfg.learner
+        adv, keep, _ = group_advantages(rewards, mode=L.advantage, eps=L.adv_eps,
+                                        drop_zero_variance=L.drop_zero_variance)
+        return Advantages(adv.numpy(), keep.numpy())
+
     def update(self, groups, samples, advantages: np.ndarray, forward: ForwardResult) -> Dict[str, float]:
+        """One step on the batch, split by prompt group over the ranks; the normalisers come from the whole batch."""
         lengths = [len(c.token_ids) for g in groups for c in g.completions]
-        units = float(sum(lengths)) if self.cfg.learner.loss_agg == "token_mean" else float(sum(1 for n in lengths if n))
-        totals = {"units": max(units, 1.0), "tokens": float(sum(lengths)), "masks": float(forward.seg_found.sum())}
+        norm = loss_norm(lengths, int(np.asarray(forward.seg_found).sum()), self.cfg.learner.loss_agg)
         parts = self._split(len(groups))
-        offsets, futures, start = [], [], 0
+        futures = []
         sizes = [len(g.completions) for g in groups]
         for w, p in zip(self.workers, parts):
             a = sum(sizes[:p.start]) if len(p) else 0
             b = a + sum(sizes[i] for i in p)
             futures.append(w.update.remote([groups[i] for i in p], [samples[i] for i in p], advantages[a:b],
-                                           forward.old_logprobs[a:b], forward.ref_logprobs[a:b], totals))
-        results = ray.get(futures)
-        keys = [k for k in ("pg_loss", "kl", "dice_ce", "clip_frac", "tokens") if k in results[0]]  # no kl at beta 0
-        stats = {k: float(sum(r[k] for r in results)) for k in keys}
-        stats["grad_norm"], stats["lr"] = results[0]["grad_norm"], results[0]["lr"]
-        stats["loss"] = stats["pg_loss"] + self.cfg.learner.kl_beta * stats.get("kl", 0.0) + \
-            self.cfg.learner.mask_loss_weight * stats["dice_ce"]
-        return stats
+                                           forward.ref_logprobs[a:b], norm))
+        return _combine_ranks(ray.get(futures))
 
     def sft_step(self, samples: List[LesionSample]) -> Dict[str, float]:
-        totals = ray.get(self.workers[0].sft_counts.remote(samples))
-        totals["masks"] = max(totals["masks"], 1.0)
+        norm = ray.get(self.workers[0].sft_norm.remote(samples))
         parts = self._split(len(samples))
-        results = ray.get([w.sft_step.remote([samples[i] for i in p], totals) for w, p in zip(self.workers, parts)])
-        stats = {k: float(sum(r[k] for r in results)) for k in ("ce", "dice_ce")}
-        stats["loss"] = stats["ce"] + self.cfg.learner.mask_loss_weight * stats["dice_ce"]
-        stats["grad_norm"], stats["lr"] = results[0]["grad_norm"], results[0]["lr"]
-        return stats
+        return _combine_ranks(ray.get([w.sft_step.remote([samples[i] for i in p], norm)
+                                       for w, p in zip(self.workers, parts)]))
 
     def export_weights(self) -> WeightBundle:
         return ray.get(self.workers[0].export_weights.remote())
@@ -88,3 +87,9 @@ class LearnerGroup:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+
+
+def _combine_ranks(results: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per-rank stats (each the rank's share, see `grpo_loss`) -> the batch's; grad norm and lr are global."""
+    return {**combine_stats([{k: v for k, v in r.items() if k not in ("grad_norm", "lr")} for r in results]),
+            "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}

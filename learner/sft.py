@@ -5,6 +5,8 @@ from typing import List
 
 import torch
 
+from learner.grpo import LossNorm
+
 from common.data import LesionSample
 from common.prompts import END_OF_TURN, build_completion
 
@@ -17,3 +19,14 @@ def sft_target_ids(tokenizer, sample: LesionSample) -> List[int]:
 def ce_sum(token_logprobs: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood over completion tokens (normalised by the global token count outside)."""
     return -(token_logprobs * completion_mask.to(token_logprobs.device)).sum()
+
+
+def sft_loss(token_logprobs: torch.Tensor, completion_mask: torch.Tensor, dice_sum: torch.Tensor, norm: LossNorm,
+             mask_loss_weight: float):
+    """The SFT loss of one shard and its stats (each the shard's share; shards add up to the full batch):
+    CE summed over the shard's completion tokens / the batch's tokens + mask_loss_weight * DiceCE sum / the
+    batch's masks (every SFT sample has a mask target)."""
+    ce = ce_sum(token_logprobs, completion_mask) / max(norm.tokens, 1.0)
+    dice = dice_sum / max(norm.masks, 1.0)
+    loss = ce + mask_loss_weight * dice
+    return loss, {"ce": float(ce.detach()), "dice_ce": float(dice.detach()), "loss": float(loss.detach())}

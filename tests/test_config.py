@@ -74,3 +74,12 @@ def test_cpu_threads_split_the_node_only_in_async_mode():
     pinned = load_config("tiny_cpu", ["rollout.async_generation=true", "rollout.cpu_threads=3",
                                       "cluster.learner_cpu_threads=5"])
     assert (cpu_threads(pinned, "learner", 16), cpu_threads(pinned, "rollout", 16)) == (5, 3)
+
+
+def test_dynamic_sampling_needs_the_zero_variance_filter_and_dead_knobs_are_gone():
+    with pytest.raises(ConfigError, match="dynamic_sampling_max_draws"):
+        load_config("tiny_cpu", ["learner.dynamic_sampling_max_draws=2"])
+    cfg = load_config("tiny_cpu", ["learner.dynamic_sampling_max_draws=2", "learner.drop_zero_variance=true"])
+    assert cfg.learner.dynamic_sampling_max_draws == 2
+    with pytest.raises(ConfigError, match="log_every"):
+        load_config("tiny_cpu", ["run.log_every=5"])

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from common.config import TrainConfig, save_config
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
+from common.models.family import model_family
 from common.models.policy import ensure_policy_dir
-from common.prompts import build_prompt
 from common.protocol import RolloutGroup, RolloutRequest, Score, ScoreItem
 from deploy.metrics_log import MetricsLogger
 
@@ -87,6 +87,7 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
+        self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         self.ray = init_ray(cfg)
         print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
         c = cfg.cluster
@@ -164,7 +165,7 @@ class Driver:
         """Draws step's batch and submits its generation (returns at once)."""
         cursor = self.data.state_dict()
         samples = self.data.next_batch()
-        requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
         futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
                                       seed=self.cfg.rollout.seed * 1_000_003 + step)
         return Prefetch(step, samples, futures, cursor)
@@ -266,7 +267,7 @@ class Driver:
             records = []
             total = min(limit or len(ds), len(ds))
             for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
-                requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+                requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
                 groups = self.rollout.generate(requests, n=1, greedy=True)
                 ok = [(s, g) for s, g in zip(samples, groups) if not g.error]
                 for s, g in zip(samples, groups):

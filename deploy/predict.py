@@ -8,7 +8,7 @@ from PIL import Image
 
 from common.config import TrainConfig
 from common.images import decode_image, encode_png
-from common.prompts import build_prompt, parse_completion
+from common.prompts import parse_completion
 from common.protocol import RolloutRequest
 
 
@@ -33,7 +33,7 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
             driver.restore(checkpoint)
         sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
                               boxes=np.zeros((0, 4)), question=question)
-        (group,) = driver.rollout.generate([RolloutRequest(sample.id, build_prompt(question), image)], n=1,
+        (group,) = driver.rollout.generate([RolloutRequest(sample.id, driver.family.prompt(question), image)], n=1,
                                            greedy=True)
         if group.error:
             raise RuntimeError(f"generation failed: {group.error}")

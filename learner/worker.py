@@ -59,14 +59,15 @@ class LearnerCore:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=ds_config)
         self.device = device
-        self.encoder = PromptEncoder(self.module.processor)
+        self.encoder = PromptEncoder(self.module.processor, self.module.info.family)
         self.pad_id = self.module.processor.tokenizer.pad_token_id
         self.version = 0
 
     # -- helpers ------------------------------------------------------------------------------------
     def _flatten(self, groups: Sequence[RolloutGroup], samples: Sequence[LesionSample]):
+        """(samples, completion ids, the engine's prompt ids), one entry per completion."""
         rows = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
-        return [s for s, _ in rows], [c.token_ids for _, c in rows]
+        return [s for s, _ in rows], [c.token_ids for _, c in rows], [c.prompt_token_ids for _, c in rows]
 
     def _set_lr(self, lr: float) -> None:
         """LoRA group's learning rate (SFT and GRPO use different ones); the adapter group keeps its own."""
@@ -91,13 +92,13 @@ class LearnerCore:
     # -- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
-        flat_samples, comps = self._flatten(groups, samples)
+        flat_samples, comps, prompts = self._flatten(groups, samples)
         old, ref, states, found = [], [], [], []
         with_ref = self.cfg.learner.kl_beta > 0  # at beta = 0 the reference pass is skipped: ref stays []
         if with_ref and self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
             self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
-        batches = [build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+        batches = [build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id, prompts[a:b])
                    for a, b in self._micro(len(comps))]
         for batch in batches:
             logp, st, fd = self.module.policy_pass(batch)
@@ -115,7 +116,7 @@ class LearnerCore:
     def update(self, groups, samples, advantages: np.ndarray, old: List[np.ndarray], ref: List[np.ndarray],
                totals: Dict[str, float]) -> Dict[str, float]:
         L = self.cfg.learner
-        flat_samples, comps = self._flatten(groups, samples)
+        flat_samples, comps, prompts = self._flatten(groups, samples)
         self._set_lr(L.lr)
         self.engine.train()
         with_kl = L.kl_beta > 0
@@ -126,7 +127,7 @@ class LearnerCore:
         micro = self._micro(len(comps))
         max_len = self.cfg.rollout.max_new_tokens
         for k, (a, b) in enumerate(micro):
-            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id, prompts[a:b])
             logp, states, found = self.module.policy_pass(batch)
             mask = batch.completion_mask.to(self.device)
             old_t = _place(old[a:b], batch, self.device)
@@ -158,7 +159,7 @@ class LearnerCore:
     def sft_step(self, samples: List[LesionSample], totals: Dict[str, float]) -> Dict[str, float]:
         L = self.cfg.learner
         tok = self.module.processor.tokenizer
-        comps = [sft_target_ids(tok, s) for s in samples]
+        comps = [sft_target_ids(tok, s, self.module.info.family) for s in samples]
         self._set_lr(L.sft_lr)
         self.engine.train()
         stats = {"ce": 0.0, "dice_ce": 0.0}
@@ -182,7 +183,8 @@ class LearnerCore:
 
     def sft_counts(self, samples: List[LesionSample]) -> Dict[str, float]:
         tok = self.module.processor.tokenizer
-        return {"tokens": float(sum(len(sft_target_ids(tok, s)) for s in samples)), "masks": float(len(samples))}
+        family = self.module.info.family
+        return {"tokens": float(sum(len(sft_target_ids(tok, s, family)) for s in samples)), "masks": float(len(samples))}
 
     # -- weights / checkpoints ----------------------------------------------------------------------
     def export_weights(self) -> WeightBundle:

@@ -26,9 +26,10 @@ def _groups(core, samples, g=2, cut=24):
     tok = core.module.processor.tokenizer
     groups = []
     for s in samples:
-        ids = sft_target_ids(tok, s)
+        ids = sft_target_ids(tok, s, core.module.info.family)
         parts = [ids[k * cut:(k + 1) * cut - 4 * k] for k in range(g)]  # distinct token spans, unequal lengths
-        comps = [Completion("", [], p, [0.0] * len(p), "length", 0) for p in parts]
+        prompt = core.encoder.encode(s)["input_ids"][0].tolist()  # as an engine tokenizes the rendered prompt
+        comps = [Completion("", prompt, p, [0.0] * len(p), "length", 0) for p in parts]
         groups.append(RolloutGroup(s.id, comps))
     return groups
 

@@ -184,7 +184,8 @@ class LearnerCore:
     def sft_counts(self, samples: List[LesionSample]) -> Dict[str, float]:
         tok = self.module.processor.tokenizer
         family = self.module.info.family
-        return {"tokens": float(sum(len(sft_target_ids(tok, s, family)) for s in samples)), "masks": float(len(samples))}
+        tokens = sum(len(sft_target_ids(tok, s, family)) for s in samples)
+        return {"tokens": float(tokens), "masks": float(len(samples))}
 
     # -- weights / checkpoints ----------------------------------------------------------------------
     def export_weights(self) -> WeightBundle:

@@ -32,7 +32,8 @@ def _requests(samples, k=2):
 
 
 def recompute_logprobs(model, processor, sample, completion_ids):
-    enc = processor(text=[TINY_FAMILY.prompt(sample.question)], images=[Image.fromarray(sample.image)], return_tensors="pt")
+    enc = processor(text=[TINY_FAMILY.prompt(sample.question)], images=[Image.fromarray(sample.image)],
+                    return_tensors="pt")
     ids = torch.cat([enc["input_ids"], torch.tensor([completion_ids])], dim=1)
     mm_types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion_ids), dtype=torch.long)], dim=1)
     with torch.no_grad():

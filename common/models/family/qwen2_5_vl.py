@@ -59,8 +59,8 @@ class Qwen25VL(ModelFamily):
     def tiny_config(self, p: dict, vocab_size: int, tokenizer):
         from transformers import Qwen2_5_VLConfig
 
-        ids = {t: self.token_id_of(tokenizer, t) for t in
-               ("<|image_pad|>", "<|video_pad|>", self.vision_start, self.vision_end, self.end_of_turn, self.end_of_text)}
+        names = (self.image_pad, "<|video_pad|>", self.vision_start, self.vision_end, self.end_of_turn, self.end_of_text)
+        ids = {t: self.token_id_of(tokenizer, t) for t in names}
         text = dict(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
                     num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                     num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -70,7 +70,7 @@ class Qwen25VL(ModelFamily):
         vision = dict(depth=p["v_depth"], hidden_size=p["v_hidden"], intermediate_size=2 * p["v_hidden"],
                       num_heads=p["v_heads"], out_hidden_size=p["hidden"], patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=112, fullatt_block_indexes=[p["v_depth"] - 1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids[self.image_pad],
                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids[self.vision_start],
                                 vision_end_token_id=ids[self.vision_end], tie_word_embeddings=False,
                                 architectures=[self.model_class_name])

@@ -12,14 +12,14 @@ import torch
 class RolloutRequest:
     """One prompt: G completions are sampled for it."""
     sample_id: str
-    prompt: str  # full prompt text with one image placeholder (common.prompts.build_prompt)
+    prompt: str  # full prompt text with one image placeholder (ModelFamily.prompt, common/models/family)
     image: np.ndarray  # HxWx3 uint8 (or raw bytes that failed to decode upstream -> per-request error)
 
 
 @dataclass
 class Completion:
     text: str
-    prompt_token_ids: List[int]
+    prompt_token_ids: List[int]  # the prompt as the engine tokenized it (image pads expanded); the learner uses these
     token_ids: List[int]
     logprobs: List[float]  # sampling log-prob of each completion token
     finish_reason: str

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from common.config import TrainConfig, save_config
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
+from common.models.family import model_family
 from common.models.policy import ensure_policy_dir
-from common.prompts import build_prompt
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
 from deploy.metrics_log import MetricsLogger
@@ -57,6 +57,7 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
+        self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         self.ray = init_ray(cfg)
         print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
         c = cfg.cluster
@@ -134,7 +135,7 @@ class Driver:
         """Draws step's batch and submits its generation (returns at once)."""
         cursor = self.data.state_dict()
         samples = self.data.next_batch()
-        requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
         futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
                                       seed=derive_seed(self.cfg.rollout.seed, step))
         return Prefetch(step, samples, futures, cursor)
@@ -178,7 +179,7 @@ class Driver:
 
     def generate(self, samples: List[LesionSample], n: int, seed: Optional[int] = None,
                   greedy: bool = False) -> List[RolloutGroup]:
-        requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
         return self.rollout.generate(requests, n=n, seed=seed, greedy=greedy)
 
     def _collect(self, step: int, samples: List[LesionSample], groups: List[RolloutGroup],

@@ -8,11 +8,13 @@ import torch
 from learner.grpo import LossNorm
 
 from common.data import LesionSample
-from common.prompts import END_OF_TURN, build_completion
+from common.models.family import ModelFamily
+from common.prompts import build_completion
 
 
-def sft_target_ids(tokenizer, sample: LesionSample) -> List[int]:
-    text = build_completion(sample.reasoning, sample.category, sample.boxes) + END_OF_TURN
+def sft_target_ids(tokenizer, sample: LesionSample, family: ModelFamily) -> List[int]:
+    """The completion the policy should write, ended by the family's end-of-turn token."""
+    text = build_completion(sample.reasoning, sample.category, sample.boxes) + family.end_of_turn
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

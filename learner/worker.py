@@ -63,12 +63,13 @@ class LearnerCore:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=ds_config)
         self.device = device
-        self.encoder = PromptEncoder(self.module.processor)
+        self.encoder = PromptEncoder(self.module.processor, self.module.info.family)
         self.pad_id = self.module.processor.tokenizer.pad_token_id
         self.version = 0
 
     # -- helpers ------------------------------------------------------------------------------------
     def _flatten(self, groups: Sequence[RolloutGroup], samples: Sequence[LesionSample]):
+        """(samples, completions), one entry per completion."""
         rows = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
         return [s for s, _ in rows], [c for _, c in rows]
 
@@ -81,7 +82,9 @@ class LearnerCore:
         return [(i, min(n, i + m)) for i in range(0, n, m)]
 
     def _batch(self, samples: Sequence[LesionSample], completions: Sequence[Completion]):
-        return build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id)
+        """The policy batch of these completions, on the prompt ids their rollout engine returned."""
+        return build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id,
+                           [c.prompt_token_ids for c in completions])
 
     def _dice_sum(self, states: torch.Tensor, found: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
         """Summed DiceCE over the completions that produced a `<seg>` (the others are excluded)."""
@@ -169,7 +172,7 @@ class LearnerCore:
     def sft_step(self, samples: List[LesionSample], norm: LossNorm) -> Dict[str, float]:
         L = self.cfg.learner
         tok = self.module.processor.tokenizer
-        comps = [sft_target_ids(tok, s) for s in samples]
+        comps = [sft_target_ids(tok, s, self.module.info.family) for s in samples]
         self._set_lr(L.sft_lr)
         self.engine.train()
         shards = []
@@ -190,7 +193,8 @@ class LearnerCore:
     def sft_norm(self, samples: List[LesionSample]) -> LossNorm:
         """The SFT batch's normalisers: its target tokens, and one mask target per sample."""
         tok = self.module.processor.tokenizer
-        return loss_norm([len(sft_target_ids(tok, s)) for s in samples], len(samples), "token_mean")
+        return loss_norm([len(sft_target_ids(tok, s, self.module.info.family)) for s in samples], len(samples),
+                         "token_mean")
 
     # -- weights / checkpoints ----------------------------------------------------------------------
     def export_weights(self) -> WeightBundle:

@@ -64,6 +64,7 @@ class GenerationEngine(ABC):
         self.policy_dir = str(policy_dir)
         self.processor = AutoProcessor.from_pretrained(self.policy_dir)
         self.info = policy_info(self.policy_dir)
+        self.family = self.info.family
         self.errors = 0
 
     def prepare(self, requests: Sequence[RolloutRequest], max_new_tokens: int):

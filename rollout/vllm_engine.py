@@ -18,6 +18,7 @@ from typing import List, Sequence
 import torch
 
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_io import write_peft_folder
 from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
@@ -91,7 +92,7 @@ class VLLMEngine(GenerationEngine):
         self._lora = None  # current LoRARequest (adapter mode)
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
-        # Vision special tokens must never be sampled: bad_words masks them to -inf (each is one token on its
+        # The family's vision tokens must never be sampled: bad_words masks them to -inf (each is one token on its
         # own); logit_bias (clamped by vLLM to -100) is the fallback for a tokenizer that splits one. Not both:
         # each is one more pass over the logits per decode step.
         tok = self.processor.tokenizer
@@ -121,7 +122,7 @@ class VLLMEngine(GenerationEngine):
         params = self._params(n, sampling)
         if sampling.seed is not None:  # one seed per request: reproducible, and distinct across prompts
             params = [self._params(n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                               sampling.seed * 1009 + i)) for i in range(len(todo))]
+                                               derive_seed(sampling.seed, i))) for i in range(len(todo))]
         try:
             outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         except Exception:  # a request vLLM rejects (that `prepare` missed) must not sink the batch: retry one by one

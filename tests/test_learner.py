@@ -27,9 +27,10 @@ def _groups(core, samples, g=2, cut=24):
     tok = core.module.processor.tokenizer
     groups = []
     for s in samples:
-        ids = sft_target_ids(tok, s)
+        ids = sft_target_ids(tok, s, core.module.info.family)
         parts = [ids[k * cut:(k + 1) * cut - 4 * k] for k in range(g)]  # distinct token spans, unequal lengths
-        comps = [Completion("", [], p, [0.0] * len(p), "length", core.version) for p in parts]
+        prompt = core.encoder.encode(s)["input_ids"][0].tolist()  # as an engine tokenizes the rendered prompt
+        comps = [Completion("", prompt, p, [0.0] * len(p), "length", core.version) for p in parts]
         groups.append(RolloutGroup(s.id, comps))
     return groups
 
@@ -171,8 +172,8 @@ def test_the_backpropagated_grpo_loss_is_the_tested_formula(tiny_policy_dir, syn
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.05", "learner.micro_batch_size=2"])
     samples = synth_samples[:2]
     groups = _groups(core, samples)
-    full = sft_target_ids(core.module.processor.tokenizer, samples[0])  # holds a <seg>: the DiceCE term counts
-    groups[0].completions[0] = Completion("", [], full, [0.0] * len(full), "stop", core.version)
+    full = sft_target_ids(core.module.processor.tokenizer, samples[0], core.module.info.family)  # holds a <seg>
+    groups[0].completions[0] = replace(groups[0].completions[0], token_ids=full, logprobs=[0.0] * len(full))
     fwd = core.forward(groups, samples)
     assert fwd.seg_found.sum() == 1
     passes, losses, dice_sums = [], [], []

@@ -23,12 +23,16 @@ def ray_session():
     ray.shutdown()
 
 
-def _batch(tokenizer, samples):
+def _batch(processor, family, samples):
+    from PIL import Image
+
     groups = []
     for s in samples:
-        ids = sft_target_ids(tokenizer, s)
+        ids = sft_target_ids(processor.tokenizer, s, family)
         parts = [ids[:20], ids[20:32]]
-        groups.append(RolloutGroup(s.id, [Completion("", [], p, [0.0] * len(p), "length", 0) for p in parts]))
+        prompt = processor(text=[family.prompt(s.question)], images=[Image.fromarray(s.image)])["input_ids"][0]
+        groups.append(RolloutGroup(s.id, [Completion("", list(prompt), p, [0.0] * len(p), "length", 0)
+                                          for p in parts]))
     return groups
 
 
@@ -47,11 +51,13 @@ def _step(cfg, policy_dir, workers, samples, groups):
 
 
 def test_two_ranks_equal_one_rank(ray_session, tiny_policy_dir, synth_samples):
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor
+
+    from common.models.family import model_family
 
     cfg = load_config("tiny_cpu", OVERRIDES)
     samples = synth_samples[:4]
-    groups = _batch(AutoTokenizer.from_pretrained(str(tiny_policy_dir)), samples)
+    groups = _batch(AutoProcessor.from_pretrained(str(tiny_policy_dir)), model_family(tiny_policy_dir), samples)
     stats1, (single,) = _step(cfg, tiny_policy_dir, 1, samples, groups)
     stats2, (rank0, rank1) = _step(cfg, tiny_policy_dir, 2, samples, groups)
     assert stats1["tokens"] == stats2["tokens"] == 4 * 32

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from common.config import load_config
-from common.prompts import build_prompt
+from common.models.family import family_for_type
 from common.protocol import RolloutRequest
 
 
@@ -24,7 +24,7 @@ def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_s
     cfg = load_config("tiny_cpu", ["rollout.engine=hf", "rollout.max_new_tokens=8", "rollout.max_model_len=512"])
     pool = RolloutPool(cfg, tiny_policy_dir, num_workers=2, num_cpus_per_worker=1)
     try:
-        reqs = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in synth_samples[:5]]
+        reqs = [RolloutRequest(s.id, family_for_type("qwen2_5_vl").prompt(s.question), s.image) for s in synth_samples[:5]]
         reqs[3] = RolloutRequest("broken", reqs[3].prompt, b"\x89PNG broken")
         groups = pool.generate(reqs, n=2, seed=1)
         assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]

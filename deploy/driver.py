@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
@@ -26,10 +27,6 @@ from common.protocol import RolloutGroup, RolloutRequest, Score, ScoreItem
 from deploy.metrics_log import MetricsLogger
 
 CHECKPOINTS = "checkpoints"
-
-
-class StaleWeightsError(RuntimeError):
-    """A worker serves an older policy version than the learner's."""
 
 
 @dataclass

@@ -16,13 +16,6 @@ OVERRIDES = ["learner.micro_batch_size=2", "learner.lr=1e-2", "learner.adapter_l
              "learner.adam_eps=1.0"]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=3, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _batch(tokenizer, samples):
     groups = []
     for s in samples:

@@ -10,13 +10,6 @@ from common.prompts import build_prompt
 from common.protocol import RolloutRequest
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_samples):
     from rollout.worker import RolloutPool
     from tests.test_rollout_engines import random_bundle

@@ -187,3 +187,18 @@ def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):
     assert pool.pool.restarts > before and pool.versions() == [1, 1]
     with pytest.raises(ray_session.exceptions.RayTaskError, match="refusing"):
         ray_session.get(pool.workers[1].load_weights.remote(_bundle(0)))
+
+
+def test_in_process_pool_scores_like_the_ray_pool(pool_and_reference, cfg):
+    from reward.worker import RewardPool
+
+    ray_pool, items, want = pool_and_reference
+    pool = RewardPool(cfg, HIDDEN, num_workers=2, local=True)
+    try:
+        assert pool.load_weights(_bundle(1)) == [1, 1] and pool.versions() == [1, 1] and pool.version == 1
+        assert pool._assign(items) == ray_pool._assign(items)
+        assert [g.total for g in pool.score(items)] == pytest.approx(want, abs=1e-5)
+        stats = pool.stats()
+        assert stats["workers"] == 2 and stats["scored"] == len(items) and stats["encoder_calls"] == 6
+    finally:
+        pool.shutdown()

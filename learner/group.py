@@ -25,7 +25,8 @@ class LearnerGroup:
         # max_restarts=0: a restarted rank could not rejoin the DeepSpeed process group; a dead rank is an error
         options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0)
         self.pool = ActorPool("learner", LearnerWorker, num_workers,
-                              lambda rank: ((cfg, str(policy_dir), rank, num_workers), {}), options=options, local=local)
+                              lambda rank: ((cfg, str(policy_dir), rank, num_workers), {}),
+                              options=options, local=local)
         addr, port = ("127.0.0.1", free_port()) if local else self.pool.call(0, "rendezvous_address")
         self.pool.call_all("setup", addr, port)
 

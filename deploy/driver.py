@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
@@ -25,10 +26,6 @@ from deploy.metrics_log import MetricsLogger
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
 CHECKPOINTS = "checkpoints"
-
-
-class StaleWeightsError(RuntimeError):
-    """A worker serves an older policy version than the learner's."""
 
 
 @dataclass
@@ -47,7 +44,9 @@ def llm_hidden_size(policy_dir: Path) -> int:
 
 
 class Driver:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True, local: bool = False):
+        """local=True: every pool in this process, no Ray (one learner rank, one rollout engine); for tests of the
+        step logic and single-process use."""
         from deploy.cluster import init_ray, placement_summary
         from learner.group import LearnerGroup
         from reward.worker import RewardPool
@@ -58,18 +57,21 @@ class Driver:
         save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
         self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
-        self.ray = init_ray(cfg)
-        print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
         c = cfg.cluster
-        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=c.learner_workers,
-                                    num_gpus_per_worker=c.learner_gpus)
+        if local:
+            print(f"[coreseg] run dir {self.run_dir}; all pools in this process")
+        else:
+            init_ray(cfg)
+            print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=1 if local else c.learner_workers,
+                                    num_gpus_per_worker=c.learner_gpus, local=local)
         self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
-                                 num_gpus_per_worker=c.reward_gpus_per_worker)
+                                 num_gpus_per_worker=c.reward_gpus_per_worker, local=local)
         self.rollout = None
         if with_rollout:
             from rollout.worker import RolloutPool
-            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=c.rollout_workers,
-                                       num_gpus_per_worker=c.rollout_gpus_per_worker)
+            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=1 if local else c.rollout_workers,
+                                       num_gpus_per_worker=c.rollout_gpus_per_worker, local=local)
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
         self.logger = MetricsLogger(self.run_dir)

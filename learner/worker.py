@@ -212,7 +212,6 @@ class LearnerCore:
         load_learner(self, path)
 
 
-@ray.remote
 class LearnerWorker(LearnerCore):
     """Built in two steps so that rank 0's own node supplies the rendezvous address: the group asks rank 0
     for its IP and a free port there, then every rank joins (an address picked on the driver's node can be

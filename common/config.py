@@ -63,7 +63,6 @@ class RolloutConfig:
     max_new_tokens: int = 200
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
-    enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
     # Generate step t+1's rollouts while the learner trains step t (policy lag 1; the importance ratio is then
     # taken against the sampling log-probs). A step costs about max(rollout, learner) instead of their sum.
     async_generation: bool = False
@@ -241,9 +240,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start" and cfg.learner.kl_beta > 0:
         raise ConfigError("config key 'learner.reference' = 'grpo_start' needs whole LoRA tensors on each rank "
                           "(learner.zero_stage <= 2); use learner.reference=base with ZeRO-3")
-    if cfg.rollout.async_generation and cfg.rollout.enable_sleep_mode:
-        raise ConfigError("config keys 'rollout.async_generation' and 'rollout.enable_sleep_mode' exclude each other: "
-                          "an engine that generates while the learner trains cannot sleep then")
     from learner.registry import resolve  # here, not at the top: the registries import torch
 
     for kind, dotted in (("advantage", "learner.advantage"), ("policy_loss", "learner.policy_loss")):

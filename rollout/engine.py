@@ -98,11 +98,6 @@ class GenerationEngine(ABC):
         """Ids of the LoRA adapters resident in the engine (at most two)."""
         return []
 
-    def sleep(self) -> None:
-        """Free accelerator memory between rollouts (vLLM sleep mode); a no-op elsewhere."""
-
-    def wake(self) -> None:
-        """Undo `sleep`."""
 
 
 def vllm_available() -> bool:

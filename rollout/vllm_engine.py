@@ -65,8 +65,7 @@ class VLLMEngine(GenerationEngine):
             rank = next(r for r in VLLM_LORA_RANKS if r >= cfg.model.lora_r)
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=2)
         if on_gpu:
-            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                          enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
         else:
             # On CPU the "gpu" utilisation is a share of host RAM that must be free at start; the KV cache
             # gets a fixed size instead, so several engines and the learner fit on one machine.
@@ -85,8 +84,6 @@ class VLLMEngine(GenerationEngine):
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
                 lambda record: "set_num_threads" not in record.getMessage())
         self.llm = LLM(**kwargs)
-        self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
-        self._asleep = False
         self.version = 0
         self._loaded = False  # a bundle has been served (version 0 is a version too)
         self._lora = None  # current LoRARequest (adapter mode)
@@ -174,17 +171,6 @@ class VLLMEngine(GenerationEngine):
 
     def loaded_adapters(self) -> List[int]:
         return [] if self.merged else sorted(self.llm.llm_engine.list_loras())
-
-    def sleep(self) -> None:
-        # level 1: weights move to host memory, the KV cache is dropped; LoRA adapters stay registered
-        if self._can_sleep and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
-
-    def wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_shm", ""), ignore_errors=True)

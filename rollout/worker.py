@@ -78,11 +78,6 @@ class RolloutWorker:
     def errors(self) -> int:
         return self._engine().errors
 
-    def sleep(self) -> None:
-        self._engine().sleep()
-
-    def wake(self) -> None:
-        self._engine().wake()
 
 
 class RolloutPool:
@@ -171,13 +166,6 @@ class RolloutPool:
     def errors(self) -> int:
         """Requests answered with a per-request error (bad image, prompt too long) since each worker started."""
         return int(sum(self.pool.call_all("errors")))
-
-    def sleep(self) -> None:
-        """vLLM sleep mode on every worker (GPU colocation with the learner; no-op unless enabled)."""
-        self.pool.call_all("sleep")
-
-    def wake(self) -> None:
-        self.pool.call_all("wake")
 
     def shutdown(self) -> None:
         self.pool.shutdown()

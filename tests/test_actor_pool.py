@@ -8,6 +8,8 @@ import pytest
 
 from common.actor_pool import ActorPool, ActorPoolError, ActorStateLost, StaleWeightsError, balanced_shards
 
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+
 
 class Echo:
     """Test actor: state a restart loses (`started`, the weights version); `work` tags each item with who

@@ -12,6 +12,8 @@ from common.protocol import Completion, RolloutGroup
 from learner.grpo import loss_norm
 from learner.sft import sft_target_ids
 
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+
 OVERRIDES = ["learner.micro_batch_size=4", "model.lora_r=8", "learner.lr=5e-3", "learner.sft_lr=1e-2", "learner.adapter_lr=1e-3",
              "learner.kl_beta=0.0", "learner.mask_loss_weight=0.1"]
 

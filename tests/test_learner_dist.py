@@ -8,6 +8,8 @@ from common.config import load_config
 from common.protocol import Completion, RolloutGroup
 from learner.sft import sft_target_ids
 
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+
 OVERRIDES = ["learner.micro_batch_size=2", "learner.lr=1e-2", "learner.adapter_lr=1e-2", "learner.zero_stage=2",
              "learner.kl_beta=0.05", "learner.mask_loss_weight=0.5", "learner.grad_clip=1000.0",
              # Adam's first step is ~lr*sign(g): tiny gradients would flip with summation order. A large eps

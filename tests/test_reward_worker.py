@@ -132,6 +132,7 @@ def pool_and_reference(ray_session, cfg, worker, synth_samples):
     pool.shutdown()
 
 
+@pytest.mark.slow
 def test_pool_keeps_order(pool_and_reference):
     pool, items, want = pool_and_reference
     assert pool.versions() == [1, 1]
@@ -147,6 +148,7 @@ def test_pool_keeps_order(pool_and_reference):
     assert stats["encoder_calls"] == 6 and stats["restarts"] == 0
 
 
+@pytest.mark.slow
 def test_pool_survives_a_worker_killed_mid_batch(ray_session, pool_and_reference, monkeypatch):
     pool, items, want = pool_and_reference
     submit, killed = pool.pool.submit, []
@@ -166,6 +168,7 @@ def test_pool_survives_a_worker_killed_mid_batch(ray_session, pool_and_reference
     assert pool.stats()["restarts"] >= 1 and pool.versions() == [1, 1]
 
 
+@pytest.mark.slow
 def test_pool_stats_survive_a_restarting_worker(ray_session, pool_and_reference):
     pool, items, want = pool_and_reference
     before = pool.pool.restarts
@@ -178,6 +181,7 @@ def test_pool_stats_survive_a_restarting_worker(ray_session, pool_and_reference)
     assert pool.pool.restarts > before and pool.versions() == [1, 1]
 
 
+@pytest.mark.slow
 def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):
     pool, items, want = pool_and_reference
     before = pool.pool.restarts
@@ -189,6 +193,7 @@ def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):
         ray_session.get(pool.workers[1].load_weights.remote(_bundle(0)))
 
 
+@pytest.mark.slow
 def test_in_process_pool_scores_like_the_ray_pool(pool_and_reference, cfg):
     from reward.worker import RewardPool
 

@@ -14,6 +14,8 @@ from common.models.policy import load_policy
 from common.protocol import RolloutRequest, WeightBundle
 from rollout.engine import Sampling
 
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+
 G = 8
 # Transformers needs mm_token_type_ids to place the image's M-RoPE positions; with it the full-forward
 # recomputation matches vLLM's and HF's sampling log-probs to fp32 precision.

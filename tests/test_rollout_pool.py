@@ -9,6 +9,8 @@ from common.config import load_config
 from common.models.family import family_for_type
 from common.protocol import RolloutRequest
 
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+
 
 def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_samples):
     from rollout.worker import RolloutPool

@@ -58,7 +58,7 @@ def _cfg():
 
 
 def _requests(samples):
-    return [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+    return [RolloutRequest(s.id, family_for_type("qwen2_5_vl").prompt(s.question), s.image) for s in samples]
 
 
 def test_pool_recovers_a_killed_worker_with_its_cores_and_weights(ray_session, tiny_policy_dir, synth_samples):

@@ -33,6 +33,8 @@ R_EMPTY_MASK = "empty_mask"
 R_MASK_WITHOUT_LESION = "mask_without_lesion"
 R_MASK_SHAPE = "mask_shape_mismatch"
 
+TIE_BREAK = 1e-9  # weight of the TP IoUs that breaks ties between optimal box assignments (see `box_reward`)
+
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU [len(a), len(b)]; a degenerate pair (zero union) has IoU 0."""
@@ -76,7 +78,13 @@ def box_reward(pred_boxes, gt_boxes, iou_threshold: float = 0.5,
                image_size: Optional[Tuple[int, int]] = None) -> Tuple[float, str, Dict[str, float]]:
     """Bipartite matching (Hungarian on 1 - IoU); a matched pair is a TP when IoU >= tau.
     r_bbox = mIoU(TP pairs) x F1, F1 = 2TP / (2TP + FP + FN); empty/empty -> 1.
-    image_size = (width, height): predicted boxes are clipped to the image first."""
+    image_size = (width, height): predicted boxes are clipped to the image first.
+
+    Ties: when several assignments reach the minimal total 1 - IoU, the one with the highest r_bbox is used.
+    As 2TP + FP + FN = n_pred + n_gt, r_bbox = 2 * sum(TP IoUs) / (n_pred + n_gt), so the tie-break is the
+    largest sum of TP IoUs (more true positives, in the usual tie). It is solved in one assignment on
+    1 - IoU - TIE_BREAK * IoU * [IoU >= tau]: TIE_BREAK (1e-9) is far below any real difference in total IoU
+    and far above float rounding, so it only decides between equally good assignments."""
     pred = np.asarray(pred_boxes, float).reshape(-1, 4)
     gt = np.asarray(gt_boxes, float).reshape(-1, 4)
     empty = {"tp": 0, "fp": len(pred), "fn": len(gt), "miou": 0.0, "f1": 0.0}
@@ -91,7 +99,7 @@ def box_reward(pred_boxes, gt_boxes, iou_threshold: float = 0.5,
     iou_m = box_iou_matrix(pred, gt)
     tp_ious: List[float] = []
     if len(gt):
-        rows, cols = linear_sum_assignment(1.0 - iou_m)
+        rows, cols = linear_sum_assignment(1.0 - iou_m - TIE_BREAK * iou_m * (iou_m >= iou_threshold))
         tp_ious = [float(iou_m[r, c]) for r, c in zip(rows, cols) if iou_m[r, c] >= iou_threshold]
     tp = len(tp_ious)
     fp, fn = len(pred) - tp, len(gt) - tp

@@ -31,7 +31,7 @@ R_NO_ANSWER = "no_answer_tag"
 R_UNCLOSED_ANSWER = "unclosed_answer"
 R_TEXT_AFTER = "text_after_answer"
 R_NOT_TEMPLATE = "answer_not_in_template"
-R_NO_BOXES = "no_box_list"
+R_NO_BOX_LIST = "no_box_list"
 R_BAD_LIST = "bad_list_syntax"
 R_BOX_NOT_4 = "box_not_4_numbers"
 R_BOX_NOT_FINITE = "box_not_finite"
@@ -212,7 +212,7 @@ def parse_completion(text) -> ParsedCompletion:
     if seg_in_answer > 1:
         return ParsedCompletion(False, R_MULTI_SEG, **partial)
     if _box_span(answer) is None:
-        return ParsedCompletion(False, R_NO_BOXES, **partial)
+        return ParsedCompletion(False, R_NO_BOX_LIST, **partial)
     template = _match_template(answer)
     if template is None:
         return ParsedCompletion(False, R_NOT_TEMPLATE, **partial)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from common.images import mask_to_box
+from common.images import mask_to_box, union_mask
 from common.prompts import ParsedCompletion, parse_completion
 from common.protocol import Score
 
@@ -170,16 +170,6 @@ def total_reward(format_value: float, box_value: float, mask_value: float, w_for
     """a*format + b*box + c*mask; returns (total, unweighted components). A zero weight ablates a term."""
     comps = {"format": float(format_value), "box": float(box_value), "mask": float(mask_value)}
     return w_format * format_value + w_box * box_value + w_mask * mask_value, comps
-
-
-def union_mask(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    out = np.zeros((height, width), bool)
-    for m in masks:
-        m = np.asarray(m, bool)
-        if m.shape != out.shape:
-            raise ValueError(f"ground-truth mask is {m.shape}, image is {(height, width)}")
-        out |= m
-    return out
 
 
 def score_completion(text: str, pred: Union[np.ndarray, str], gt_masks: Sequence[np.ndarray], gt_boxes,

@@ -17,6 +17,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from common.config import TrainConfig
 from common.models.adapter import build_adapter
 from common.models.sam import build_sam
+from common.prompts import R_NO_SEG
 from common.protocol import Score, ScoreItem, WeightBundle
 from reward.rewards import score_completion
 from reward.segmenter import Segmenter
@@ -25,7 +26,6 @@ ACTOR_GONE = (RayActorError, ActorUnavailableError)
 MAX_RETRIES = 3  # re-sends of one share before the pool gives up
 RECOVER_WAIT_S = 60.0  # how long a restarting actor may take to come back
 
-R_NO_SEG = "no_seg_token"
 R_SEG_NOT_FINITE = "seg_state_not_finite"
 R_SEG_BAD_SHAPE = "seg_state_bad_shape"
 R_BAD_IMAGE = "bad_image"

@@ -28,7 +28,7 @@ GOOD = "<think> The liver is homogeneous. A dark region. </think> <answer> The l
      P.R_MULTI_SEG, [[1, 2, 3, 4]]),
     ("<think>x <seg></think> <answer> The a is located at [[1, 2, 3, 4]]. The mask is <seg>. </answer>", False,
      P.R_SEG_IN_THINK, [[1, 2, 3, 4]]),
-    ("<think>x</think> <answer> The a is somewhere. The mask is <seg>. </answer>", False, P.R_NO_BOXES, []),
+    ("<think>x</think> <answer> The a is somewhere. The mask is <seg>. </answer>", False, P.R_NO_BOX_LIST, []),
     ("<think>x</think> <answer> The a is located at [[1, 2, 3, 4]. The mask is <seg>. </answer>", False,
      P.R_BAD_LIST, []),
     ("<think>x</think> <answer> The a is located at [[1, 2, 3]]. The mask is <seg>. </answer>", False,

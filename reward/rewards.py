@@ -1,5 +1,6 @@
 """The adaptive dual-granularity reward (pure numpy). Each function returns its value and, when bad
-output forced the value, a reason string ("" otherwise).
+output forced the value, a reason string ("" otherwise). reward/terms.py wraps them as the registered
+`format`, `box` and `mask` terms and sums the configured terms per completion (`score_completion`).
 
 Box convention: [x1, y1, x2, y2] pixel edges (x2/y2 exclusive, as `common.images.mask_to_box`);
 area = (x2-x1)*(y2-y1).
@@ -16,14 +17,13 @@ on small lesions a low Dice is mostly boundary noise, and box guidance is the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from common.images import mask_to_box, union_mask
-from common.prompts import ParsedCompletion, parse_completion
-from common.protocol import Score
+from common.images import mask_to_box
+from common.prompts import ParsedCompletion
 
 # Reasons (stable strings: counted in metrics).
 R_NO_BOXES = "no_boxes"
@@ -163,41 +163,3 @@ def mask_reward(pred: np.ndarray, gt: np.ndarray, cfg=None) -> Tuple[float, str,
     if d < switch_threshold(gt, cfg):
         return giou(pred_box, gt_box), "", d
     return 1.0 + 2.0 * d, "", d
-
-
-def total_reward(format_value: float, box_value: float, mask_value: float, w_format: float = 1.0,
-                 w_box: float = 1.0, w_mask: float = 1.0) -> Tuple[float, Dict[str, float]]:
-    """a*format + b*box + c*mask; returns (total, unweighted components). A zero weight ablates a term."""
-    comps = {"format": float(format_value), "box": float(box_value), "mask": float(mask_value)}
-    return w_format * format_value + w_box * box_value + w_mask * mask_value, comps
-
-
-def score_completion(text: str, pred: Union[np.ndarray, str], gt_masks: Sequence[np.ndarray], gt_boxes,
-                     image_hw: Tuple[int, int], cfg) -> Score:
-    """One completion -> Score. pred: the predicted HxW mask, or a reason string when none could be drawn
-    (missing `<seg>`, non-finite state): then the mask term is 0 and the reason is recorded.
-    cfg: RewardConfig (weights, tau, mask constants). Reasons are prefixed by their component."""
-    parsed = parse_completion(text)
-    reasons: List[str] = []
-    f_val, f_reason = format_reward(parsed)
-    if f_reason:
-        reasons.append(f"format:{f_reason}")
-    h, w = image_hw
-    if parsed.boxes_ok:  # boxes salvaged from an otherwise malformed answer still earn box reward
-        b_val, b_reason, _ = box_reward(parsed.boxes, gt_boxes, cfg.iou_threshold, (w, h))
-    else:
-        b_val, b_reason = 0.0, parsed.reason
-    if b_reason:
-        reasons.append(f"box:{b_reason}")
-    gt = union_mask(gt_masks, h, w)
-    if isinstance(pred, str):
-        m_val, d, j = 0.0, 0.0, 0.0
-        reasons.append(f"mask:{pred}")
-    else:
-        m_val, m_reason, d = mask_reward(pred, gt, cfg)
-        j = iou(pred, gt) if m_reason != R_MASK_SHAPE else 0.0
-        if m_reason:
-            reasons.append(f"mask:{m_reason}")
-    total, comps = total_reward(f_val, b_val, m_val, cfg.w_format, cfg.w_box, cfg.w_mask)
-    return Score(total=float(total), components=comps, reasons=reasons, dice=float(d), iou=float(j),
-                 format_ok=bool(parsed.ok))

@@ -19,7 +19,7 @@ from common.models.adapter import build_adapter
 from common.models.sam import build_sam
 from common.prompts import R_NO_SEG
 from common.protocol import Score, ScoreItem, WeightBundle
-from reward.rewards import score_completion
+from reward.terms import score_completion
 from reward.segmenter import Segmenter
 
 ACTOR_GONE = (RayActorError, ActorUnavailableError)

@@ -6,8 +6,8 @@ import pytest
 
 from common.config import RewardConfig
 from common.prompts import build_completion, parse_completion
-from reward.rewards import (MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward,
-                            score_completion, switch_threshold, total_reward)
+from reward.rewards import MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward, switch_threshold
+from reward.terms import score_completion
 
 GOOD = "<think> a </think> <answer> The polyp is located at [[1, 2, 3, 4]]. The mask is <seg>. </answer>"
 
@@ -170,9 +170,15 @@ def test_density_aware_threshold_small_and_large_lesion():
 
 
 def test_total_reward_weights():
-    total, comps = total_reward(1.0, 0.5, 2.0, w_format=1.0, w_box=0.0, w_mask=0.5)
-    assert total == pytest.approx(2.0) and comps == {"format": 1.0, "box": 0.5, "mask": 2.0}
-    assert total_reward(1.0, 0.5, 2.0)[0] == pytest.approx(3.5)
+    gt_mask = _box_mask(0, 0, 10, 10)
+    # box [0,0,10,5] vs gt [0,0,10,10]: IoU 0.5 (a TP at tau 0.5) -> 0.5 x F1 1; the mask is the gt: 3
+    text = build_completion("x", "polyp", [[0, 0, 10, 5]])
+    cfg = RewardConfig(w_format=1.0, w_box=0.0, w_mask=0.5)
+    score = score_completion(text, gt_mask, [gt_mask], [[0, 0, 10, 10]], (40, 40), cfg)
+    assert score.components == {"format": 1.0, "box": pytest.approx(0.5), "mask": 3.0}
+    assert score.total == pytest.approx(1.0 + 0.0 * 0.5 + 0.5 * 3.0)
+    assert score_completion(text, gt_mask, [gt_mask], [[0, 0, 10, 10]], (40, 40), RewardConfig()).total == \
+        pytest.approx(1.0 + 0.5 + 3.0)
 
 
 def test_score_completion_components_and_reasons():

@@ -138,6 +138,7 @@ def test_parser_never_raises_on_adversarial_strings():
 def _adversarial_64k(n: int) -> dict:
     """Inputs of n characters that made the regex parser quadratic (or worse), plus benign long ones."""
     head = "<think> a </think> <answer> The a is located at [[1, 2, 3, 4]]"
+    tail = " [1, 2, 3, 4]. The mask is <seg>. </answer>"
     return {
         "many_open_brackets": "x" + "[" * n,
         "many_answer_tags": "<think>a</think>" + "<answer>" * (n // 8),
@@ -147,8 +148,10 @@ def _adversarial_64k(n: int) -> dict:
         "long_text_without_tags": "word " * (n // 5),
         "whitespace_in_template": head + " " * n + "x The mask is <seg>. </answer>",
         "whitespace_after_the": "<think>a</think><answer>The" + " " * n + "x</answer>",
-        "repeated_located_at": "<think>a</think><answer>The a" + " is located at [" * (n // 16) + " <seg></answer>",
-        "repeated_is": "<think>a</think><answer>The a" + " is" * (n // 3) + " <seg>]</answer>",
+        # the tail is the template's, so the category search runs over the whole head
+        "repeated_located_at": "<think>a</think><answer>The a" + " is located at" * (n // 14) + tail,
+        "repeated_is": "<think>a</think><answer>The a" + " is" * (n // 3) + tail,
+        "is_then_spaces": "<think>a</think><answer>The a" + (" is" + " " * 61) * (n // 64) + tail,
     }
 
 

@@ -19,8 +19,8 @@ from common.models.adapter import build_adapter
 from common.models.sam import build_sam
 from common.prompts import R_NO_SEG
 from common.protocol import Score, ScoreItem, WeightBundle
-from reward.terms import score_completion
 from reward.segmenter import Segmenter
+from reward.terms import score_completion
 
 ACTOR_GONE = (RayActorError, ActorUnavailableError)
 MAX_RETRIES = 3  # re-sends of one share before the pool gives up

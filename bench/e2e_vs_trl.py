@@ -107,9 +107,10 @@ class SegReward:
         from learner.batch import PromptEncoder
         from reward.worker import LocalRewardWorker
 
+        info = policy_info(policy_dir)
         self.cfg, self.samples, self.model = cfg, {s.id: s for s in samples}, None
-        self.encoder, self.tokenizer = PromptEncoder(processor), processor.tokenizer
-        self.seg_id = policy_info(policy_dir).seg_token_id
+        self.encoder, self.tokenizer = PromptEncoder(processor, info.family), processor.tokenizer
+        self.seg_id = info.seg_token_id
         # num_threads = the current count: LocalRewardWorker sets torch's thread count for the process
         self.worker = LocalRewardWorker(cfg, llm_hidden_size(policy_dir), num_threads=torch.get_num_threads())
         self.log = []
@@ -157,9 +158,10 @@ def run_trl(cfg, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
+    from common.models.family import model_family
     from common.models.lora import make_lora_config
     from common.models.policy import default_dtype, ensure_policy_dir, load_policy
-    from common.prompts import SYSTEM_PROMPT, build_prompt, build_user_text
+    from common.prompts import SYSTEM_PROMPT, build_user_text
 
     torch.set_num_threads(args.trl_threads or torch.get_num_threads())
     B, G, L = cfg.data.batch_size, cfg.rollout.group_size, cfg.learner
@@ -187,7 +189,8 @@ def run_trl(cfg, args) -> dict:
     model, processor = load_policy(policy_dir, default_dtype(cfg.model.dtype, "cpu"), "cpu")
     rendered = processor.apply_chat_template(prepare_multimodal_messages(prompts[0], images=images[:1]),
                                              add_generation_prompt=True, tokenize=False)
-    assert rendered == build_prompt(samples[0].question), f"prompt differs:\n{rendered!r}"
+    family = model_family(policy_dir)
+    assert rendered == family.prompt(samples[0].question), f"prompt differs:\n{rendered!r}"
     reward = SegReward(cfg, policy_dir, processor, samples)
     config = GRPOConfig(
         output_dir=str(run_dir), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
@@ -202,7 +205,7 @@ def run_trl(cfg, args) -> dict:
     data = Dataset.from_dict({"prompt": prompts, "image": images, "sample_id": [s.id for s in samples]})
     timer = Timer()
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
-                          processing_class=processor, peft_config=make_lora_config(cfg.model), callbacks=[timer])
+                          processing_class=processor, peft_config=make_lora_config(cfg.model, family), callbacks=[timer])
     reward.model = trainer.model
     gen_s, generate = [], trainer._generate_single_turn
 

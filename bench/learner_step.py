@@ -45,11 +45,10 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense tensor
 def build_policy_folder(shape: dict, out: Path, image_size: int, device: str) -> Path:
     """Random-init Qwen2.5-VL of `shape` + the tiny preset's tokenizer and a processor for `image_size`."""
     import torch
-    from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from common.models.family import family_for_type
     from common.models.policy import ensure_policy_dir
-    from common.models.tokenizer import CHAT_TEMPLATE
 
     if (out / "config.json").exists():
         return out
@@ -85,17 +84,15 @@ def build_policy_folder(shape: dict, out: Path, image_size: int, device: str) ->
     model.save_pretrained(str(tmp), safe_serialization=True)
     del model
     pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                            temporal_patch_size=2)
-    Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                        chat_template=CHAT_TEMPLATE).save_pretrained(str(tmp))
+    family_for_type("qwen2_5_vl").tiny_processor(tok, min_pixels=pixels, max_pixels=pixels).save_pretrained(str(tmp))
     tmp.rename(out)
     return out
 
 
-def make_batch(tokenizer, seg_id: int, prompts: int, group: int, tokens: int, image_size: int, seed: int):
+def make_batch(core, prompts: int, group: int, tokens: int, image_size: int, seed: int):
     """Synthetic prompts (one image each) and G random completions of exactly `tokens` tokens, each ending
-    with `<seg>` ... `<|im_end|>` so the DiceCE path runs on every completion."""
+    with `<seg>` ... end of turn so the DiceCE path runs on every completion; the prompt ids are those an
+    engine gives (the family's rendered prompt through the processor)."""
     import numpy as np
 
     from common.protocol import Completion, RolloutGroup
@@ -103,15 +100,17 @@ def make_batch(tokenizer, seg_id: int, prompts: int, group: int, tokens: int, im
 
     samples = generate(prompts, image_size=image_size, seed=seed, progress=False)
     rng = np.random.default_rng(seed)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    info, tokenizer = core.module.info, core.module.processor.tokenizer
+    seg_id, end = info.seg_token_id, info.end_of_turn_id
     high = len(tokenizer) - 64  # ordinary tokens, not the added specials at the top
     groups = []
     for s in samples:
+        prompt = core.encoder.encode(s)["input_ids"][0].tolist()
         comps = []
         for _ in range(group):
             ids = rng.integers(300, high, size=tokens).tolist()
             ids[-8], ids[-1] = seg_id, end
-            comps.append(Completion("", [], ids, [0.0] * tokens, "stop", 0))
+            comps.append(Completion("", prompt, ids, [0.0] * tokens, "stop", 0))
         groups.append(RolloutGroup(s.id, comps))
     advantages = rng.standard_normal(prompts * group)
     return samples, groups, advantages
@@ -145,6 +144,7 @@ def run(args) -> dict:
 
     from common.config import load_config
     from learner.batch import build_batch, logits_window
+    from learner.grpo import loss_norm
     from learner.worker import LearnerCore
 
     on_gpu = torch.cuda.is_available() and not args.tiny
@@ -162,22 +162,19 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     core = LearnerCore(cfg, str(policy_dir), master_port=args.port)
     load_s = time.perf_counter() - t0
-    tok = core.module.processor.tokenizer
-    samples, groups, adv = make_batch(tok, core.module.info.seg_token_id, args.prompts, args.group, args.tokens,
-                                      args.image_size, args.seed)
+    samples, groups, adv = make_batch(core, args.prompts, args.group, args.tokens, args.image_size, args.seed)
     flat = [s for s in samples for _ in range(args.group)]
     comps = [c.token_ids for g in groups for c in g.completions]
     shapes = []
     for a in range(0, len(comps), args.micro):
         batch = build_batch(core.encoder, flat[a:a + args.micro], comps[a:a + args.micro], core.pad_id)
-        patches = int(batch.pixel_values.shape[0])
+        patches = int(batch.extra_inputs["pixel_values"].shape[0])
         T = batch.input_ids.shape[1]
         shapes += [(T, logits_window(batch), patches // len(batch.prompt_lens))] * len(batch.prompt_lens)
     lora_params = sum(p.numel() for p in core.module.param_groups()[0])
     flops = step_flops(core, shapes, lora_params)
     n_tokens = sum(t for t, _, _ in shapes)
-    totals = {"units": float(len(comps) * args.tokens), "tokens": float(len(comps) * args.tokens),
-              "masks": float(len(comps))}
+    norm = loss_norm([args.tokens] * len(comps), len(comps), "token_mean")
 
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     times = {"forward": [], "update": []}
@@ -186,10 +183,12 @@ def run(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
+        for c in (c for g in groups for c in g.completions):
+            c.version = core.version  # on-policy, as in a synchronous run
         fwd = core.forward(groups, samples)
         sync()
         t1 = time.perf_counter()
-        stats = core.update(groups, samples, adv, fwd.old_logprobs, fwd.ref_logprobs, totals)
+        stats = core.update(groups, samples, adv, fwd.ref_logprobs, norm)
         sync()
         t2 = time.perf_counter()
         if step >= args.warmup:

@@ -37,11 +37,12 @@ def trainable_bytes(cfg, policy_dir: Path) -> dict:
     from peft import get_peft_model
 
     from common.models.adapter import build_adapter
+    from common.models.family import model_family
     from common.models.lora import make_lora_config
     from common.models.policy import load_policy
     from common.models.sam import build_sam
 
-    model = get_peft_model(load_policy(policy_dir, torch.float32)[0], make_lora_config(cfg.model))
+    model = get_peft_model(load_policy(policy_dir, torch.float32)[0], make_lora_config(cfg.model, model_family(policy_dir)))
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     hidden = model.config.text_config.hidden_size if hasattr(model.config, "text_config") else model.config.hidden_size
     sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint)

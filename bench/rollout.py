@@ -31,8 +31,8 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
     generates, each over `prompts` new prompts (as in training, where no prompt is in the prefix cache yet);
     returns the measurements of the median call."""
     from common.config import load_config
+    from common.models.family import model_family
     from common.models.policy import ensure_policy_dir
-    from common.prompts import build_prompt
     from common.protocol import RolloutRequest
     from common.synth import generate as synth
     from rollout.engine import Sampling
@@ -41,7 +41,8 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
                                    f"rollout.max_new_tokens={max_new_tokens}", "rollout.max_model_len=1024"])
     policy_dir = ensure_policy_dir(preset, ROOT / cfg.model.assets_dir)
     samples = synth(prompts * repeats + 2, image_size=112, seed=seed, progress=False)
-    requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+    family = model_family(policy_dir)
+    requests = [RolloutRequest(s.id, family.prompt(s.question), s.image) for s in samples]
     t0 = time.perf_counter()
     if engine_name == "vllm":
         from rollout.vllm_engine import VLLMEngine
@@ -74,12 +75,14 @@ def random_lora_bundle(cfg, policy_dir, seed: int):
     import torch
     from peft import get_peft_model
 
+    from common.models.family import model_family
     from common.models.lora import lora_state, make_lora_config, peft_config_dict
     from common.models.policy import load_policy
     from common.protocol import WeightBundle
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_policy(policy_dir)[0], make_lora_config(cfg.model, init_random=True))
+    model = get_peft_model(load_policy(policy_dir)[0],
+                           make_lora_config(cfg.model, model_family(policy_dir), init_random=True))
     config = peft_config_dict(model.peft_config["default"])
     return WeightBundle(version=1, lora=lora_state(model), peft_config=config, adapter={})
 

@@ -63,7 +63,6 @@ class RolloutConfig:
     max_new_tokens: int = 200
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
-    enable_sleep_mode: bool = False  # GPU only: free vLLM memory while the learner trains
     # Generate step t+1's rollouts while the learner trains step t (policy lag 1; the importance ratio is then
     # taken against the sampling log-probs). A step costs about max(rollout, learner) instead of their sum.
     async_generation: bool = False
@@ -104,9 +103,17 @@ class RewardConfig:
 
 @dataclass
 class LearnerConfig:
-    advantage: str = "grpo"  # grpo | dr_grpo
+    # A registered estimator (grpo | dr_grpo) or an import path `package.module:function` (learner/registry.py)
+    advantage: str = "grpo"
     adv_eps: float = 1e-6
+    # Remove groups whose G rewards are all equal from the batch before the update (they carry no gradient but
+    # would still cost passes and count in the loss normalisers)
     drop_zero_variance: bool = False
+    # DAPO dynamic sampling (needs drop_zero_variance): draw up to this many further prompt batches per step until
+    # data.batch_size groups with reward variance remain; 0 = off
+    dynamic_sampling_max_draws: int = 0
+    # A registered policy loss (ppo_clip: the clipped surrogate with clip-higher) or an import path
+    policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
@@ -156,7 +163,6 @@ class RunConfig:
     save_every: int = 5
     eval_every: int = 5
     eval_samples: int = 32
-    log_every: int = 1
     seed: int = 0
 
 
@@ -177,7 +183,6 @@ _CHOICES = {
     "data.synth_reasoning": ("short", "detailed"),
     "rollout.engine": ("auto", "vllm", "hf"),
     "rollout.lora_mode": ("auto", "adapter", "merged"),
-    "learner.advantage": ("grpo", "dr_grpo"),
     "learner.reference": ("grpo_start", "base"),
     "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
@@ -240,9 +245,18 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start" and cfg.learner.kl_beta > 0:
         raise ConfigError("config key 'learner.reference' = 'grpo_start' needs whole LoRA tensors on each rank "
                           "(learner.zero_stage <= 2); use learner.reference=base with ZeRO-3")
-    if cfg.rollout.async_generation and cfg.rollout.enable_sleep_mode:
-        raise ConfigError("config keys 'rollout.async_generation' and 'rollout.enable_sleep_mode' exclude each other: "
-                          "an engine that generates while the learner trains cannot sleep then")
+    from learner.registry import resolve  # here, not at the top: the registries import torch
+
+    for kind, dotted in (("advantage", "learner.advantage"), ("policy_loss", "learner.policy_loss")):
+        try:
+            resolve(kind, get_value(cfg, dotted))
+        except ValueError as err:
+            raise ConfigError(f"config key '{dotted}': {err}") from None
+    if cfg.learner.dynamic_sampling_max_draws < 0:
+        raise ConfigError("config key 'learner.dynamic_sampling_max_draws' must be >= 0")
+    if cfg.learner.dynamic_sampling_max_draws > 0 and not cfg.learner.drop_zero_variance:
+        raise ConfigError("config key 'learner.dynamic_sampling_max_draws' > 0 needs learner.drop_zero_variance=true "
+                          "(dynamic sampling refills the groups that filter drops)")
     if cfg.learner.kl_beta < 0:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:

@@ -1,4 +1,5 @@
-"""The prompt template (Qwen2.5-VL chat format with one image) and the strict completion parser.
+"""The task's prompt words and completion template, and the strict completion parser. The chat format the
+words are wrapped in belongs to the model family (`common.models.family`, `ModelFamily.prompt`).
 
 Completion format (the paper's):
   <think> reasoning </think> <answer> The <category> is located at [[x1, y1, x2, y2], ...]. The mask is <seg>. </answer>
@@ -14,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 SEG_TOKEN = "<seg>"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN = "<|im_end|>"  # stripped by the parser (generation ends there)
 
 SYSTEM_PROMPT = "You are a medical imaging expert. Reason step by step before you answer."
 USER_INSTRUCTION = (
@@ -60,13 +60,6 @@ class ParsedCompletion:
 
 def build_user_text(question: str) -> str:
     return USER_INSTRUCTION.format(question=question.strip())
-
-
-def build_prompt(question: str, system: str = SYSTEM_PROMPT) -> str:
-    """The full prompt text, one image placeholder; vLLM and the HF processor expand the image pads."""
-    return (f"<|im_start|>system\n{system}{END_OF_TURN}\n"
-            f"<|im_start|>user\n{IMAGE_PLACEHOLDER}{build_user_text(question)}{END_OF_TURN}\n"
-            f"<|im_start|>assistant\n")
 
 
 def format_boxes(boxes: Sequence[Sequence[float]]) -> str:

@@ -12,14 +12,14 @@ import torch
 class RolloutRequest:
     """One prompt: G completions are sampled for it."""
     sample_id: str
-    prompt: str  # full prompt text with one image placeholder (common.prompts.build_prompt)
+    prompt: str  # full prompt text with one image placeholder (ModelFamily.prompt, common/models/family)
     image: np.ndarray  # HxWx3 uint8 (or raw bytes that failed to decode upstream -> per-request error)
 
 
 @dataclass
 class Completion:
     text: str
-    prompt_token_ids: List[int]
+    prompt_token_ids: List[int]  # the prompt as the engine tokenized it (image pads expanded); the learner uses these
     token_ids: List[int]
     logprobs: List[float]  # sampling log-prob of each completion token
     finish_reason: str
@@ -92,10 +92,23 @@ def _unpack_bundle(version, lora, peft_config, adapter, mask_decoder) -> WeightB
 @dataclass
 class ForwardResult:
     """The learner's pass over the rollouts (flattened: prompt-major, G per prompt)."""
-    old_logprobs: List[np.ndarray]  # per completion, current policy before the update
+    logprobs: List[np.ndarray]  # per completion, the policy before the update (eval mode; diagnostics)
     ref_logprobs: List[np.ndarray]  # per completion, KL reference (learner.reference); [] when kl_beta = 0
     seg_states: np.ndarray  # [N, H] float32 hidden state at `<seg>` (zeros where absent)
     seg_found: np.ndarray  # [N] bool
+
+    def select(self, rows) -> "ForwardResult":
+        """The completions at `rows` (indices into the flattened batch), in that order."""
+        rows = [int(r) for r in rows]
+        return ForwardResult([self.logprobs[r] for r in rows], [self.ref_logprobs[r] for r in rows] if self.ref_logprobs else [],
+                             self.seg_states[rows], self.seg_found[rows])
+
+
+@dataclass
+class Advantages:
+    """Per-completion advantages [P, G] of a batch of P prompt groups, and which groups to train on."""
+    values: np.ndarray  # [P, G] float64
+    keep: np.ndarray  # [P] bool: False = no reward variance and learner.drop_zero_variance is on
 
 
 @dataclass

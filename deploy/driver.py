@@ -6,30 +6,26 @@ update -> weight push. SFT runs through the same driver (learner step + push). E
 from __future__ import annotations
 
 import json
-import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
+from common.models.family import model_family
 from common.models.policy import ensure_policy_dir
-from common.prompts import build_prompt
-from common.protocol import RolloutGroup, RolloutRequest, Score, ScoreItem
+from common.protocol import RolloutGroup, RolloutRequest, Score
+from common.seeding import derive_seed
 from deploy.metrics_log import MetricsLogger
+from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
 CHECKPOINTS = "checkpoints"
-
-
-class StaleWeightsError(RuntimeError):
-    """A worker serves an older policy version than the learner's."""
 
 
 @dataclass
@@ -41,43 +37,16 @@ class Prefetch:
     cursor: dict
 
 
-@contextmanager
-def timed(timings: Dict[str, float], name: str):
-    start = time.perf_counter()
-    yield
-    timings[f"time/{name}"] = time.perf_counter() - start
-
-
 def llm_hidden_size(policy_dir: Path) -> int:
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(str(policy_dir)).get_text_config().hidden_size)
 
 
-def score_items(samples: List[LesionSample], groups: List[RolloutGroup], forward) -> List[ScoreItem]:
-    items, k = [], 0
-    for sample, group in zip(samples, groups):
-        for comp in group.completions:
-            state = forward.seg_states[k] if forward.seg_found[k] else None
-            items.append(ScoreItem(sample_id=sample.id, text=comp.text, seg_state=state, image=sample.image,
-                                   gt_masks=sample.masks, gt_boxes=sample.boxes))
-            k += 1
-    return items
-
-
-def reward_stats(scores: List[Score]) -> Dict[str, float]:
-    out = {"reward/total": float(np.mean([s.total for s in scores]))}
-    for name in scores[0].components:
-        out[f"reward/{name}"] = float(np.mean([s.components[name] for s in scores]))
-    out["reward/dice"] = float(np.mean([s.dice for s in scores]))
-    out["reward/format_ok"] = float(np.mean([s.format_ok for s in scores]))
-    reasons = Counter(r for s in scores for r in s.reasons)
-    out.update({f"reason/{k}": float(v) for k, v in reasons.items()})
-    return out
-
-
 class Driver:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True, local: bool = False):
+        """local=True: every pool in this process, no Ray (one learner rank, one rollout engine); for tests of the
+        step logic and single-process use."""
         from deploy.cluster import init_ray, placement_summary
         from learner.group import LearnerGroup
         from reward.worker import RewardPool
@@ -87,18 +56,22 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
-        self.ray = init_ray(cfg)
-        print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+        self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         c = cfg.cluster
-        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=c.learner_workers,
-                                    num_gpus_per_worker=c.learner_gpus)
+        if local:
+            print(f"[coreseg] run dir {self.run_dir}; all pools in this process")
+        else:
+            init_ray(cfg)
+            print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=1 if local else c.learner_workers,
+                                    num_gpus_per_worker=c.learner_gpus, local=local)
         self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
-                                 num_gpus_per_worker=c.reward_gpus_per_worker)
+                                 num_gpus_per_worker=c.reward_gpus_per_worker, local=local)
         self.rollout = None
         if with_rollout:
             from rollout.worker import RolloutPool
-            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=c.rollout_workers,
-                                       num_gpus_per_worker=c.rollout_gpus_per_worker)
+            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=1 if local else c.rollout_workers,
+                                       num_gpus_per_worker=c.rollout_gpus_per_worker, local=local)
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
         self.logger = MetricsLogger(self.run_dir)
@@ -164,9 +137,9 @@ class Driver:
         """Draws step's batch and submits its generation (returns at once)."""
         cursor = self.data.state_dict()
         samples = self.data.next_batch()
-        requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
         futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
-                                      seed=self.cfg.rollout.seed * 1_000_003 + step)
+                                      seed=derive_seed(self.cfg.rollout.seed, step))
         return Prefetch(step, samples, futures, cursor)
 
     def _gather_rollout(self, pending: "Prefetch") -> List[RolloutGroup]:
@@ -187,49 +160,93 @@ class Driver:
                                     f"version {self.version} (allowed lag {allowed})")
         return lag
 
+    def answer(self, samples: List[LesionSample], groups: List[RolloutGroup], timings: Optional[Dict[str, float]] = None,
+               score: bool = True) -> Answered:
+        """The one path from generated groups to scores, shared by the GRPO step, `evaluate` and `predict`:
+        groups whose generation failed are set aside, the learner's forward gives the `<seg>` states (and
+        reference log-probs), the reward pool scores every completion (`score=False`: no ground truth)."""
+        timings = {} if timings is None else timings
+        failed = [(s, g.error) for s, g in zip(samples, groups) if g.error]
+        ok = [(s, g) for s, g in zip(samples, groups) if not g.error]
+        samples, groups = [s for s, _ in ok], [g for _, g in ok]
+        if not ok:
+            return Answered([], [], None, [], failed)
+        with timed(timings, "forward"):
+            forward = self.learner.forward(groups, samples)
+        scores: List[Score] = []
+        if score:
+            with timed(timings, "reward"):
+                scores = self.reward.score(score_items(samples, groups, forward))
+        return Answered(samples, groups, forward, scores, failed)
+
+    def generate(self, samples: List[LesionSample], n: int, seed: Optional[int] = None,
+                  greedy: bool = False) -> List[RolloutGroup]:
+        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
+        return self.rollout.generate(requests, n=n, seed=seed, greedy=greedy)
+
+    def _collect(self, step: int, samples: List[LesionSample], groups: List[RolloutGroup],
+                 timings: Dict[str, float]) -> TrainBatch:
+        """The step's training batch: the answered groups minus those the learner's advantages drop (no reward
+        variance, with learner.drop_zero_variance). With learner.dynamic_sampling_max_draws > 0 (DAPO dynamic
+        sampling), up to that many further batches of prompts are drawn, generated and scored until
+        data.batch_size groups remain; extra groups beyond that are not trained on."""
+        cfg = self.cfg
+        batch = TrainBatch()
+        while True:
+            answered = self.answer(samples, groups, timings)
+            batch.failed += answered.failed
+            if answered.samples:
+                batch.lag = max(batch.lag, self._check_policy_lag(answered.groups))
+                batch.scores += answered.scores
+                G = len(answered.groups[0].completions)
+                rewards = np.array([s.total for s in answered.scores], np.float64).reshape(len(answered.samples), G)
+                adv = self.learner.advantages(rewards)
+                keep = np.flatnonzero(adv.keep)
+                batch.dropped += len(answered.samples) - len(keep)
+                batch.add(answered, keep, adv.values)
+            if len(batch.samples) >= cfg.data.batch_size or batch.extra_draws >= cfg.learner.dynamic_sampling_max_draws:
+                break
+            batch.extra_draws += 1
+            samples = self.data.next_batch()
+            with timed(timings, "rollout_extra"):
+                groups = self.generate(samples, cfg.rollout.group_size,
+                                        seed=derive_seed(cfg.rollout.seed, step, batch.extra_draws))
+        if not batch.scores:
+            raise RuntimeError(f"every rollout request failed at step {step}: {batch.failed[0][1]}")
+        if cfg.learner.dynamic_sampling_max_draws > 0:
+            batch.truncate(cfg.data.batch_size)
+        return batch
+
     def grpo_step(self, prefetch_next: bool = True) -> Dict[str, float]:
         """One GRPO step. With `rollout.async_generation`, the next batch is generated while this one trains
         (unless `prefetch_next` is False, as on a run's last step)."""
-        from learner.grpo import group_advantages
-
-        cfg, G = self.cfg, self.cfg.rollout.group_size
+        cfg = self.cfg
         timings: Dict[str, float] = {}
         step = self.step["grpo"] + 1
+        # with dynamic sampling the extra draws read the data first, so the prefetch (and the cursor a
+        # checkpoint saves before it) comes after them
+        prefetch = cfg.rollout.async_generation and prefetch_next
+        early_prefetch = prefetch and cfg.learner.dynamic_sampling_max_draws == 0
         with timed(timings, "step"):
             with timed(timings, "rollout"):  # in async mode: only the part not hidden behind the last step
                 pending, self._prefetched = self._prefetched or self._submit_rollout(step), None
                 if pending.step != step:
                     raise RuntimeError(f"prefetched batch is for step {pending.step}, the driver is at step {step}")
                 groups = self._gather_rollout(pending)
-            samples = pending.samples
-            if cfg.rollout.async_generation and prefetch_next:
+            if early_prefetch:
                 self._prefetched = self._submit_rollout(step + 1)
-            errors = [g for g in groups if g.error]
-            kept = [(s, g) for s, g in zip(samples, groups) if not g.error]
-            if not kept:
-                raise RuntimeError(f"every rollout request failed at step {step}: {errors[0].error}")
-            samples, groups = [s for s, _ in kept], [g for _, g in kept]
-            lag = self._check_policy_lag(groups)
-            with timed(timings, "forward"):
-                forward = self.learner.forward(groups, samples)
-            if cfg.rollout.async_generation:  # importance ratio against the policy that sampled (lag 0 or 1)
-                forward = replace(forward, old_logprobs=[np.asarray(c.logprobs, np.float32)
-                                                         for g in groups for c in g.completions])
-            with timed(timings, "reward"):
-                scores = self.reward.score(score_items(samples, groups, forward))
-            rewards = np.array([s.total for s in scores], dtype=np.float64).reshape(len(samples), G)
-            adv, keep, dropped = group_advantages(rewards, mode=cfg.learner.advantage, eps=cfg.learner.adv_eps,
-                                                  drop_zero_variance=cfg.learner.drop_zero_variance)
-            adv = np.asarray(adv, dtype=np.float64) * np.asarray(keep, dtype=np.float64)[:, None]
-            with timed(timings, "update"):
-                stats = self.learner.update(groups, samples, adv.reshape(-1), forward)
-            push = self.push_weights()
+            batch = self._collect(step, pending.samples, groups, timings)
+            if prefetch and not early_prefetch:
+                self._prefetched = self._submit_rollout(step + 1)
+            stats: Dict[str, float] = {}
+            push: Dict[str, float] = {}
+            if batch.samples:  # every group dropped (no reward variance anywhere): nothing to learn from
+                with timed(timings, "update"):
+                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward)
+                push = self.push_weights()
         self.step["grpo"] = step
-        lengths = [len(c.token_ids) for g in groups for c in g.completions]
-        record = {**reward_stats(scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,
-                  "rollout/errors": float(len(errors)), "rollout/mean_length": float(np.mean(lengths)),
-                  "adv/dropped_groups": float(dropped), "rollout/policy_lag": float(lag),
-                  "batch_ids": ",".join(s.id for s in samples)}
+        record = {**reward_stats(batch.scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,
+                  **batch.stats(), "batch_ids": ",".join(s.id for s in batch.samples)}
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
         self.logger.log("grpo", step, record)
@@ -266,18 +283,11 @@ class Driver:
             records = []
             total = min(limit or len(ds), len(ds))
             for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
-                requests = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
-                groups = self.rollout.generate(requests, n=1, greedy=True)
-                ok = [(s, g) for s, g in zip(samples, groups) if not g.error]
-                for s, g in zip(samples, groups):
-                    if g.error:
-                        records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
-                                        "format_ok": False, "text": f"ERROR {g.error}"})
-                if not ok:
-                    continue
-                forward = self.learner.forward([g for _, g in ok], [s for s, _ in ok])
-                scores = self.reward.score(score_items([s for s, _ in ok], [g for _, g in ok], forward))
-                for (s, g), sc in zip(ok, scores):
+                answered = self.answer(samples, self.generate(samples, n=1, greedy=True))
+                for s, error in answered.failed:
+                    records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
+                                    "format_ok": False, "text": f"ERROR {error}"})
+                for s, g, sc in zip(answered.samples, answered.groups, answered.scores):
                     records.append({"id": s.id, "modality": s.modality, "dice": sc.dice, "iou": sc.iou,
                                     "format_ok": sc.format_ok, "reward": sc.total, "text": g.completions[0].text})
             results[split] = {"overall": summarize(records), "by_modality": summarize_by(records),

@@ -8,8 +8,7 @@ from PIL import Image
 
 from common.config import TrainConfig
 from common.images import decode_image, encode_png
-from common.prompts import build_prompt, parse_completion
-from common.protocol import RolloutRequest
+from common.prompts import parse_completion
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
@@ -20,30 +19,36 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: fl
 
 def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out_dir: str,
             checkpoint: str | None = None) -> dict:
-    import torch
-
-    from common.data import LesionSample
+    """Builds the run's pools in this process (no Ray), restores its latest checkpoint (or `checkpoint`) and
+    predicts one image."""
     from deploy.driver import Driver
 
-    image = decode_image(Path(image_path).read_bytes())
     cfg.cluster.reward_workers = 1
-    driver = Driver(cfg, run_dir)
+    driver = Driver(cfg, run_dir, local=True)
     try:
         if (Path(run_dir) / "checkpoints" / "latest").exists() or checkpoint:
             driver.restore(checkpoint)
-        sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
-                              boxes=np.zeros((0, 4)), question=question)
-        (group,) = driver.rollout.generate([RolloutRequest(sample.id, build_prompt(question), image)], n=1,
-                                           greedy=True)
-        if group.error:
-            raise RuntimeError(f"generation failed: {group.error}")
-        text = group.completions[0].text
-        forward = driver.learner.forward([group], [sample])
-        mask = np.zeros(image.shape[:2], bool)
-        if forward.seg_found[0]:
-            mask = driver.reward.masks([sample.id], [image], torch.as_tensor(forward.seg_states[:1]))[0]
+        return predict_with(driver, image_path, question, out_dir)
     finally:
         driver.close()
+
+
+def predict_with(driver, image_path: str, question: str, out_dir: str) -> dict:
+    """Greedy answer for one image through the driver's answer() path; writes mask.png and overlay.png."""
+    import torch
+
+    from common.data import LesionSample
+
+    image = decode_image(Path(image_path).read_bytes())
+    sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
+                          boxes=np.zeros((0, 4)), question=question)
+    answered = driver.answer([sample], driver.generate([sample], n=1, greedy=True), score=False)
+    if answered.failed:
+        raise RuntimeError(f"generation failed: {answered.failed[0][1]}")
+    text, forward = answered.groups[0].completions[0].text, answered.forward
+    mask = np.zeros(image.shape[:2], bool)
+    if forward.seg_found[0]:
+        mask = driver.reward.masks([sample.id], [image], torch.as_tensor(forward.seg_states[:1]))[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out / "mask.png", out / "overlay.png"

@@ -1,73 +1,96 @@
-"""Turn (sample, completion token ids) pairs into padded Qwen2.5-VL inputs.
+"""Turn (sample, prompt ids, completion token ids) rows into padded model inputs.
 
-A sequence = processor(prompt + image) ids followed by the completion ids; `mm_token_type_ids` is carried
-along (transformers places the image's M-RoPE positions with it), pixel rows are concatenated in order.
+A sequence = the prompt ids followed by the completion ids. In GRPO the prompt ids are the ones the rollout engine
+returned (`Completion.prompt_token_ids`), so the learner scores exactly the tokens that were sampled from; SFT has
+no rollout and renders the prompt through the model family. The image inputs always come from the processor; the
+family names the other model inputs (token-aligned ones, e.g. Qwen's `mm_token_type_ids`, are padded with 0 and
+0 at completion tokens; image tensors are concatenated in order).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from common.data import LesionSample
-from common.prompts import build_prompt
+from common.models.family import ModelFamily
+
+CACHE_SIZE = 4096  # samples whose processor outputs are kept (the G rollouts of a prompt share them)
 
 
 @dataclass
 class PolicyBatch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor
-    mm_token_type_ids: torch.Tensor
-    pixel_values: torch.Tensor  # [sum of patches, D]
-    image_grid_thw: torch.Tensor  # [B, 3]
     completion_mask: torch.Tensor  # [B, T] 1 at completion tokens
     prompt_lens: List[int]
     completion_lens: List[int]
+    extra_inputs: Dict[str, torch.Tensor]  # the family's other model inputs (token-aligned [B, T], image tensors)
 
     def model_inputs(self, device) -> Dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
-                "mm_token_type_ids": self.mm_token_type_ids.to(device), "pixel_values": self.pixel_values.to(device),
-                "image_grid_thw": self.image_grid_thw.to(device)}
+                **{k: v.to(device) for k, v in self.extra_inputs.items()}}
 
 
 class PromptEncoder:
-    """Processor outputs per sample id (the prompt + image part is identical for the G rollouts)."""
+    """The prompt part of each row: input_ids [1, P], the family's token-aligned inputs [1, P] and image inputs.
+    Processor outputs are cached per sample id."""
 
-    def __init__(self, processor):
-        self.processor = processor
-        self._cache: Dict[str, dict] = {}
+    def __init__(self, processor, family: ModelFamily):
+        self.processor, self.family = processor, family
+        self._rendered: Dict[str, dict] = {}
+        self._images: Dict[str, dict] = {}
+
+    @staticmethod
+    def _cached(cache: Dict[str, dict], key: str, make) -> dict:
+        if key not in cache:
+            cache[key] = make()
+            if len(cache) > CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+        return cache[key]
 
     def encode(self, sample: LesionSample) -> dict:
-        if sample.id not in self._cache:
-            enc = self.processor(text=[build_prompt(sample.question)], images=[Image.fromarray(sample.image)],
-                                 return_tensors="pt")
-            self._cache[sample.id] = {k: v for k, v in enc.items()}
-            if len(self._cache) > 4096:
-                self._cache.pop(next(iter(self._cache)))
-        return self._cache[sample.id]
+        """The prompt rendered by the family (SFT: there is no rollout to take ids from)."""
+        return self._cached(self._rendered, sample.id, lambda: self.family.encode_prompt(
+            self.processor, sample.question, Image.fromarray(sample.image)))
+
+    def encode_ids(self, sample: LesionSample, prompt_ids: Sequence[int]) -> dict:
+        """The rollout engine's prompt ids with the sample's image inputs (checked against each other)."""
+        images = self._cached(self._images, sample.id, lambda: self.family.encode_image(
+            self.processor, Image.fromarray(sample.image)))
+        return self.family.encode_with_prompt_ids(self.processor, prompt_ids, images, sample.id)
 
 
 def build_batch(encoder: PromptEncoder, samples: Sequence[LesionSample], completions: Sequence[Sequence[int]],
-                pad_id: int) -> PolicyBatch:
-    encs = [encoder.encode(s) for s in samples]
+                pad_id: int, prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PolicyBatch:
+    """One row per (sample, completion). `prompt_ids` (one list per row): the rollout engine's prompt tokens;
+    None renders each sample's prompt (SFT)."""
+    if prompt_ids is None:
+        encs = [encoder.encode(s) for s in samples]
+    else:
+        if len(prompt_ids) != len(samples):
+            raise ValueError(f"{len(prompt_ids)} prompt id lists for {len(samples)} samples")
+        encs = [encoder.encode_ids(s, p) for s, p in zip(samples, prompt_ids)]
+    family = encoder.family
     seqs = [torch.cat([e["input_ids"][0], torch.as_tensor(list(c), dtype=torch.long)]) for e, c in zip(encs, completions)]
     length = max(len(s) for s in seqs)
     B = len(seqs)
     input_ids = torch.full((B, length), pad_id, dtype=torch.long)
     attention = torch.zeros((B, length), dtype=torch.long)
-    mm_types = torch.zeros((B, length), dtype=torch.long)
+    aligned = {k: torch.zeros((B, length), dtype=encs[0][k].dtype) for k in family.token_input_keys}
     comp_mask = torch.zeros((B, length))
     for i, (seq, e, c) in enumerate(zip(seqs, encs, completions)):
         p = e["input_ids"].shape[1]
         input_ids[i, :len(seq)] = seq
         attention[i, :len(seq)] = 1
-        mm_types[i, :p] = e["mm_token_type_ids"][0]
+        for k, values in aligned.items():
+            values[i, :p] = e[k][0]
         comp_mask[i, p:len(seq)] = 1
-    return PolicyBatch(input_ids, attention, mm_types, torch.cat([e["pixel_values"] for e in encs]),
-                       torch.cat([e["image_grid_thw"] for e in encs]), comp_mask,
-                       [e["input_ids"].shape[1] for e in encs], [len(c) for c in completions])
+    images = {k: torch.cat([e[k] for e in encs]) for k in family.image_input_keys}
+    return PolicyBatch(input_ids, attention, comp_mask, [e["input_ids"].shape[1] for e in encs],
+                       [len(c) for c in completions], {**aligned, **images})
 
 
 def logits_window(batch: PolicyBatch) -> int:

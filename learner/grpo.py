@@ -6,28 +6,48 @@ ratio/KL math runs in at least float32: bf16 log-probs are upcast before the sub
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 
-ADVANTAGE_MODES = ("grpo", "dr_grpo")
+from learner.registry import register
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@register("advantage", "grpo")
+def grpo_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """(r - mean) / (std + eps) with the *population* std of the group (ddof=0, so a group's advantages have
+    RMS 1 whatever G is)."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
+
+
+@register("advantage", "dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """r - mean (no std, Dr.GRPO)."""
+    return rewards - rewards.mean(dim=1, keepdim=True)
 
 
 def group_advantages(rewards, mode: str = "grpo", eps: float = 1e-6,
                      drop_zero_variance: bool = False) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Advantages [P, G] (float64), keep [P] (bool), number of dropped groups, for rewards shaped [P, G].
 
-    grpo: (r - mean) / (std + eps) with the *population* std of the group (ddof=0, so a group's
-    advantages have RMS 1 whatever G is); dr_grpo: r - mean (no std, Dr.GRPO).
+    mode: a registered advantage estimator (`grpo`, `dr_grpo`) or an import path (learner/registry.py).
     A group whose rewards are all equal (max == min, so float round-off in the mean cannot hide it)
-    gets advantage 0; with `drop_zero_variance` it is also marked keep=False and counted (DAPO
-    dynamic sampling). Non-finite rewards are an error: they would poison the whole group.
+    gets advantage 0; with `drop_zero_variance` it is also marked keep=False and counted, and the caller
+    removes it from the batch before the learner (DAPO dynamic sampling). Non-finite rewards are an error:
+    they would poison the whole group.
     """
-    if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"unknown advantage mode {mode!r}; expected one of {ADVANTAGE_MODES}")
+    from learner.registry import resolve
+
+    try:
+        estimator = resolve("advantage", mode)
+    except ValueError as err:
+        raise ValueError(f"learner.advantage: {err}") from None
     if isinstance(rewards, torch.Tensor):
         r = rewards.detach().to("cpu", torch.float64).clone()
     else:
@@ -36,11 +56,9 @@ def group_advantages(rewards, mode: str = "grpo", eps: float = 1e-6,
         raise ValueError(f"rewards must be [prompts, G] with G >= 1, got shape {tuple(r.shape)}")
     if not bool(torch.isfinite(r).all()):
         raise ValueError("rewards contain NaN or inf")
-    centred = r - r.mean(dim=1, keepdim=True)
-    if mode == "grpo":
-        adv = centred / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
-    else:
-        adv = centred
+    adv = torch.as_tensor(estimator(r, eps), dtype=torch.float64)
+    if adv.shape != r.shape:
+        raise ValueError(f"advantage estimator {mode!r} returned shape {tuple(adv.shape)} for rewards {tuple(r.shape)}")
     zero_var = r.amax(dim=1) == r.amin(dim=1)
     adv[zero_var] = 0.0
     keep = ~zero_var if drop_zero_variance else torch.ones_like(zero_var)
@@ -115,22 +133,10 @@ def per_token_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, c
     return -torch.minimum(unclipped, clipped), clipped < unclipped, ratio
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
-                agg: str = "token_mean", max_len: int | None = None) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """PPO-style clipped surrogate with separate lower/upper clip ranges (clip-higher, DAPO).
-
-    stats: clip_frac = share of valid tokens where the clipped term was selected; ratio_mean/ratio_max
-    over valid tokens (1.0 when there are none).
-    """
-    per_token, was_clipped, ratio = per_token_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high)
-    loss = aggregate(per_token, mask, agg, max_len)
-    valid = mask.bool()
-    n = int(valid.sum())
-    with torch.no_grad():
-        stats = {"clip_frac": float((was_clipped & valid).sum()) / max(n, 1),
-                 "ratio_mean": float(ratio[valid].mean()) if n else 1.0,
-                 "ratio_max": float(ratio[valid].max()) if n else 1.0}
-    return loss, stats
+@register("policy_loss", "ppo_clip")
+def ppo_clip(logprobs, old_logprobs, advantages, cfg):
+    """The clipped surrogate with clip-higher (DAPO): `per_token_policy_loss` with cfg.clip_low/clip_high."""
+    return per_token_policy_loss(logprobs, old_logprobs, advantages, cfg.clip_low, cfg.clip_high)
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
@@ -150,25 +156,65 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_low: float, clip_high: float,
-              agg: str, kl_beta: float, kl_estimator: str, max_len: int | None = None):
-    """policy_loss + kl_beta * aggregate(kl_penalty) (same aggregation); stats add pg_loss and kl."""
-    pg, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, agg, max_len)
-    kl = aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, agg, max_len)
-    stats.update(pg_loss=float(pg.detach()), kl=float(kl.detach()))
-    return pg + kl_beta * kl, stats
+@dataclass(frozen=True)
+class LossNorm:
+    """Global normalisers of one update, computed from the whole batch before it is split over ranks and
+    micro-batches, so the sum of the shards' losses is the full-batch loss: `units` divides the policy and
+    KL sums (tokens for token_mean, non-empty sequences otherwise), `masks` the DiceCE sum (completions with a
+    `<seg>`), `tokens` the clipped-token count."""
+    units: float
+    tokens: float
+    masks: float
 
 
-def pad_sequences(seqs: Sequence, pad_value: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """List of 1-D arrays -> (right-padded [B, T] float32 tensor, float mask [B, T] with 1 on real entries)."""
-    arrays = [np.asarray(s, dtype=np.float32) for s in seqs]
-    bad = [i for i, a in enumerate(arrays) if a.ndim != 1]
-    if bad:
-        raise ValueError(f"pad_sequences takes 1-D sequences; entry {bad[0]} has shape {arrays[bad[0]].shape}")
-    length = max([len(a) for a in arrays] + [1])
-    out = torch.full((len(arrays), length), float(pad_value))
-    mask = torch.zeros((len(arrays), length))
-    for i, a in enumerate(arrays):
-        out[i, :len(a)] = torch.from_numpy(a)
-        mask[i, :len(a)] = 1
-    return out, mask
+def loss_norm(completion_lengths: Sequence[int], num_masks: int, agg: str) -> LossNorm:
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}")
+    tokens = float(sum(completion_lengths))
+    units = tokens if agg == "token_mean" else float(sum(1 for n in completion_lengths if n > 0))
+    return LossNorm(max(units, 1.0), tokens, float(num_masks))
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, cfg, max_len: int | None = None,
+              dice_sum: torch.Tensor | None = None, norm: LossNorm | None = None):
+    """The GRPO loss of one shard (micro-batch) and its stats; this is what the learner backpropagates.
+
+    loss = policy_sum / units + kl_beta * kl_sum / units + mask_loss_weight * dice_sum / masks, where the sums
+    run over this shard (aggregation `cfg.loss_agg`, see `partial_sum`), the policy term is the registered
+    `cfg.policy_loss` and the KL term (skipped when `ref_logprobs` is None or kl_beta = 0) is `cfg.kl_estimator`.
+    `norm` holds the whole batch's normalisers (`loss_norm`); None = this shard is the whole batch.
+    cfg: LearnerConfig (or any object with its loss fields). Every stat is this shard's share, so the stats of
+    all shards add up to the full batch's: pg_loss, kl, dice_ce, loss, clip_frac (clipped tokens / tokens),
+    ratio_mean (ratio summed over tokens / tokens), tokens; ratio_max combines by max.
+    """
+    from learner.registry import resolve
+
+    per_tok, clipped, ratio = resolve("policy_loss", cfg.policy_loss)(logprobs, old_logprobs, advantages, cfg)
+    pg_sum, units = partial_sum(per_tok, mask, cfg.loss_agg, max_len)
+    valid = mask.bool()
+    if norm is None:
+        norm = LossNorm(max(units, 1.0), float(valid.sum()), 1.0 if dice_sum is not None else 0.0)
+    loss = pg_sum / norm.units
+    stats = {"pg_loss": float(pg_sum.detach()) / norm.units}
+    if ref_logprobs is not None and cfg.kl_beta > 0:
+        kl_sum, _ = partial_sum(kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator), mask, cfg.loss_agg, max_len)
+        loss = loss + cfg.kl_beta * kl_sum / norm.units
+        stats["kl"] = float(kl_sum.detach()) / norm.units
+    if dice_sum is not None and norm.masks > 0:
+        loss = loss + cfg.mask_loss_weight * dice_sum / norm.masks
+        stats["dice_ce"] = float(dice_sum.detach()) / norm.masks
+    else:
+        stats["dice_ce"] = 0.0
+    with torch.no_grad():
+        tokens = max(norm.tokens, 1.0)
+        stats.update(loss=float(loss.detach()), tokens=float(valid.sum()),
+                     clip_frac=float((clipped & valid).sum()) / tokens,
+                     ratio_mean=float(ratio[valid].sum()) / tokens,
+                     ratio_max=float(ratio[valid].max()) if bool(valid.any()) else 1.0)
+    return loss, stats
+
+
+def combine_stats(shards: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Stats of a batch from its shards' (`grpo_loss`/`sft_loss`): sums, except ratio_max (max)."""
+    keys = [k for k in shards[0] if all(k in s for s in shards)]
+    return {k: float(max(s[k] for s in shards) if k == "ratio_max" else sum(s[k] for s in shards)) for k in keys}

@@ -1,7 +1,7 @@
 """DiceCE on mask logits (soft Dice + BCE with logits) and mask targets aligned with SAM's geometry."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,39 +61,3 @@ def low_res_target(mask: np.ndarray, sam_img_size: int, low_res_size: int, soft:
     m = F.pad(m, (0, sam_img_size - nw, 0, sam_img_size - nh))
     frac = F.interpolate(m, (low_res_size, low_res_size), mode="area")[0, 0]
     return frac if soft else (frac >= 0.5).float()
-
-
-def resize_mask(mask: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:
-    """HxW mask -> [h, w] {0, 1} at `size` in the same frame (no padding): area average when shrinking,
-    bilinear when enlarging, threshold 0.5."""
-    m = _as_mask(mask)
-    h, w = int(size[0]), int(size[1])
-    if (h, w) != tuple(m.shape[-2:]):
-        shrinking = h <= m.shape[-2] and w <= m.shape[-1]
-        m = (F.interpolate(m, (h, w), mode="area") if shrinking
-             else F.interpolate(m, (h, w), mode="bilinear", align_corners=False))
-    return (m[0, 0] >= 0.5).float()
-
-
-def mask_targets(gt_masks: Sequence[np.ndarray], size: Optional[Tuple[int, int]] = None,
-                 sam_img_size: Optional[int] = None) -> torch.Tensor:
-    """Targets [M, 1, h, w] for a list of HxW (union) masks.
-
-    size None: the masks at full size (they must share one shape; pair with logits upscaled to the image).
-    size (l, l) with sam_img_size: SAM low-res targets (`low_res_target`, padded-square geometry).
-    size (h, w) alone: a plain resize in the image's own frame (`resize_mask`).
-    """
-    if size is None:
-        shapes = {np.asarray(g).shape for g in gt_masks}
-        if len(shapes) > 1:
-            raise ValueError(f"full-size targets need masks of one shape, got {sorted(shapes)}")
-        if not gt_masks:
-            return torch.zeros(0, 1, 0, 0)
-        return torch.stack([(_as_mask(g)[0] >= 0.5).float() for g in gt_masks])
-    if sam_img_size is not None:
-        if size[0] != size[1]:
-            raise ValueError(f"SAM low-res logits are square, got size {tuple(size)}")
-        out = [low_res_target(g, sam_img_size, int(size[0]))[None] for g in gt_masks]
-    else:
-        out = [resize_mask(g, size)[None] for g in gt_masks]
-    return torch.stack(out) if out else torch.zeros(0, 1, int(size[0]), int(size[1]))

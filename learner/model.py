@@ -1,4 +1,5 @@
-"""The trainable module: peft LoRA policy (Qwen2.5-VL) + prompt adapter + SAM mask decoder.
+"""The trainable module: peft LoRA policy (a multimodal LLM of a registered family) + prompt adapter + SAM mask
+decoder.
 
 The SAM image encoder and prompt encoder are frozen; image embeddings are computed once per sample id.
 """
@@ -31,8 +32,9 @@ class CoreSegModule(nn.Module):
         self.cfg = cfg
         dtype = default_dtype(cfg.model.dtype, device)
         base, self.processor = load_policy(policy_dir, dtype, device)
+        self.info = policy_info(policy_dir)
         torch.manual_seed(cfg.learner.seed)
-        self.policy = get_peft_model(base, make_lora_config(cfg.model))
+        self.policy = get_peft_model(base, make_lora_config(cfg.model, self.info.family))
         if cfg.learner.gradient_checkpointing:
             # non-reentrant checkpointing needs no input grads (the embeddings are frozen)
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -46,7 +48,6 @@ class CoreSegModule(nn.Module):
                 p.requires_grad_(True)
         self.adapter.to(device)
         self.sam.to(device)
-        self.info = policy_info(policy_dir)
         self.device = device
         self._embeddings: Dict[str, torch.Tensor] = {}
         self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference

@@ -14,17 +14,21 @@ import torch
 
 from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
-from common.protocol import ForwardResult, RolloutGroup, WeightBundle
+from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
 from learner.batch import PromptEncoder, build_batch, per_completion
-from learner.grpo import kl_penalty, partial_sum, per_token_policy_loss
+from learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
 from learner.losses import dice_ce_loss
-from learner.sft import ce_sum, sft_target_ids
+from learner.sft import sft_loss, sft_target_ids
 
 
-def _place(values: Sequence[np.ndarray], batch, device) -> torch.Tensor:
-    """Per-completion arrays -> [B, T] tensor at the completion positions of `batch`."""
+def _place(values: Sequence[np.ndarray], batch, device, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-completion arrays -> [B, T] tensor at the completion positions of `batch` (rows: which rows the
+    arrays belong to, default all in order; the other rows stay 0)."""
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for i, (p, v) in enumerate(zip(batch.prompt_lens, values)):
+    for i, v in zip(range(len(values)) if rows is None else rows, values):
+        p = batch.prompt_lens[i]
+        if len(v) != batch.completion_lens[i]:
+            raise ValueError(f"completion {i}: {len(v)} log-probs for {batch.completion_lens[i]} tokens")
         out[i, p:p + len(v)] = torch.as_tensor(np.asarray(v, dtype=np.float32))
     return out.to(device)
 
@@ -59,14 +63,15 @@ class LearnerCore:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=ds_config)
         self.device = device
-        self.encoder = PromptEncoder(self.module.processor)
+        self.encoder = PromptEncoder(self.module.processor, self.module.info.family)
         self.pad_id = self.module.processor.tokenizer.pad_token_id
         self.version = 0
 
     # -- helpers ------------------------------------------------------------------------------------
     def _flatten(self, groups: Sequence[RolloutGroup], samples: Sequence[LesionSample]):
+        """(samples, completions), one entry per completion."""
         rows = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
-        return [s for s, _ in rows], [c.token_ids for _, c in rows]
+        return [s for s, _ in rows], [c for _, c in rows]
 
     def _set_lr(self, lr: float) -> None:
         """LoRA group's learning rate (SFT and GRPO use different ones); the adapter group keeps its own."""
@@ -75,6 +80,11 @@ class LearnerCore:
     def _micro(self, n: int):
         m = self.cfg.learner.micro_batch_size
         return [(i, min(n, i + m)) for i in range(0, n, m)]
+
+    def _batch(self, samples: Sequence[LesionSample], completions: Sequence[Completion]):
+        """The policy batch of these completions, on the prompt ids their rollout engine returned."""
+        return build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id,
+                           [c.prompt_token_ids for c in completions])
 
     def _dice_sum(self, states: torch.Tensor, found: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
         """Summed DiceCE over the completions that produced a `<seg>` (the others are excluded)."""
@@ -88,20 +98,35 @@ class LearnerCore:
             total = total + mean_loss * logits.shape[0]
         return total
 
+    def _behaviour_logprobs(self, logp: torch.Tensor, batch, completions: Sequence[Completion]) -> torch.Tensor:
+        """The log-probs the importance ratio is taken against, [B, T]. A completion sampled by the current
+        version is on-policy: its old log-probs are the update's own, detached, so the ratio is exactly 1 (the
+        same dropout mask, the same kernels). One sampled by an older version (async generation) uses the
+        sampling log-probs its engine returned."""
+        old = logp.detach().clone()
+        stale = [i for i, c in enumerate(completions) if c.version != self.version]
+        if stale:
+            sampled = _place([completions[i].logprobs for i in stale], batch, self.device, rows=stale)
+            rows = torch.as_tensor(stale, device=self.device)
+            old[rows] = torch.where(batch.completion_mask[stale].to(self.device).bool(), sampled[rows], old[rows])
+        return old
+
     # -- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
+        """The policy's log-probs and `<seg>` states of every completion (+ reference log-probs when kl_beta > 0),
+        in eval mode (no dropout). The update does not use these log-probs as its old log-probs (see
+        `_behaviour_logprobs`): with LoRA dropout, eval-mode old log-probs would make the on-policy ratio != 1."""
         flat_samples, comps = self._flatten(groups, samples)
-        old, ref, states, found = [], [], [], []
+        logps, ref, states, found = [], [], [], []
         with_ref = self.cfg.learner.kl_beta > 0  # at beta = 0 the reference pass is skipped: ref stays []
         if with_ref and self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
             self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
-        batches = [build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
-                   for a, b in self._micro(len(comps))]
+        batches = [self._batch(flat_samples[a:b], comps[a:b]) for a, b in self._micro(len(comps))]
         for batch in batches:
             logp, st, fd = self.module.policy_pass(batch)
-            old += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
+            logps += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
             states.append(st.float().cpu().numpy())
             found.append(fd.cpu().numpy())
         if with_ref:
@@ -109,80 +134,67 @@ class LearnerCore:
                 for batch in batches:
                     logp = self.module.policy_pass(batch, with_hidden=False)[0]
                     ref += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
-        return ForwardResult(old, ref, np.concatenate(states), np.concatenate(found))
+        return ForwardResult(logps, ref, np.concatenate(states), np.concatenate(found))
 
     # -- GRPO update --------------------------------------------------------------------------------
-    def update(self, groups, samples, advantages: np.ndarray, old: List[np.ndarray], ref: List[np.ndarray],
-               totals: Dict[str, float]) -> Dict[str, float]:
+    def update(self, groups, samples, advantages: np.ndarray, ref: List[np.ndarray], norm: LossNorm) -> Dict[str, float]:
+        """One optimizer step on this rank's share of the batch; `norm` holds the whole batch's normalisers.
+        The loss is `learner.grpo.grpo_loss`, per micro-batch."""
         L = self.cfg.learner
         flat_samples, comps = self._flatten(groups, samples)
+        if len(advantages) != len(comps):
+            raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
         self._set_lr(L.lr)
         self.engine.train()
         with_kl = L.kl_beta > 0
         if with_kl and len(ref) != len(comps):
             raise ValueError(f"kl_beta={L.kl_beta} needs reference log-probs for all {len(comps)} completions, "
                              f"got {len(ref)}")
-        stats = {"pg_loss": 0.0, "dice_ce": 0.0, "clip_frac": 0.0, "tokens": 0.0, **({"kl": 0.0} if with_kl else {})}
+        shards = []
         micro = self._micro(len(comps))
-        max_len = self.cfg.rollout.max_new_tokens
         for k, (a, b) in enumerate(micro):
-            batch = build_batch(self.encoder, flat_samples[a:b], comps[a:b], self.pad_id)
+            batch = self._batch(flat_samples[a:b], comps[a:b])
             logp, states, found = self.module.policy_pass(batch)
-            mask = batch.completion_mask.to(self.device)
-            old_t = _place(old[a:b], batch, self.device)
             adv = torch.as_tensor(advantages[a:b], dtype=torch.float32, device=self.device)
-            per_tok, clipped, _ = per_token_policy_loss(logp, old_t, adv, L.clip_low, L.clip_high)
-            pg_sum, _ = partial_sum(per_tok, mask, L.loss_agg, max_len)
-            loss = pg_sum / totals["units"]
-            if with_kl:
-                ref_t = _place(ref[a:b], batch, self.device)
-                kl_sum, _ = partial_sum(kl_penalty(logp, ref_t, L.kl_estimator), mask, L.loss_agg, max_len)
-                loss = loss + L.kl_beta * kl_sum / totals["units"]
-                stats["kl"] += float(kl_sum.detach()) / totals["units"]
-            dice_sum = self._dice_sum(states, found, flat_samples[a:b])
-            if totals["masks"] > 0:
-                loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
+            loss, stats = grpo_loss(logp, self._behaviour_logprobs(logp, batch, comps[a:b]),
+                                    _place(ref[a:b], batch, self.device) if with_kl else None, adv,
+                                    batch.completion_mask.to(self.device), cfg=L,
+                                    max_len=self.cfg.rollout.max_new_tokens,
+                                    dice_sum=self._dice_sum(states, found, flat_samples[a:b]), norm=norm)
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
-            stats["pg_loss"] += float(pg_sum.detach()) / totals["units"]
-            stats["dice_ce"] += float(dice_sum) / max(totals["masks"], 1)
-            stats["clip_frac"] += float((clipped & mask.bool()).sum()) / max(totals["tokens"], 1)
-            stats["tokens"] += float(mask.sum())
+            shards.append(stats)
         self.engine.step()
         self.version += 1
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        stats["lr"] = L.lr
-        return stats
+        return {**combine_stats(shards), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": L.lr}
 
     # -- SFT ----------------------------------------------------------------------------------------
-    def sft_step(self, samples: List[LesionSample], totals: Dict[str, float]) -> Dict[str, float]:
+    def sft_step(self, samples: List[LesionSample], norm: LossNorm) -> Dict[str, float]:
         L = self.cfg.learner
         tok = self.module.processor.tokenizer
-        comps = [sft_target_ids(tok, s) for s in samples]
+        comps = [sft_target_ids(tok, s, self.module.info.family) for s in samples]
         self._set_lr(L.sft_lr)
         self.engine.train()
-        stats = {"ce": 0.0, "dice_ce": 0.0}
+        shards = []
         micro = self._micro(len(comps))
         for k, (a, b) in enumerate(micro):
             batch = build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id)
             logp, states, found = self.module.policy_pass(batch)
-            ce = ce_sum(logp, batch.completion_mask) / totals["tokens"]
-            loss = ce
-            dice_sum = self._dice_sum(states, found, samples[a:b])
-            loss = loss + L.mask_loss_weight * dice_sum / totals["masks"]
+            loss, stats = sft_loss(logp, batch.completion_mask, self._dice_sum(states, found, samples[a:b]), norm,
+                                   L.mask_loss_weight)
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
-            stats["ce"] += float(ce)
-            stats["dice_ce"] += float(dice_sum) / totals["masks"]
+            shards.append(stats)
         self.engine.step()
         self.version += 1
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        stats["lr"] = L.sft_lr
-        return stats
+        return {**combine_stats(shards), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "lr": L.sft_lr}
 
-    def sft_counts(self, samples: List[LesionSample]) -> Dict[str, float]:
+    def sft_norm(self, samples: List[LesionSample]) -> LossNorm:
+        """The SFT batch's normalisers: its target tokens, and one mask target per sample."""
         tok = self.module.processor.tokenizer
-        return {"tokens": float(sum(len(sft_target_ids(tok, s)) for s in samples)), "masks": float(len(samples))}
+        return loss_norm([len(sft_target_ids(tok, s, self.module.info.family)) for s in samples], len(samples),
+                         "token_mean")
 
     # -- weights / checkpoints ----------------------------------------------------------------------
     def export_weights(self) -> WeightBundle:
@@ -200,7 +212,6 @@ class LearnerCore:
         load_learner(self, path)
 
 
-@ray.remote
 class LearnerWorker(LearnerCore):
     """Built in two steps so that rank 0's own node supplies the rendezvous address: the group asks rank 0
     for its IP and a free port there, then every rank joins (an address picked on the driver's node can be

@@ -1,19 +1,17 @@
-"""Reward workers: `RewardWorker` (Ray actor: SAM + adapter + embedding cache around the pure reward
-functions) and `RewardPool`, which spreads a batch over N workers grouped by image, submits every share,
-gathers in input order, and survives a worker that dies (Ray restarts it; the pool reloads the last weight
-bundle into it and re-sends its share)."""
+"""Reward workers: `LocalRewardWorker` (SAM + adapter + embedding cache around the pure reward functions; a Ray
+actor or in-process) and `RewardPool`, an ActorPool of them, which spreads a batch over N workers grouped by
+image, submits every share, gathers in input order, and survives a worker that dies (Ray restarts it; the pool
+reloads the last weight bundle into it and re-sends its share)."""
 from __future__ import annotations
 
-import time
 import zlib
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from common.actor_pool import ActorPool, StaleWeightsError
 from common.config import TrainConfig
 from common.models.adapter import build_adapter
 from common.models.sam import build_sam
@@ -22,21 +20,13 @@ from common.protocol import Score, ScoreItem, WeightBundle
 from reward.segmenter import Segmenter
 from reward.terms import score_completion
 
-ACTOR_GONE = (RayActorError, ActorUnavailableError)
-MAX_RETRIES = 3  # re-sends of one share before the pool gives up
-RECOVER_WAIT_S = 60.0  # how long a restarting actor may take to come back
-
 R_SEG_NOT_FINITE = "seg_state_not_finite"
 R_SEG_BAD_SHAPE = "seg_state_bad_shape"
 R_BAD_IMAGE = "bad_image"
 
 
-class StaleWeightsError(RuntimeError):
-    """The worker serves another weight version than the pool expects (it was restarted)."""
-
-
 class LocalRewardWorker:
-    """The worker's state and logic, usable without Ray (tests, predict); `RewardWorker` is its actor."""
+    """The worker's state and logic, usable without Ray (tests, predict); `RewardPool` runs it as a Ray actor."""
 
     def __init__(self, cfg: TrainConfig, llm_hidden: int, num_threads: int = 1, device: Optional[str] = None):
         torch.set_num_threads(max(1, int(num_threads)))
@@ -118,26 +108,26 @@ class LocalRewardWorker:
                 **{f"reason/{k}": v for k, v in self.reasons.items()}}
 
 
-RewardWorker = ray.remote(LocalRewardWorker)
-
-
-def _is_stale(err: Exception) -> bool:
-    return isinstance(err, StaleWeightsError) or isinstance(getattr(err, "cause", None), StaleWeightsError)
-
-
 class RewardPool:
+    """`local=True`: the workers run in the caller's process (no Ray), with the caller's thread count."""
+
     def __init__(self, cfg: TrainConfig, llm_hidden: int, num_workers: int = 1, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0.0):
+                 num_gpus_per_worker: float = 0.0, *, local: bool = False):
         self.cfg = cfg
-        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1,
-                       max_task_retries=0)  # the pool re-sends itself, after reloading the weights
-        threads = max(1, int(num_cpus_per_worker))
-        self.workers = [RewardWorker.options(**options).remote(cfg, llm_hidden, threads)
-                        for _ in range(num_workers)]
-        self.version = 0
-        self._bundle_ref = None
-        self.restarts = 0
-        self.restart_causes: Dict[str, int] = defaultdict(int)  # actor_died | stale_weights
+        threads = torch.get_num_threads() if local else max(1, int(num_cpus_per_worker))
+        # max_restarts=-1: Ray restarts a dead worker; the pool reloads the last bundle into it and re-sends
+        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1)
+        self.pool = ActorPool("reward", LocalRewardWorker, num_workers, lambda i: ((cfg, llm_hidden, threads), {}),
+                              options=options, local=local)
+
+    @property
+    def workers(self) -> list:
+        return self.pool.actors
+
+    @property
+    def version(self) -> int:
+        """The version the last `load_weights` left the workers serving (0 before any)."""
+        return self.pool.version
 
     def _assign(self, items: Sequence[ScoreItem]) -> Dict[int, List[int]]:
         """Item indices per worker: all rollouts of one image on one worker (its cache), a stable preferred
@@ -157,93 +147,33 @@ class RewardPool:
             shares[w].extend(rows)
         return dict(shares)
 
-    def _recover(self, w: int, cause: str) -> None:
-        """A restarted worker comes back with its initial weights: give it the current bundle again."""
-        self.restarts += 1
-        self.restart_causes[cause] += 1
-        deadline = time.monotonic() + RECOVER_WAIT_S
-        while True:
-            try:
-                if self._bundle_ref is None:
-                    ray.get(self.workers[w].version.remote())
-                else:
-                    ray.get(self.workers[w].load_weights.remote(self._bundle_ref))
-                return
-            except ACTOR_GONE:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"reward worker {w} did not come back after a restart") from None
-                time.sleep(0.2)
-
-    def _submit(self, w: int, items: Sequence[ScoreItem], rows: List[int]):
-        return self.workers[w].score.remote([items[k] for k in rows], self.version)
-
     def score(self, items: Sequence[ScoreItem]) -> List[Score]:
-        """Scores in input order; every share is submitted before any is awaited."""
+        """Scores in input order; every share is submitted before any is awaited. A worker that restarted
+        answers StaleWeightsError (it checks the version the pool expects) and is recovered like a dead one."""
         shares = self._assign(items)
-        pending = {self._submit(w, items, rows): w for w, rows in shares.items()}
-        attempts = defaultdict(int)
-        out: List[Optional[Score]] = [None] * len(items)
-        while pending:
-            (done,), _ = ray.wait(list(pending), num_returns=1)
-            w = pending.pop(done)
-            try:
-                result = ray.get(done)
-            except (*ACTOR_GONE, RayTaskError) as err:
-                if isinstance(err, RayTaskError) and not _is_stale(err):
-                    raise
-                attempts[w] += 1
-                if attempts[w] > MAX_RETRIES:
-                    raise
-                self._recover(w, "stale_weights" if _is_stale(err) else "actor_died")
-                pending[self._submit(w, items, shares[w])] = w
-                continue
-            for k, s in zip(shares[w], result):
-                out[k] = s
-        return out  # type: ignore[return-value]
+        per_worker = [shares.get(w, []) for w in range(len(self.workers))]
+        return self.pool.gather_rows(self.pool.scatter("score", list(items), self.version, shards=per_worker))
 
     def load_weights(self, bundle_or_ref) -> List[int]:
         """Every worker loads the same object (pass an ObjectRef to share one `ray.put`); returns the versions
         they then serve."""
-        ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
-        versions = ray.get([w.load_weights.remote(ref) for w in self.workers])
-        self._bundle_ref = ref
-        self.version = versions[0]
-        return versions
-
-    def _ask(self, w: int, method: str, *args, sent: Optional[ray.ObjectRef] = None):
-        """One call on worker w (`sent`: its reply, when already submitted); a worker that is dead or restarting
-        is brought back (weights reloaded) and asked again, so reading stats or versions never fails because a
-        worker restarted."""
-        for attempt in range(MAX_RETRIES + 1):
-            try:
-                return ray.get(sent if sent is not None and attempt == 0
-                               else getattr(self.workers[w], method).remote(*args))
-            except ACTOR_GONE:
-                if attempt == MAX_RETRIES:
-                    raise
-                self._recover(w, "actor_died")
-
-    def _ask_all(self, method: str) -> list:
-        sent = [getattr(w, method).remote() for w in self.workers]  # all submitted before any is awaited
-        return [self._ask(w, method, sent=ref) for w, ref in enumerate(sent)]
+        return self.pool.gather(self.pool.broadcast(bundle_or_ref))
 
     def versions(self) -> List[int]:
-        return self._ask_all("version")
+        return self.pool.call_all("version")
 
     def masks(self, ids, images, states) -> List[np.ndarray]:
         """Masks for one state per image (predict/eval), drawn by the first worker."""
-        return self._ask(0, "masks_for", list(ids), list(images), np.asarray(states, np.float32))
+        return self.pool.call(0, "masks_for", list(ids), list(images), np.asarray(states, np.float32))
 
     def stats(self) -> Dict[str, float]:
-        per = self._ask_all("stats")
+        per = self.pool.call_all("stats")  # a dead or restarting worker is waited for: reading stats never fails
         keys = sorted({k for p in per for k in p})
         total = {k: float(sum(p.get(k, 0) for p in per)) for k in keys}
-        total["restarts"] = float(self.restarts)
-        total.update({f"restarts/{k}": float(v) for k, v in self.restart_causes.items()})
+        total["restarts"] = float(self.pool.restarts)
+        total.update({f"restarts/{k}": float(v) for k, v in self.pool.restart_causes.items()})
         total["workers"] = float(len(self.workers))
         return total
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        self.pool.shutdown()

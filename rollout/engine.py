@@ -64,6 +64,7 @@ class GenerationEngine(ABC):
         self.policy_dir = str(policy_dir)
         self.processor = AutoProcessor.from_pretrained(self.policy_dir)
         self.info = policy_info(self.policy_dir)
+        self.family = self.info.family
         self.errors = 0
 
     def prepare(self, requests: Sequence[RolloutRequest], max_new_tokens: int):
@@ -97,11 +98,6 @@ class GenerationEngine(ABC):
         """Ids of the LoRA adapters resident in the engine (at most two)."""
         return []
 
-    def sleep(self) -> None:
-        """Free accelerator memory between rollouts (vLLM sleep mode); a no-op elsewhere."""
-
-    def wake(self) -> None:
-        """Undo `sleep`."""
 
 
 def vllm_available() -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from common.models.policy import default_dtype, load_policy
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_merge import CheckpointReader, lora_deltas
 
@@ -23,7 +24,7 @@ class HFEngine(GenerationEngine):
         self.model, _ = load_policy(self.policy_dir, default_dtype(cfg.model.dtype, self.device), self.device)
         self.model.eval()
         self.version = 0
-        self.eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.eos = self.info.end_of_turn_id
         self.pad = self.processor.tokenizer.pad_token_id
         self._checkpoint = CheckpointReader(self.policy_dir)
 
@@ -65,12 +66,12 @@ class HFEngine(GenerationEngine):
             if isinstance(prep, str):
                 groups.append(RolloutGroup(req.sample_id, error=prep))
                 continue
-            seed = None if sampling.seed is None else sampling.seed * 1009 + i
+            seed = None if sampling.seed is None else derive_seed(sampling.seed, i)
             prompt_ids, seqs, logprobs = self._generate_one(
                 prep[0], req.prompt, n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed))
             comps = []
             for row, lp in zip(seqs.tolist(), logprobs):
-                if self.eos in row:  # generate pads a finished row after its <|im_end|> only
+                if self.eos in row:  # generate pads a finished row after its end-of-turn token only
                     ids, reason = row[:row.index(self.eos) + 1], "stop"
                 else:
                     ids, reason = row, "length"

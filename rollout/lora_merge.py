@@ -41,11 +41,15 @@ def lora_deltas(lora: Dict[str, torch.Tensor], peft_config: dict) -> Dict[str, t
 
 
 class CheckpointReader:
-    """Reads single tensors of a safetensors checkpoint folder (memory-mapped, nothing kept)."""
+    """Reads single tensors of a safetensors checkpoint folder (memory-mapped, nothing kept); the folder's model
+    family says how module names map to checkpoint keys."""
 
     def __init__(self, folder: str | Path):
         from safetensors import safe_open
 
+        from common.models.family import model_family
+
+        self.family = model_family(folder)
         self._files = {}
         for file in sorted(Path(folder).glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
@@ -69,9 +73,8 @@ class CheckpointReader:
         return base + delta
 
     def weight_key(self, module: str) -> str:
-        """The checkpoint key of a module's weight. transformers names the language model
-        `model.language_model.*`; Qwen2.5-VL checkpoints on disk often say `model.*`."""
-        for key in (f"{module}.weight", f"{module.replace('model.language_model.', 'model.', 1)}.weight"):
+        """The checkpoint key of a module's weight (the family lists the names it may have on disk)."""
+        for key in self.family.checkpoint_keys(module):
             if key in self._files:
                 return key
         raise KeyError(f"LoRA module {module!r} has no weight in the checkpoint")

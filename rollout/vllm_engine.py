@@ -18,6 +18,7 @@ from typing import List, Sequence
 import torch
 
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
 from rollout.lora_io import write_peft_folder
 from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
@@ -64,8 +65,7 @@ class VLLMEngine(GenerationEngine):
             rank = next(r for r in VLLM_LORA_RANKS if r >= cfg.model.lora_r)
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=2)
         if on_gpu:
-            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                          enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
         else:
             # On CPU the "gpu" utilisation is a share of host RAM that must be free at start; the KV cache
             # gets a fixed size instead, so several engines and the learner fit on one machine.
@@ -84,14 +84,12 @@ class VLLMEngine(GenerationEngine):
             logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
                 lambda record: "set_num_threads" not in record.getMessage())
         self.llm = LLM(**kwargs)
-        self._can_sleep = on_gpu and cfg.rollout.enable_sleep_mode  # vLLM sleep mode is CUDA-only
-        self._asleep = False
         self.version = 0
         self._loaded = False  # a bundle has been served (version 0 is a version too)
         self._lora = None  # current LoRARequest (adapter mode)
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
-        # Vision special tokens must never be sampled: bad_words masks them to -inf (each is one token on its
+        # The family's vision tokens must never be sampled: bad_words masks them to -inf (each is one token on its
         # own); logit_bias (clamped by vLLM to -100) is the fallback for a tokenizer that splits one. Not both:
         # each is one more pass over the logits per decode step.
         tok = self.processor.tokenizer
@@ -121,7 +119,7 @@ class VLLMEngine(GenerationEngine):
         params = self._params(n, sampling)
         if sampling.seed is not None:  # one seed per request: reproducible, and distinct across prompts
             params = [self._params(n, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                               sampling.seed * 1009 + i)) for i in range(len(todo))]
+                                               derive_seed(sampling.seed, i))) for i in range(len(todo))]
         try:
             outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         except Exception:  # a request vLLM rejects (that `prepare` missed) must not sink the batch: retry one by one
@@ -173,17 +171,6 @@ class VLLMEngine(GenerationEngine):
 
     def loaded_adapters(self) -> List[int]:
         return [] if self.merged else sorted(self.llm.llm_engine.list_loras())
-
-    def sleep(self) -> None:
-        # level 1: weights move to host memory, the KV cache is dropped; LoRA adapters stay registered
-        if self._can_sleep and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
-
-    def wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_shm", ""), ignore_errors=True)

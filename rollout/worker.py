@@ -1,5 +1,6 @@
-"""RolloutWorker (Ray actor owning one engine) and RolloutPool (shards requests, keeps order, broadcasts
-weight bundles by one object ref)."""
+"""RolloutWorker (owns one engine; a Ray actor, or in-process) and RolloutPool (an ActorPool of them: shards
+requests, keeps order, broadcasts weight bundles by one object ref, brings a restarted worker back with its cores
+and the last weights)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,10 @@ from typing import List, Optional, Sequence
 import ray
 import torch
 
+from common.actor_pool import ActorPool, ActorStateLost, PoolCall, StaleWeightsError
 from common.config import TrainConfig, cpu_threads
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+from common.seeding import derive_seed
 from rollout.engine import Sampling, make_engine
 
 
@@ -24,10 +27,9 @@ def core_slices(cores: Sequence[int], workers: int, per_worker: int) -> List[Lis
     return [[pool[(w * per_worker + j) % len(pool)] for j in range(per_worker)] for w in range(workers)]
 
 
-@ray.remote
 class RolloutWorker:
     """Started in two steps on CPU, so that engines sharing a node get disjoint cores: the pool asks each
-    worker for its node and cores, then `start`s it with its share."""
+    worker for its node and cores, then `start`s it with its share (in-process: `start(None)`, no pinning)."""
 
     def __init__(self, cfg: TrainConfig, policy_dir: str):
         self.cfg, self.policy_dir, self.engine = cfg, policy_dir, None
@@ -45,42 +47,60 @@ class RolloutWorker:
         self.engine = make_engine(self.cfg, self.policy_dir)
         return self.engine.version
 
+    def _engine(self):
+        if self.engine is None:  # Ray restarted this actor: only `__init__` ran
+            raise ActorStateLost("rollout worker has no engine: not started since it (re)started")
+        return self.engine
+
     def num_threads(self) -> int:
         return torch.get_num_threads()
 
-    def generate(self, requests: List[RolloutRequest], n: int, seed: Optional[int], greedy: bool) -> List[RolloutGroup]:
-        return self.engine.generate(requests, n, Sampling.from_config(self.cfg, greedy=greedy, seed=seed))
+    def generate(self, requests: List[RolloutRequest], n: int, seed: Optional[int] = None, greedy: bool = False,
+                 expected_version: Optional[int] = None) -> List[RolloutGroup]:
+        """expected_version: raise StaleWeightsError instead of sampling from other weights (a silent restart)."""
+        engine = self._engine()
+        if expected_version is not None and engine.version != expected_version:
+            raise StaleWeightsError(f"rollout worker serves version {engine.version}, pool expects {expected_version}")
+        return engine.generate(requests, n, Sampling.from_config(self.cfg, greedy=greedy, seed=seed))
 
     def load_weights(self, bundle: WeightBundle) -> int:
-        return self.engine.load_weights(bundle)
+        return self._engine().load_weights(bundle)
 
     def version(self) -> int:
-        return self.engine.version
+        return self._engine().version
 
     def engine_name(self) -> str:
-        return type(self.engine).__name__
+        return type(self._engine()).__name__
 
     def loaded_adapters(self) -> List[int]:
-        return self.engine.loaded_adapters()
+        return self._engine().loaded_adapters()
 
     def errors(self) -> int:
-        return self.engine.errors
+        return self._engine().errors
 
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-    def wake(self) -> None:
-        self.engine.wake()
 
 
 class RolloutPool:
+    """`local=True`: the workers' engines run in the caller's process (no Ray, no core pinning)."""
+
     def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
-                 num_cpus_per_worker: float = 1):
+                 num_cpus_per_worker: float = 1, *, local: bool = False):
         self.cfg, self.on_gpu = cfg, num_gpus_per_worker > 0
-        self.workers = [RolloutWorker.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)
-                        .remote(cfg, str(policy_dir)) for _ in range(num_workers)]
-        cores = self._cores(ray.get([w.placement.remote() for w in self.workers]))
-        ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])  # surfaces engine start errors here
+        self._placements: Optional[list] = None
+        self._worker_cores: List[Optional[List[int]]] = [None] * num_workers
+        # max_restarts=-1: Ray restarts a dead worker; the pool starts it on its cores and reloads the last weights
+        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1)
+        self.pool = ActorPool("rollout", RolloutWorker, num_workers, lambda i: ((cfg, str(policy_dir)), {}),
+                              options=options, local=local, reinit=self._restart)
+        if not local:
+            self._placements = self.pool.call_all("placement")
+            self._worker_cores = self._cores(self._placements)
+        # surfaces engine start errors here
+        self.pool.gather([self.pool.submit(i, "start", c) for i, c in enumerate(self._worker_cores)])
+
+    @property
+    def workers(self) -> list:
+        return self.pool.actors
 
     def _cores(self, placements) -> List[Optional[List[int]]]:
         """Each worker's cores (None on GPU): the node's rollout share (`cpu_threads`: every core in sync mode,
@@ -99,54 +119,53 @@ class RolloutPool:
                 out[k] = slice_
         return out
 
-    def submit(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
-               greedy: bool = False) -> List[ray.ObjectRef]:
-        """Contiguous shards, one per worker, all submitted; returns without waiting (see `gather`)."""
-        k = len(self.workers)
-        size = -(-len(requests) // k)
-        shards = [list(requests[i * size:(i + 1) * size]) for i in range(k)]
-        return [w.generate.remote(s, n, None if seed is None else seed * 31 + i, greedy)
-                for i, (w, s) in enumerate(zip(self.workers, shards)) if s]
+    def _restart(self, i: int) -> None:
+        """The pool's re-initialise hook: a restarted worker has no engine; start it on its cores (the pool then
+        reloads the last weights). Placed on another node, it gets that node's slice as computed from the known
+        placements (the other workers there keep theirs)."""
+        actor = self.pool.actors[i]
+        if self._placements is None:  # still placing: the pool's `start` follows
+            return
+        where = ray.get(actor.placement.remote())
+        if where[0] != self._placements[i][0]:
+            self._placements[i] = where
+            self._worker_cores[i] = self._cores(self._placements)[i]
+        ray.get(actor.start.remote(self._worker_cores[i]))
 
-    @staticmethod
-    def gather(futures: List[ray.ObjectRef]) -> List[RolloutGroup]:
+    def submit(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
+               greedy: bool = False) -> List[PoolCall]:
+        """Contiguous balanced shards, one per worker, all submitted; returns without waiting (see `gather`).
+        Shard i samples with seed derive_seed(seed, i)."""
+        return self.pool.scatter("generate", list(requests), n, greedy=greedy, expected_version=self.pool.version,
+                                 per_shard=lambda i: {"seed": None if seed is None else derive_seed(seed, i)})
+
+    def gather(self, futures: List[PoolCall]) -> List[RolloutGroup]:
         """The groups of a `submit`, in request order."""
-        return [g for part in ray.get(futures) for g in part]
+        return self.pool.gather_rows(futures)
 
     def generate(self, requests: Sequence[RolloutRequest], n: int, seed: Optional[int] = None,
                  greedy: bool = False) -> List[RolloutGroup]:
         return self.gather(self.submit(requests, n, seed, greedy))
 
-    def submit_load(self, bundle_or_ref) -> List[ray.ObjectRef]:
+    def submit_load(self, bundle_or_ref) -> List[PoolCall]:
         """Every worker loads the same object; returns the futures of the versions they then serve. A worker
         busy generating loads after its current generation (an actor runs one call at a time)."""
-        ref = bundle_or_ref if isinstance(bundle_or_ref, ray.ObjectRef) else ray.put(bundle_or_ref)
-        return [w.load_weights.remote(ref) for w in self.workers]
+        return self.pool.broadcast(bundle_or_ref)
 
     def load_weights(self, bundle_or_ref) -> List[int]:
         """Loads on every worker; returns the versions they then serve."""
-        return ray.get(self.submit_load(bundle_or_ref))
+        return self.gather_versions(self.submit_load(bundle_or_ref))
 
-    @staticmethod
-    def gather_versions(futures: List[ray.ObjectRef]) -> List[int]:
+    def gather_versions(self, futures: List[PoolCall]) -> List[int]:
         """The versions a `submit_load` left the workers serving."""
-        return ray.get(futures)
+        return self.pool.gather(futures)
 
     def versions(self) -> List[int]:
-        return ray.get([w.version.remote() for w in self.workers])
+        return self.pool.call_all("version")
 
     def errors(self) -> int:
-        """Requests answered with a per-request error (bad image, prompt too long) since start, all workers."""
-        return int(sum(ray.get([w.errors.remote() for w in self.workers])))
-
-    def sleep(self) -> None:
-        """vLLM sleep mode on every worker (GPU colocation with the learner; no-op unless enabled)."""
-        ray.get([w.sleep.remote() for w in self.workers])
-
-    def wake(self) -> None:
-        ray.get([w.wake.remote() for w in self.workers])
+        """Requests answered with a per-request error (bad image, prompt too long) since each worker started."""
+        return int(sum(self.pool.call_all("errors")))
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        self.pool.shutdown()

@@ -41,3 +41,20 @@ def synth_parquet(tmp_path_factory, synth_samples) -> Path:
     from common.data import write_parquet
 
     return write_parquet(synth_samples, tmp_path_factory.mktemp("data") / "synth.parquet")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole pytest run, started on first use: 8 logical CPU slots (the largest test
+    reserves 4: the driver's learner, rollout and two reward workers), actors get the env vars of
+    deploy.cluster.ACTOR_ENV. A Ray already started in this process (a Driver's `init_ray`) is used as it is."""
+    import ray
+
+    from deploy.cluster import ACTOR_ENV
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(ACTOR_ENV)})
+    yield ray
+    ray.shutdown()

@@ -40,8 +40,6 @@ def test_semantic_validation_names_the_key():
     assert load_config("tiny_cpu", ["learner.zero_stage=3", "learner.kl_beta=0"]).learner.kl_beta == 0
     with pytest.raises(ConfigError, match="learner.kl_beta"):
         load_config("tiny_cpu", ["learner.kl_beta=-0.1"])
-    with pytest.raises(ConfigError, match="rollout.async_generation"):
-        load_config("tiny_cpu", ["rollout.async_generation=true", "rollout.enable_sleep_mode=true"])
 
 
 def test_unknown_preset_lists_known():
@@ -74,3 +72,13 @@ def test_cpu_threads_split_the_node_only_in_async_mode():
     pinned = load_config("tiny_cpu", ["rollout.async_generation=true", "rollout.cpu_threads=3",
                                       "cluster.learner_cpu_threads=5"])
     assert (cpu_threads(pinned, "learner", 16), cpu_threads(pinned, "rollout", 16)) == (5, 3)
+
+
+def test_dynamic_sampling_needs_the_zero_variance_filter_and_dead_knobs_are_gone():
+    with pytest.raises(ConfigError, match="dynamic_sampling_max_draws"):
+        load_config("tiny_cpu", ["learner.dynamic_sampling_max_draws=2"])
+    cfg = load_config("tiny_cpu", ["learner.dynamic_sampling_max_draws=2", "learner.drop_zero_variance=true"])
+    assert cfg.learner.dynamic_sampling_max_draws == 2
+    for dead in ("run.log_every=5", "rollout.enable_sleep_mode=true"):  # knobs that did nothing are gone
+        with pytest.raises(ConfigError, match=dead.split("=")[0].split(".")[1]):
+            load_config("tiny_cpu", [dead])

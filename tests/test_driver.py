@@ -9,8 +9,11 @@ from common.config import load_config
 from common.synth import write_synth
 from deploy.metrics_log import read_metrics
 
+
 PHASES = ("time/rollout", "time/forward", "time/reward", "time/update", "time/push", "time/step")
 COMPONENTS = ("reward/total", "reward/format", "reward/box", "reward/mask")
+pytestmark = [pytest.mark.slow,  # real stack: Ray, DeepSpeed, vLLM
+              pytest.mark.usefixtures("ray_session")]  # the session's Ray: the Driver's init_ray reuses it
 
 
 def tiny_cfg(tmp_path, data_dir, name, extra=()):

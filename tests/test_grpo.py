@@ -1,14 +1,31 @@
 """GRPO math against hand-worked values and plain-numpy loop implementations (never the code under test)."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from learner.grpo import (aggregate, group_advantages, grpo_loss, kl_penalty, pad_sequences, partial_sum,
-                          policy_loss)
+from learner.grpo import LossNorm, combine_stats, group_advantages, grpo_loss, kl_penalty, loss_norm, partial_sum
 
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def loss_cfg(clip_low=0.2, clip_high=0.28, agg="token_mean", kl_beta=0.0, kl_estimator="k3", mask_loss_weight=0.0,
+             policy_loss="ppo_clip"):
+    """The LearnerConfig fields grpo_loss reads."""
+    return SimpleNamespace(clip_low=clip_low, clip_high=clip_high, loss_agg=agg, kl_beta=kl_beta,
+                           kl_estimator=kl_estimator, mask_loss_weight=mask_loss_weight, policy_loss=policy_loss)
+
+
+def policy_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.28, agg="token_mean", max_len=None):
+    """The policy term alone: the learner's grpo_loss with no KL and no mask term, on one whole batch."""
+    return grpo_loss(logprobs, old, None, adv, mask, cfg=loss_cfg(clip_low, clip_high, agg), max_len=max_len)
+
+
+def aggregate(values, mask, mode="token_mean", max_len=None):
+    numerator, units = partial_sum(values, mask, mode, max_len)
+    return numerator / max(units, 1.0)
 
 
 # ---- independent numpy references (loops, float64) ------------------------------------------------------
@@ -257,8 +274,8 @@ def test_grpo_loss_matches_numpy_and_has_finite_gradients(mode, estimator):
     logp, old, ref, adv, mask = random_batch(5)
     lp = torch.tensor(logp, requires_grad=True)
     old_t, ref_t = torch.tensor(old, requires_grad=True), torch.tensor(ref, requires_grad=True)
-    loss, stats = grpo_loss(lp, old_t, ref_t, torch.tensor(adv), torch.tensor(mask), clip_low=0.2,
-                            clip_high=0.28, agg=mode, kl_beta=0.05, kl_estimator=estimator, max_len=7)
+    loss, stats = grpo_loss(lp, old_t, ref_t, torch.tensor(adv), torch.tensor(mask), max_len=7,
+                            cfg=loss_cfg(agg=mode, kl_beta=0.05, kl_estimator=estimator))
     per_tok, _ = np_policy_terms(logp, old, adv, 0.2, 0.28)
     pg = np_aggregate(per_tok, mask, mode, max_len=7)
     kl = np_aggregate(np_kl(logp, ref, estimator), mask, mode, max_len=7)
@@ -274,18 +291,67 @@ def test_grpo_loss_on_policy_first_step():
     # old == logp: ratio 1, no clipping; loss = -token_mean(A) + beta * KL
     lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     d = np.array([0.5, -1.0])
-    loss, stats = grpo_loss(lp, lp, ref, torch.tensor([2.0]), torch.ones(1, 2), clip_low=0.2, clip_high=0.2,
-                            agg="token_mean", kl_beta=0.1, kl_estimator="k3")
+    loss, stats = grpo_loss(lp, lp, ref, torch.tensor([2.0]), torch.ones(1, 2),
+                            cfg=loss_cfg(clip_high=0.2, kl_beta=0.1))
     assert loss.item() == pytest.approx(-2.0 + 0.1 * np.mean(np.exp(-d) + d - 1), rel=1e-6)
     assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
 
 
-# ---- padding helper ------------------------------------------------------------------------------------
-def test_pad_sequences():
-    x, m = pad_sequences([np.array([1.0]), np.array([2.0, 3.0, 4.0]), []], pad_value=-1.0)
-    assert x.tolist() == [[1.0, -1.0, -1.0], [2.0, 3.0, 4.0], [-1.0, -1.0, -1.0]]
-    assert m.tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]] and x.dtype == torch.float32
-    x, m = pad_sequences([])
-    assert x.shape == (0, 1) and m.shape == (0, 1)
-    with pytest.raises(ValueError):
-        pad_sequences([np.zeros((2, 2))])
+# ---- the learner's loss over shards, normalisers, registries ---------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_shard_losses_with_global_normalisers_add_up_to_the_whole_batch(mode):
+    logp, old, ref, adv, mask = random_batch(7, B=6)
+    lengths = mask.sum(1).astype(int).tolist()
+    dice = np.array([0.7, 0.0, 1.3, 0.4, 0.0, 0.9])  # per-completion DiceCE; 0 = no <seg> in that completion
+    found = [True, False, True, True, False, True]
+    cfg = loss_cfg(agg=mode, kl_beta=0.05, mask_loss_weight=0.5)
+    norm = loss_norm(lengths, sum(found), mode)
+    units = sum(lengths) if mode == "token_mean" else sum(1 for n in lengths if n)
+    assert norm == LossNorm(float(units), float(sum(lengths)), 4.0)
+    shards = []
+    for a, b in ((0, 1), (1, 4), (4, 6)):
+        t = lambda x: torch.tensor(x[a:b])  # noqa: E731
+        loss, stats = grpo_loss(t(logp), t(old), t(ref), t(adv), t(mask), cfg=cfg, max_len=7,
+                                dice_sum=torch.tensor(dice[a:b].sum()), norm=norm)
+        assert stats["loss"] == pytest.approx(loss.item())
+        shards.append(stats)
+    total = combine_stats(shards)
+    per_tok, clipped = np_policy_terms(logp, old, adv, 0.2, 0.28)
+    pg = np_aggregate(per_tok, mask, mode, max_len=7)
+    kl = np_aggregate(np_kl(logp, ref, "k3"), mask, mode, max_len=7)
+    assert total["pg_loss"] == pytest.approx(pg, rel=1e-9) and total["kl"] == pytest.approx(kl, rel=1e-9)
+    assert total["dice_ce"] == pytest.approx(dice.sum() / 4, rel=1e-12)
+    assert total["loss"] == pytest.approx(pg + 0.05 * kl + 0.5 * dice.sum() / 4, rel=1e-9)
+    assert total["clip_frac"] == pytest.approx(clipped[mask == 1].mean()) and total["tokens"] == sum(lengths)
+    ratio = np.exp(logp - old)[mask == 1]
+    assert total["ratio_mean"] == pytest.approx(ratio.mean()) and total["ratio_max"] == pytest.approx(ratio.max())
+
+
+def vanilla_pg(logprobs, old_logprobs, advantages, cfg):
+    """A policy loss given by import path in a test: -A * logp (REINFORCE), nothing clipped."""
+    per_token = -torch.as_tensor(advantages, dtype=logprobs.dtype)[:, None] * logprobs
+    return per_token, torch.zeros_like(per_token, dtype=torch.bool), torch.exp(logprobs - old_logprobs)
+
+
+def median_baseline(rewards, eps):
+    """An advantage estimator given by import path in a test: reward minus the group's median."""
+    return rewards - rewards.median(dim=1, keepdim=True).values
+
+
+def test_policy_loss_and_advantage_by_import_path():
+    from common.config import ConfigError, load_config
+
+    logp, old, _, adv, mask = random_batch(8)
+    loss, _ = grpo_loss(torch.tensor(logp), torch.tensor(old), None, torch.tensor(adv), torch.tensor(mask),
+                        cfg=loss_cfg(policy_loss="tests.test_grpo:vanilla_pg"))
+    expected = sum(-adv[b] * logp[b, t] for b in range(4) for t in range(6) if mask[b, t]) / mask.sum()
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    got, _, _ = group_advantages([[1.0, 5.0, 2.0], [3.0, 3.0, 3.0]], mode="tests.test_grpo:median_baseline")
+    assert got.tolist() == [[-1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]
+    cfg = load_config("tiny_cpu", ["learner.policy_loss=tests.test_grpo:vanilla_pg",
+                                   "learner.advantage=tests.test_grpo:median_baseline"])
+    assert cfg.learner.policy_loss == "tests.test_grpo:vanilla_pg"
+    for key, value in (("learner.policy_loss", "ppo_clipx"), ("learner.advantage", "tests.test_grpo:missing"),
+                       ("learner.advantage", "no_such_module:fn")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("tiny_cpu", [f"{key}={value}"])

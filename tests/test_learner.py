@@ -9,7 +9,10 @@ import torch
 
 from common.config import load_config
 from common.protocol import Completion, RolloutGroup
+from learner.grpo import loss_norm
 from learner.sft import sft_target_ids
+
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
 OVERRIDES = ["learner.micro_batch_size=4", "model.lora_r=8", "learner.lr=5e-3", "learner.sft_lr=1e-2", "learner.adapter_lr=1e-3",
              "learner.kl_beta=0.0", "learner.mask_loss_weight=0.1"]
@@ -26,9 +29,10 @@ def _groups(core, samples, g=2, cut=24):
     tok = core.module.processor.tokenizer
     groups = []
     for s in samples:
-        ids = sft_target_ids(tok, s)
+        ids = sft_target_ids(tok, s, core.module.info.family)
         parts = [ids[k * cut:(k + 1) * cut - 4 * k] for k in range(g)]  # distinct token spans, unequal lengths
-        comps = [Completion("", [], p, [0.0] * len(p), "length", 0) for p in parts]
+        prompt = core.encoder.encode(s)["input_ids"][0].tolist()  # as an engine tokenizes the rendered prompt
+        comps = [Completion("", prompt, p, [0.0] * len(p), "length", core.version) for p in parts]
         groups.append(RolloutGroup(s.id, comps))
     return groups
 
@@ -43,11 +47,11 @@ def test_grpo_update_moves_logprobs_with_advantages(core, synth_samples):
     groups = _groups(core, samples)
     before = core.forward(groups, samples)
     adv = np.array([1.0, -1.0, 1.0, -1.0])
-    stats = core.update(groups, samples, adv, before.old_logprobs, before.ref_logprobs,
-                        {"units": float(sum(len(c.token_ids) for g in groups for c in g.completions)),
-                         "tokens": 88.0, "masks": float(before.seg_found.sum())})
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    stats = core.update(groups, samples, adv, before.ref_logprobs,
+                        loss_norm(lengths, int(before.seg_found.sum()), "token_mean"))
     after = core.forward(groups, samples)
-    sums = lambda r: np.array([x.sum() for x in r.old_logprobs])  # noqa: E731
+    sums = lambda r: np.array([x.sum() for x in r.logprobs])  # noqa: E731
     delta = sums(after) - sums(before)
     assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
     assert np.isfinite(stats["pg_loss"]) and stats["tokens"] == 88 and core.version == 1
@@ -77,7 +81,7 @@ def test_bundle_loads_into_hf_peft_with_identical_logits(core, tiny_policy_dir, 
 def test_checkpoint_round_trip_is_bit_exact(tiny_policy_dir, synth_samples, tmp_path):
     a = make_core(tiny_policy_dir)
     samples = synth_samples[:4]
-    counts = a.sft_counts(samples)
+    counts = a.sft_norm(samples)
     a.sft_step(samples, counts)
     a.save_checkpoint(str(tmp_path / "ckpt"))
     a.sft_step(samples, counts)
@@ -103,7 +107,7 @@ def test_sft_loss_halves(tiny_policy_dir, synth_samples):
     losses = []
     for step in range(60):
         batch = batches[step % len(batches)]
-        stats = core.sft_step(batch, core.sft_counts(batch))
+        stats = core.sft_step(batch, core.sft_norm(batch))
         losses.append(stats["ce"])
         assert np.isfinite(stats["ce"] + stats["dice_ce"]) and stats["lr"] == core.cfg.learner.sft_lr
         if len(losses) >= 4 and max(losses[-4:]) < 0.5 * losses[0]:  # a whole pass over the 32 samples
@@ -117,22 +121,22 @@ def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, t
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01"])
     sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
     for _ in range(3):  # SFT moves the LoRA away from the base model
-        core.sft_step(sft, core.sft_counts(sft))
+        core.sft_step(sft, core.sft_norm(sft))
     samples = synth_samples[:2]
     groups = _groups(core, samples)
     first = core.forward(groups, samples)
     # at GRPO start the reference is the policy itself, not the base model
-    np.testing.assert_allclose(np.concatenate(first.ref_logprobs), np.concatenate(first.old_logprobs), atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(first.ref_logprobs), np.concatenate(first.logprobs), atol=1e-6)
     batch = build_batch(core.encoder, samples[:1], [groups[0].completions[0].token_ids], core.pad_id)
     with torch.no_grad(), core.module.policy.disable_adapter():
         base = core.module.policy_pass(batch, with_hidden=False)[0]
     (base,) = [x.numpy() for x in per_completion(base, batch)]
     assert base.shape == first.ref_logprobs[0].shape and np.abs(base - first.ref_logprobs[0]).max() > 1e-3
-    units = float(sum(len(c.token_ids) for g in groups for c in g.completions))
-    core.update(groups, samples, np.array([1.0, -1.0, 1.0, -1.0]), first.old_logprobs, first.ref_logprobs,
-                {"units": units, "tokens": units, "masks": float(first.seg_found.sum())})
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    core.update(groups, samples, np.array([1.0, -1.0, 1.0, -1.0]), first.ref_logprobs,
+                loss_norm(lengths, int(first.seg_found.sum()), "token_mean"))
     second = core.forward(groups, samples)
-    assert np.abs(np.concatenate(second.old_logprobs) - np.concatenate(first.old_logprobs)).max() > 1e-4
+    assert np.abs(np.concatenate(second.logprobs) - np.concatenate(first.logprobs)).max() > 1e-4
     np.testing.assert_allclose(np.concatenate(second.ref_logprobs), np.concatenate(first.ref_logprobs), atol=1e-6)
     core.save_checkpoint(str(tmp_path / "ckpt"))  # the reference survives a checkpoint
     other = make_core(tiny_policy_dir, ["learner.kl_beta=0.01"])
@@ -147,13 +151,13 @@ def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_sampl
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01", "learner.reference=base",
                                        "learner.micro_batch_size=1"])
     sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
-    core.sft_step(sft, core.sft_counts(sft))  # the LoRA differs from zero, so base != policy
+    core.sft_step(sft, core.sft_norm(sft))  # the LoRA differs from zero, so base != policy
     lora = {n: p.detach().clone() for n, p in core.module.policy.named_parameters() if p.requires_grad}
     samples = synth_samples[:2]
     groups = _groups(core, samples)
     result = core.forward(groups, samples)  # 4 micro-batches of one completion each
     comps = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
-    for (sample, comp), ref, old in zip(comps, result.ref_logprobs, result.old_logprobs):
+    for (sample, comp), ref, old in zip(comps, result.ref_logprobs, result.logprobs):
         batch = build_batch(core.encoder, [sample], [comp.token_ids], core.pad_id)
         with torch.no_grad(), core.module.policy.disable_adapter():
             (want,) = [x.numpy() for x in per_completion(core.module.policy_pass(batch, with_hidden=False)[0], batch)]
@@ -162,3 +166,72 @@ def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_sampl
     for n, p in core.module.policy.named_parameters():  # the forward left the trained LoRA in place
         if n in lora:
             assert torch.equal(p, lora[n]), n
+
+
+def test_the_backpropagated_grpo_loss_is_the_tested_formula(tiny_policy_dir, synth_samples, monkeypatch):
+    """Hooks the real update: the loss DeepSpeed backpropagates equals an independent numpy computation of
+    the GRPO loss (clipped surrogate, k3 KL, DiceCE term) on the log-probs of that very pass."""
+    core = make_core(tiny_policy_dir, ["learner.kl_beta=0.05", "learner.micro_batch_size=2"])
+    samples = synth_samples[:2]
+    groups = _groups(core, samples)
+    full = sft_target_ids(core.module.processor.tokenizer, samples[0], core.module.info.family)  # holds a <seg>
+    groups[0].completions[0] = replace(groups[0].completions[0], token_ids=full, logprobs=[0.0] * len(full))
+    fwd = core.forward(groups, samples)
+    assert fwd.seg_found.sum() == 1
+    passes, losses, dice_sums = [], [], []
+    real_pass, real_backward, real_dice = core.module.policy_pass, core.engine.backward, core._dice_sum
+    monkeypatch.setattr(core.module, "policy_pass", lambda batch, **kw: passes.append((batch, real_pass(batch, **kw)))
+                        or passes[-1][1])
+    monkeypatch.setattr(core.engine, "backward", lambda loss, **kw: losses.append(loss.item()) or real_backward(loss, **kw))
+    monkeypatch.setattr(core, "_dice_sum", lambda *a: dice_sums.append(real_dice(*a)) or dice_sums[-1])
+    adv = np.array([1.5, -0.5, -1.0, 0.25])
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    masks = int(fwd.seg_found.sum())
+    core.update(groups, samples, adv, fwd.ref_logprobs, loss_norm(lengths, masks, "token_mean"))
+    assert len(losses) == 2 and len(passes) == 2  # two micro-batches of two completions
+    assert float(dice_sums[0]) > 0 and float(dice_sums[1]) == 0
+    total_tokens = sum(lengths)
+    for k, ((batch, (logp, _, _)), loss) in enumerate(zip(passes, losses)):
+        rows = range(2 * k, 2 * k + 2)
+        expected = 0.0
+        for i, row in enumerate(rows):
+            p, n = batch.prompt_lens[i], batch.completion_lens[i]
+            lp = logp[i, p:p + n].detach().double().numpy()
+            ref = fwd.ref_logprobs[row].astype(np.float64)
+            # on-policy: ratio 1, so the surrogate is -A per token; k3 KL against the reference
+            expected += (-adv[row] * n + 0.05 * (np.exp(ref - lp) - (ref - lp) - 1).sum()) / total_tokens
+        expected += 0.1 * float(dice_sums[k]) / masks
+        assert loss == pytest.approx(expected, rel=1e-5), k  # world size 1: loss * world == loss
+
+
+def test_on_policy_ratio_is_exactly_one_with_lora_dropout(tiny_policy_dir, synth_samples):
+    """With LoRA dropout the update runs in train mode; old log-probs taken in eval mode would put dropout noise
+    into the ratio (and the clip). On-policy, the ratio must be exactly 1 and nothing clipped."""
+    core = make_core(tiny_policy_dir, ["model.lora_dropout=0.3"])
+    samples = synth_samples[:2]
+    groups = _groups(core, samples)
+    sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:4]]
+    core.sft_step(sft, core.sft_norm(sft))  # a non-zero LoRA, so dropout changes the log-probs
+    groups = _groups(core, samples)
+    fwd = core.forward(groups, samples)
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    stats = core.update(groups, samples, np.array([1.0, -1.0, 2.0, -2.0]), fwd.ref_logprobs,
+                        loss_norm(lengths, int(fwd.seg_found.sum()), "token_mean"))
+    assert stats["ratio_max"] == 1.0 and stats["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_stale_completions_use_their_sampling_logprobs(tiny_policy_dir, synth_samples):
+    """A completion sampled by an older version (async generation) takes its ratio against the engine's
+    sampling log-probs: with sampling log-probs = the policy's own minus log(2), every ratio is 2."""
+    core = make_core(tiny_policy_dir, ["learner.clip_high=5.0"])
+    samples = synth_samples[:2]
+    groups = _groups(core, samples)
+    fwd = core.forward(groups, samples)
+    stale = [RolloutGroup(g.sample_id, [replace(c, version=core.version - 1, logprobs=list(lp - np.log(2.0)))
+                                        for c, lp in zip(g.completions, fwd.logprobs[2 * k:2 * k + 2])])
+             for k, g in enumerate(groups)]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    stats = core.update(stale, samples, np.array([1.0, -1.0, 1.0, -1.0]), fwd.ref_logprobs,
+                        loss_norm(lengths, int(fwd.seg_found.sum()), "token_mean"))
+    assert stats["ratio_max"] == pytest.approx(2.0, rel=1e-4) and stats["ratio_mean"] == pytest.approx(2.0, rel=1e-4)

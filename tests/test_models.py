@@ -8,7 +8,8 @@ from common.models.policy import (ModelPathError, ensure_policy_dir, gather_seg_
                                   policy_info)
 from common.models.sam import build_sam, encode_images, upscale_masks
 from common.models.segment import decode_masks
-from common.prompts import build_completion, build_prompt
+from common.models.family import family_for_type
+from common.prompts import build_completion
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def policy(tiny_policy_dir):
 
 
 def _inputs(processor, samples):
-    texts = [build_prompt(s.question) + build_completion(s.reasoning, s.category, s.boxes) for s in samples]
+    texts = [family_for_type("qwen2_5_vl").prompt(s.question) + build_completion(s.reasoning, s.category, s.boxes) for s in samples]
     return processor(text=texts, images=[Image.fromarray(s.image) for s in samples], return_tensors="pt",
                      padding=True)
 

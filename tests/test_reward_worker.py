@@ -118,14 +118,6 @@ def test_load_weights_version_check(cfg, synth_samples):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool_and_reference(ray_session, cfg, worker, synth_samples):
     from reward.worker import RewardPool
 
@@ -140,6 +132,7 @@ def pool_and_reference(ray_session, cfg, worker, synth_samples):
     pool.shutdown()
 
 
+@pytest.mark.slow
 def test_pool_keeps_order(pool_and_reference):
     pool, items, want = pool_and_reference
     assert pool.versions() == [1, 1]
@@ -155,43 +148,62 @@ def test_pool_keeps_order(pool_and_reference):
     assert stats["encoder_calls"] == 6 and stats["restarts"] == 0
 
 
+@pytest.mark.slow
 def test_pool_survives_a_worker_killed_mid_batch(ray_session, pool_and_reference, monkeypatch):
     pool, items, want = pool_and_reference
-    submit, killed = pool._submit, []
+    submit, killed = pool.pool.submit, []
 
-    def submit_then_kill(w, items_, rows):  # the kill lands right after worker 0's share is sent
-        ref = submit(w, items_, rows)
-        if w == 0 and not killed:
+    def submit_then_kill(w, method, *args, **kwargs):  # the kill lands right after worker 0's share is sent
+        call = submit(w, method, *args, **kwargs)
+        if w == 0 and method == "score" and not killed:
             killed.append(w)
             ray_session.kill(pool.workers[0], no_restart=False)
-        return ref
+        return call
 
-    monkeypatch.setattr(pool, "_submit", submit_then_kill)
+    monkeypatch.setattr(pool.pool, "submit", submit_then_kill)
     got = pool.score(items)
-    print("restart causes:", dict(pool.restart_causes))
+    print("restart causes:", dict(pool.pool.restart_causes))
     assert killed == [0]
     assert [g.total for g in got] == pytest.approx(want, abs=1e-5)
     assert pool.stats()["restarts"] >= 1 and pool.versions() == [1, 1]
 
 
+@pytest.mark.slow
 def test_pool_stats_survive_a_restarting_worker(ray_session, pool_and_reference):
     pool, items, want = pool_and_reference
-    before = pool.restarts
+    before = pool.pool.restarts
     ray_session.kill(pool.workers[0], no_restart=False)
     stats = pool.stats()  # the worker is dead or restarting here: the pool waits for it, never raises
     assert stats["workers"] == 2
     assert pool.versions()[1] == 1
     got = pool.score(items)
     assert [g.total for g in got] == pytest.approx(want, abs=1e-5)
-    assert pool.restarts > before and pool.versions() == [1, 1]
+    assert pool.pool.restarts > before and pool.versions() == [1, 1]
 
 
+@pytest.mark.slow
 def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):
     pool, items, want = pool_and_reference
-    before = pool.restarts
+    before = pool.pool.restarts
     ray_session.kill(pool.workers[1], no_restart=False)  # dies between batches; comes back at version 0
     got = pool.score(items)
     assert [g.total for g in got] == pytest.approx(want, abs=1e-5)
-    assert pool.restarts > before and pool.versions() == [1, 1]
+    assert pool.pool.restarts > before and pool.versions() == [1, 1]
     with pytest.raises(ray_session.exceptions.RayTaskError, match="refusing"):
         ray_session.get(pool.workers[1].load_weights.remote(_bundle(0)))
+
+
+@pytest.mark.slow
+def test_in_process_pool_scores_like_the_ray_pool(pool_and_reference, cfg):
+    from reward.worker import RewardPool
+
+    ray_pool, items, want = pool_and_reference
+    pool = RewardPool(cfg, HIDDEN, num_workers=2, local=True)
+    try:
+        assert pool.load_weights(_bundle(1)) == [1, 1] and pool.versions() == [1, 1] and pool.version == 1
+        assert pool._assign(items) == ray_pool._assign(items)
+        assert [g.total for g in pool.score(items)] == pytest.approx(want, abs=1e-5)
+        stats = pool.stats()
+        assert stats["workers"] == 2 and stats["scored"] == len(items) and stats["encoder_calls"] == 6
+    finally:
+        pool.shutdown()

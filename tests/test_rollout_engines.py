@@ -8,16 +8,19 @@ import torch
 from PIL import Image
 
 from common.config import load_config
+from common.models.family import family_for_type, model_family
 from common.models.lora import lora_state, make_lora_config, peft_config_dict
 from common.models.policy import load_policy
-from common.prompts import build_prompt
 from common.protocol import RolloutRequest, WeightBundle
 from rollout.engine import Sampling
+
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
 G = 8
 # Transformers needs mm_token_type_ids to place the image's M-RoPE positions; with it the full-forward
 # recomputation matches vLLM's and HF's sampling log-probs to fp32 precision.
 IMAGE_ATOL = 1e-4
+TINY_FAMILY = family_for_type("qwen2_5_vl")  # the tiny preset's family
 TEXT_PROMPT = "<|im_start|>user\nLocate and segment the polyp.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -27,11 +30,12 @@ def _cfg(lora_mode="adapter"):
 
 
 def _requests(samples, k=2):
-    return [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples[:k]]
+    return [RolloutRequest(s.id, TINY_FAMILY.prompt(s.question), s.image) for s in samples[:k]]
 
 
 def recompute_logprobs(model, processor, sample, completion_ids):
-    enc = processor(text=[build_prompt(sample.question)], images=[Image.fromarray(sample.image)], return_tensors="pt")
+    enc = processor(text=[TINY_FAMILY.prompt(sample.question)], images=[Image.fromarray(sample.image)],
+                    return_tensors="pt")
     ids = torch.cat([enc["input_ids"], torch.tensor([completion_ids])], dim=1)
     mm_types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(completion_ids), dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -50,7 +54,7 @@ def random_bundle(policy_dir, version, seed, **model_overrides):
     model, _ = load_policy(policy_dir)
     torch.manual_seed(seed)
     model_cfg = load_config("tiny_cpu", [f"model.{k}={v}" for k, v in model_overrides.items()]).model
-    peft_model = get_peft_model(model, make_lora_config(model_cfg, init_random=True))
+    peft_model = get_peft_model(model, make_lora_config(model_cfg, model_family(policy_dir), init_random=True))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

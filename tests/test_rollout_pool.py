@@ -6,15 +6,10 @@ import pytest
 import ray
 
 from common.config import load_config
-from common.prompts import build_prompt
+from common.models.family import family_for_type
 from common.protocol import RolloutRequest
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
 
 def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_samples):
@@ -24,7 +19,7 @@ def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_s
     cfg = load_config("tiny_cpu", ["rollout.engine=hf", "rollout.max_new_tokens=8", "rollout.max_model_len=512"])
     pool = RolloutPool(cfg, tiny_policy_dir, num_workers=2, num_cpus_per_worker=1)
     try:
-        reqs = [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in synth_samples[:5]]
+        reqs = [RolloutRequest(s.id, family_for_type("qwen2_5_vl").prompt(s.question), s.image) for s in synth_samples[:5]]
         reqs[3] = RolloutRequest("broken", reqs[3].prompt, b"\x89PNG broken")
         groups = pool.generate(reqs, n=2, seed=1)
         assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
@@ -56,3 +51,68 @@ def test_core_slices(cores, workers, per_worker, want):
     from rollout.worker import core_slices
 
     assert core_slices(cores, workers, per_worker) == want
+
+
+def _cfg():
+    return load_config("tiny_cpu", ["rollout.engine=hf", "rollout.max_new_tokens=8", "rollout.max_model_len=512"])
+
+
+def _requests(samples):
+    return [RolloutRequest(s.id, build_prompt(s.question), s.image) for s in samples]
+
+
+def test_pool_recovers_a_killed_worker_with_its_cores_and_weights(ray_session, tiny_policy_dir, synth_samples):
+    """A worker killed between or during generate calls is restarted by Ray; the pool starts it on its cores,
+    reloads the weights the call expects, and re-sends its shard."""
+    from rollout.worker import RolloutPool
+    from tests.test_rollout_engines import random_bundle
+
+    pool = RolloutPool(_cfg(), tiny_policy_dir, num_workers=2, num_cpus_per_worker=1)
+    try:
+        reqs = _requests(synth_samples[:4])
+        v3, _ = random_bundle(tiny_policy_dir, version=3, seed=0)
+        v4, _ = random_bundle(tiny_policy_dir, version=4, seed=1)
+        assert pool.load_weights(ray.put(v3)) == [3, 3]
+        cores = list(pool._worker_cores)
+        # between calls
+        ray.kill(pool.workers[0], no_restart=False)
+        groups = pool.generate(reqs, n=2, seed=7)
+        assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
+        assert all(len(g.completions) == 2 and c.version == 3 for g in groups for c in g.completions)
+        assert pool.pool.restarts == 1 and pool.versions() == [3, 3]
+        (_, a), _ = ray.get([w.placement.remote() for w in pool.workers])
+        assert a == cores[0] and ray.get(pool.workers[0].num_threads.remote()) == len(cores[0])
+        # during a generation, with the next version's load queued behind it (async generation): the re-sent
+        # shard is sampled with the version it was submitted for, then the queued load is re-sent too
+        futures = pool.submit(reqs, n=2, seed=8)
+        loading = pool.submit_load(v4)
+        ray.kill(pool.workers[1], no_restart=False)
+        groups = pool.gather(futures)
+        assert [g.sample_id for g in groups] == [r.sample_id for r in reqs]
+        assert all(c.version == 3 for g in groups for c in g.completions)
+        assert pool.gather_versions(loading) == [4, 4] and pool.versions() == [4, 4]
+        assert pool.pool.restarts == 2
+        assert all(c.version == 4 for g in pool.generate(reqs[:2], n=1) for c in g.completions)
+    finally:
+        pool.shutdown()
+
+
+def test_in_process_pool_matches_the_ray_pool(ray_session, tiny_policy_dir, synth_samples):
+    from rollout.worker import RolloutPool
+    from tests.test_rollout_engines import random_bundle
+
+    reqs = _requests(synth_samples[:3])
+    bundle, _ = random_bundle(tiny_policy_dir, version=2, seed=0)
+    got = {}
+    for local in (True, False):
+        pool = RolloutPool(_cfg(), tiny_policy_dir, num_workers=2, local=local)
+        try:
+            assert pool.load_weights(bundle) == [2, 2] and pool.versions() == [2, 2]
+            groups = pool.generate(reqs, n=1, greedy=True)
+            got[local] = [(g.sample_id, [c.token_ids for c in g.completions], [c.version for c in g.completions])
+                          for g in groups]
+            assert pool.errors() == 0
+        finally:
+            pool.shutdown()
+    assert [sid for sid, _, _ in got[True]] == [r.sample_id for r in reqs]
+    assert got[True] == got[False]

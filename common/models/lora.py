@@ -1,22 +1,19 @@
-"""LoRA on the language model of Qwen2.5-VL (never the vision tower) and its JSON-able PEFT config."""
+"""LoRA on the language model (never the vision tower; the family names its scope) and its JSON-able PEFT config."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 
 from common.config import ModelConfig
+from common.models.family import ModelFamily
 
 
-def lora_target_regex(modules: Sequence[str]) -> str:
-    return r".*language_model.*\.(" + "|".join(modules) + r")$"
-
-
-def make_lora_config(cfg: ModelConfig, init_random: bool = False):
+def make_lora_config(cfg: ModelConfig, family: ModelFamily, init_random: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_target_regex(cfg.lora_target_modules), bias="none",
+                      target_modules=family.lora_target_regex(cfg.lora_target_modules), bias="none",
                       init_lora_weights=not init_random)
 
 

@@ -1,5 +1,6 @@
 """Policy builders: the tiny/small Qwen2.5-VL presets (built in-process, saved once to a folder that
-transformers and vLLM both load) and the loader for a real local Qwen2.5-VL folder.
+transformers and vLLM both load) and the loader for a real local model folder of any registered family
+(`common.models.family`).
 
 `<seg>` must get an id inside the model's existing embedding rows, so the base weights are never resized
 and vLLM only ever receives LoRA deltas.
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from common.prompts import SEG_TOKEN
+from common.models.family import ModelFamily, family_for_type, model_family
 
 # Presets: (hidden, layers, heads, kv_heads, intermediate, vision hidden, vision depth, vocab, spare rows)
 PRESETS = {
@@ -28,8 +29,7 @@ PRESETS = {
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0
 RECIPE = "v3"  # bump when the tiny build changes, so cached folders are rebuilt
-MIN_PIXELS = 56 * 56
-MAX_PIXELS = 112 * 112 * 4
+TINY_FAMILY = "qwen2_5_vl"  # the family the tiny/small presets are built as
 
 
 class ModelPathError(FileNotFoundError):
@@ -39,9 +39,11 @@ class ModelPathError(FileNotFoundError):
 @dataclass
 class PolicyInfo:
     path: str
+    family: ModelFamily
     seg_token_id: int
     image_token_id: int
-    vision_token_ids: tuple
+    vision_token_ids: tuple  # never sampled in a completion
+    end_of_turn_id: int  # generation stops there
 
 
 def default_dtype(requested: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
@@ -51,57 +53,31 @@ def default_dtype(requested: str = "auto", device: str | torch.device = "cpu") -
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def _tiny_config(preset: str, vocab_size: int, tokenizer):
-    from transformers import Qwen2_5_VLConfig
-
-    p = PRESETS[preset]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    text = dict(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["inter"],
-                num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": p["mrope"]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, use_sliding_window=False)
-    vision = dict(depth=p["v_depth"], hidden_size=p["v_hidden"], intermediate_size=2 * p["v_hidden"],
-                  num_heads=p["v_heads"], out_hidden_size=p["hidden"], patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[p["v_depth"] - 1])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-                            architectures=["Qwen2_5_VLForConditionalGeneration"])
-
-
 def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, corpus_samples: int = 300) -> Path:
     """Train the tokenizer, build a random-init Qwen2.5-VL of the preset's size and save everything."""
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor, AutoTokenizer)
+    from transformers import AutoTokenizer
 
-    from common.models.tokenizer import CHAT_TEMPLATE, save_hf_tokenizer, train_tokenizer, training_corpus
+    from common.models.tokenizer import save_hf_tokenizer, train_tokenizer, training_corpus
     from common.synth import generate
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     corpus = [s for style in ("short", "detailed") for s in generate(corpus_samples, seed=12345, progress=False, reasoning=style)]
-    tok = train_tokenizer(training_corpus(corpus),
-                          vocab_size=PRESETS[preset]["vocab"] - SPARE_ROWS)
-    save_hf_tokenizer(tok, tmp)
+    family = family_for_type(TINY_FAMILY)
+    tok = train_tokenizer(training_corpus(corpus), family, vocab_size=PRESETS[preset]["vocab"] - SPARE_ROWS)
+    save_hf_tokenizer(tok, tmp, family)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp))
     vocab_rows = ((len(hf_tok) + SPARE_ROWS + 63) // 64) * 64  # spare rows beyond the vocabulary, as in Qwen
-    config = _tiny_config(preset, vocab_rows, hf_tok)
+    config = family.tiny_config(PRESETS[preset], vocab_rows, hf_tok)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = family.model_class()(config).to(torch.float32)
     with torch.no_grad():
         # With a frozen lm_head at std 0.02 the largest reachable logit margin is ~3 (final RMSNorm fixes the
         # hidden norm), so LoRA-only SFT could never fit the templates; a trained model's head is far larger.
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14,
-                                            merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=hf_tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(str(tmp))
+    family.tiny_processor(hf_tok).save_pretrained(str(tmp))
     (tmp / "coreseg.json").write_text(json.dumps({"preset": preset, "seed": seed}))
     tmp.rename(out_dir) if not out_dir.exists() else None
     return out_dir
@@ -121,13 +97,14 @@ def ensure_policy_dir(policy: str, assets_dir: str | Path = ".cache/coreseg", se
     src = Path(policy).expanduser()
     if not (src / "config.json").exists():
         raise ModelPathError(
-            f"model.policy={policy!r}: no Qwen2.5-VL folder with config.json there. Use 'tiny'/'small' or a "
+            f"model.policy={policy!r}: no model folder with config.json there. Use 'tiny'/'small' or a "
             f"local folder (e.g. a downloaded Qwen/Qwen2.5-VL-3B-Instruct); nothing is downloaded at run time.")
     from transformers import AutoTokenizer, AutoConfig
     from tokenizers import AddedToken
 
+    seg = model_family(src).seg_token  # an unknown model_type fails here, naming the folder and the known families
     tok = AutoTokenizer.from_pretrained(str(src))
-    if SEG_TOKEN in tok.get_vocab():
+    if seg in tok.get_vocab():
         return src
     out = Path(assets_dir) / f"policy-{src.name}-seg"
     if (out / "config.json").exists():
@@ -136,33 +113,34 @@ def ensure_policy_dir(policy: str, assets_dir: str | Path = ".cache/coreseg", se
     for f in src.iterdir():
         if f.suffix in (".safetensors", ".json") and "token" not in f.name and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
-    tok.add_tokens([AddedToken(SEG_TOKEN, special=False, normalized=False)])
+    tok.add_tokens([AddedToken(seg, special=False, normalized=False)])
     rows = AutoConfig.from_pretrained(str(src)).get_text_config().vocab_size
-    if tok.convert_tokens_to_ids(SEG_TOKEN) >= rows:
-        raise ValueError(f"{src}: no spare embedding row for {SEG_TOKEN} (vocab {len(tok)} >= rows {rows})")
+    if tok.convert_tokens_to_ids(seg) >= rows:
+        raise ValueError(f"{src}: no spare embedding row for {seg} (vocab {len(tok)} >= rows {rows})")
     tok.save_pretrained(str(out))
     return out
 
 
 def policy_info(path: str | Path) -> PolicyInfo:
+    """The folder's family and the token ids the rest of the code needs."""
     from transformers import AutoTokenizer
 
+    family = model_family(path)
     tok = AutoTokenizer.from_pretrained(str(path))
-    from common.models.tokenizer import VISION_TOKENS
-
-    return PolicyInfo(path=str(path), seg_token_id=tok.convert_tokens_to_ids(SEG_TOKEN),
-                      image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-                      vision_token_ids=tuple(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS))
+    return PolicyInfo(path=str(path), family=family, seg_token_id=family.token_id_of(tok, family.seg_token),
+                      image_token_id=family.token_id_of(tok, family.image_pad),
+                      vision_token_ids=tuple(family.token_id_of(tok, t) for t in family.vision_tokens),
+                      end_of_turn_id=family.token_id_of(tok, family.end_of_turn))
 
 
 def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor) from a prepared folder (see `ensure_policy_dir`)."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    """(model, processor) from a prepared folder (see `ensure_policy_dir`), with its family's model class."""
+    from transformers import AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise ModelPathError(f"no Qwen2.5-VL model folder at {path}")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+        raise ModelPathError(f"no model folder with config.json at {path}")
+    model = model_family(path).model_class().from_pretrained(str(path), dtype=dtype).to(device)
     processor = AutoProcessor.from_pretrained(str(path))
     return model, processor
 

@@ -1,6 +1,6 @@
-"""An offline-trained byte-level BPE tokenizer with Qwen2.5-VL's special tokens and `<seg>`.
+"""An offline-trained byte-level BPE tokenizer with a model family's special tokens and `<seg>`.
 
-The tiny presets use it so nothing is downloaded. Token ids of the special tokens follow Qwen's order.
+The tiny presets use it so nothing is downloaded. Token ids of the special tokens follow the family's order.
 """
 from __future__ import annotations
 
@@ -9,21 +9,8 @@ from typing import Iterable, List
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from common.prompts import SEG_TOKEN, build_completion, build_user_text, SYSTEM_PROMPT
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from common.models.family import ModelFamily
+from common.prompts import SYSTEM_PROMPT, build_completion, build_user_text
 
 
 def training_corpus(samples: Iterable) -> List[str]:
@@ -36,26 +23,26 @@ def training_corpus(samples: Iterable) -> List[str]:
     return texts
 
 
-def train_tokenizer(texts: List[str], vocab_size: int = 1024) -> Tokenizer:
+def train_tokenizer(texts: List[str], family: ModelFamily, vocab_size: int = 1024) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),  # Qwen tokenizes digits one by one
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(family.special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     # `<seg>` is one atomic, non-special token: it survives skip_special_tokens decoding in vLLM/HF.
-    tok.add_tokens([AddedToken(SEG_TOKEN, special=False, normalized=False, single_word=False)])
+    tok.add_tokens([AddedToken(family.seg_token, special=False, normalized=False, single_word=False)])
     return tok
 
 
-def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path):
-    """Save as a Qwen2 tokenizer folder that transformers and vLLM load."""
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, family: ModelFamily):
+    """Save as a tokenizer folder that transformers and vLLM load."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=family.end_of_turn, pad_token=family.end_of_text,
                                  unk_token=None, bos_token=None, model_max_length=4096)
-    hf.chat_template = CHAT_TEMPLATE
+    hf.chat_template = family.chat_template
     hf.save_pretrained(str(out_dir))
     return hf

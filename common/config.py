@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -82,6 +82,11 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    # The terms summed into the reward (reward/terms.py): registered names (the paper's format, box, mask) or
+    # import paths `package.module:function`, each logged as reward/<name>. Weights: w_format/w_box/w_mask for
+    # the paper's terms, term_weights.<function name> (default 1) for the others.
+    terms: List[str] = field(default_factory=lambda: ["format", "box", "mask"])
+    term_weights: Dict[str, float] = field(default_factory=dict)
     w_format: float = 1.0
     w_box: float = 1.0
     w_mask: float = 1.0
@@ -256,6 +261,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
+    _check_reward_terms(cfg)
+
+
+def _check_reward_terms(cfg: TrainConfig) -> None:
+    """Every `reward.terms` entry resolves (import paths are imported now, not on the first scored batch)."""
+    from reward.terms import TermError, check_terms  # late: reward/ builds on common/, not the other way
+    try:
+        check_terms(cfg.reward)
+    except TermError as err:
+        raise ConfigError(str(err)) from None
 
 
 def cpu_threads(cfg: TrainConfig, role: str, cores: int) -> int:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from common.images import decode_image, decode_mask, encode_png
+from common.images import decode_image, decode_mask, encode_png, union_mask
 
 SPLITS = ("train", "val", "test_id", "test_ood")
 REQUIRED_COLUMNS = ("id", "image", "width", "height", "masks", "boxes", "question", "reasoning",
@@ -61,10 +61,7 @@ class LesionSample:
         return int(self.image.shape[1])
 
     def union_mask(self) -> np.ndarray:
-        out = np.zeros(self.image.shape[:2], dtype=bool)
-        for m in self.masks:
-            out |= m
-        return out
+        return union_mask(self.masks, self.height, self.width)
 
 
 def sample_to_row(s: LesionSample) -> dict:

@@ -35,3 +35,15 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
     if len(xs) == 0:
         return None
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+def union_mask(masks, height: int, width: int) -> np.ndarray:
+    """The HxW bool union of per-lesion masks (all False when there are none); raises ValueError naming both
+    shapes when a mask does not have the image's."""
+    out = np.zeros((height, width), bool)
+    for m in masks:
+        m = np.asarray(m, bool)
+        if m.shape != out.shape:
+            raise ValueError(f"ground-truth mask is {m.shape}, image is {(height, width)}")
+        out |= m
+    return out

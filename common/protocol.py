@@ -125,7 +125,7 @@ class ScoreItem:
 @dataclass
 class Score:
     total: float
-    components: Dict[str, float]  # format, box, mask (weighted terms are in `total`)
+    components: Dict[str, float]  # one unweighted value per reward term (`reward.terms`); `total` is weighted
     reasons: List[str]  # why a component was 0/min because of bad output
     dice: float
     iou: float

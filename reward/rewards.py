@@ -1,5 +1,6 @@
 """The adaptive dual-granularity reward (pure numpy). Each function returns its value and, when bad
-output forced the value, a reason string ("" otherwise).
+output forced the value, a reason string ("" otherwise). reward/terms.py wraps them as the registered
+`format`, `box` and `mask` terms and sums the configured terms per completion (`score_completion`).
 
 Box convention: [x1, y1, x2, y2] pixel edges (x2/y2 exclusive, as `common.images.mask_to_box`);
 area = (x2-x1)*(y2-y1).
@@ -16,14 +17,13 @@ on small lesions a low Dice is mostly boundary noise, and box guidance is the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from common.images import mask_to_box
-from common.prompts import ParsedCompletion, parse_completion
-from common.protocol import Score
+from common.prompts import ParsedCompletion
 
 # Reasons (stable strings: counted in metrics).
 R_NO_BOXES = "no_boxes"
@@ -32,6 +32,8 @@ R_BOXES_NOT_FINITE = "boxes_not_finite"
 R_EMPTY_MASK = "empty_mask"
 R_MASK_WITHOUT_LESION = "mask_without_lesion"
 R_MASK_SHAPE = "mask_shape_mismatch"
+
+TIE_BREAK = 1e-9  # weight of the TP IoUs that breaks ties between optimal box assignments (see `box_reward`)
 
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,7 +78,13 @@ def box_reward(pred_boxes, gt_boxes, iou_threshold: float = 0.5,
                image_size: Optional[Tuple[int, int]] = None) -> Tuple[float, str, Dict[str, float]]:
     """Bipartite matching (Hungarian on 1 - IoU); a matched pair is a TP when IoU >= tau.
     r_bbox = mIoU(TP pairs) x F1, F1 = 2TP / (2TP + FP + FN); empty/empty -> 1.
-    image_size = (width, height): predicted boxes are clipped to the image first."""
+    image_size = (width, height): predicted boxes are clipped to the image first.
+
+    Ties: when several assignments reach the minimal total 1 - IoU, the one with the highest r_bbox is used.
+    As 2TP + FP + FN = n_pred + n_gt, r_bbox = 2 * sum(TP IoUs) / (n_pred + n_gt), so the tie-break is the
+    largest sum of TP IoUs (more true positives, in the usual tie). It is solved in one assignment on
+    1 - IoU - TIE_BREAK * IoU * [IoU >= tau]: TIE_BREAK (1e-9) is far below any real difference in total IoU
+    and far above float rounding, so it only decides between equally good assignments."""
     pred = np.asarray(pred_boxes, float).reshape(-1, 4)
     gt = np.asarray(gt_boxes, float).reshape(-1, 4)
     empty = {"tp": 0, "fp": len(pred), "fn": len(gt), "miou": 0.0, "f1": 0.0}
@@ -91,7 +99,7 @@ def box_reward(pred_boxes, gt_boxes, iou_threshold: float = 0.5,
     iou_m = box_iou_matrix(pred, gt)
     tp_ious: List[float] = []
     if len(gt):
-        rows, cols = linear_sum_assignment(1.0 - iou_m)
+        rows, cols = linear_sum_assignment(1.0 - iou_m - TIE_BREAK * iou_m * (iou_m >= iou_threshold))
         tp_ious = [float(iou_m[r, c]) for r, c in zip(rows, cols) if iou_m[r, c] >= iou_threshold]
     tp = len(tp_ious)
     fp, fn = len(pred) - tp, len(gt) - tp
@@ -155,51 +163,3 @@ def mask_reward(pred: np.ndarray, gt: np.ndarray, cfg=None) -> Tuple[float, str,
     if d < switch_threshold(gt, cfg):
         return giou(pred_box, gt_box), "", d
     return 1.0 + 2.0 * d, "", d
-
-
-def total_reward(format_value: float, box_value: float, mask_value: float, w_format: float = 1.0,
-                 w_box: float = 1.0, w_mask: float = 1.0) -> Tuple[float, Dict[str, float]]:
-    """a*format + b*box + c*mask; returns (total, unweighted components). A zero weight ablates a term."""
-    comps = {"format": float(format_value), "box": float(box_value), "mask": float(mask_value)}
-    return w_format * format_value + w_box * box_value + w_mask * mask_value, comps
-
-
-def union_mask(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    out = np.zeros((height, width), bool)
-    for m in masks:
-        m = np.asarray(m, bool)
-        if m.shape != out.shape:
-            raise ValueError(f"ground-truth mask is {m.shape}, image is {(height, width)}")
-        out |= m
-    return out
-
-
-def score_completion(text: str, pred: Union[np.ndarray, str], gt_masks: Sequence[np.ndarray], gt_boxes,
-                     image_hw: Tuple[int, int], cfg) -> Score:
-    """One completion -> Score. pred: the predicted HxW mask, or a reason string when none could be drawn
-    (missing `<seg>`, non-finite state): then the mask term is 0 and the reason is recorded.
-    cfg: RewardConfig (weights, tau, mask constants). Reasons are prefixed by their component."""
-    parsed = parse_completion(text)
-    reasons: List[str] = []
-    f_val, f_reason = format_reward(parsed)
-    if f_reason:
-        reasons.append(f"format:{f_reason}")
-    h, w = image_hw
-    if parsed.boxes_ok:  # boxes salvaged from an otherwise malformed answer still earn box reward
-        b_val, b_reason, _ = box_reward(parsed.boxes, gt_boxes, cfg.iou_threshold, (w, h))
-    else:
-        b_val, b_reason = 0.0, parsed.reason
-    if b_reason:
-        reasons.append(f"box:{b_reason}")
-    gt = union_mask(gt_masks, h, w)
-    if isinstance(pred, str):
-        m_val, d, j = 0.0, 0.0, 0.0
-        reasons.append(f"mask:{pred}")
-    else:
-        m_val, m_reason, d = mask_reward(pred, gt, cfg)
-        j = iou(pred, gt) if m_reason != R_MASK_SHAPE else 0.0
-        if m_reason:
-            reasons.append(f"mask:{m_reason}")
-    total, comps = total_reward(f_val, b_val, m_val, cfg.w_format, cfg.w_box, cfg.w_mask)
-    return Score(total=float(total), components=comps, reasons=reasons, dice=float(d), iou=float(j),
-                 format_ok=bool(parsed.ok))

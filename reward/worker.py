@@ -15,11 +15,11 @@ from common.actor_pool import ActorPool, StaleWeightsError
 from common.config import TrainConfig
 from common.models.adapter import build_adapter
 from common.models.sam import build_sam
+from common.prompts import R_NO_SEG
 from common.protocol import Score, ScoreItem, WeightBundle
-from reward.rewards import score_completion
 from reward.segmenter import Segmenter
+from reward.terms import score_completion
 
-R_NO_SEG = "no_seg_token"
 R_SEG_NOT_FINITE = "seg_state_not_finite"
 R_SEG_BAD_SHAPE = "seg_state_bad_shape"
 R_BAD_IMAGE = "bad_image"

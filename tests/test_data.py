@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from common.data import DataError, LesionDataset, SCHEMA, sample_to_row, write_parquet
-from common.images import encode_png
+from common.images import encode_png, union_mask
 from common.importer import import_folder
 from common.synth import generate
 
@@ -135,3 +135,14 @@ def test_synth_reasoning_styles_count_the_lesions():
         assert ("There is one" if n == 1 else f"There are {words[n]}") in d.reasoning
     with pytest.raises(ValueError, match="reasoning style"):
         generate(1, progress=False, reasoning="verbose")
+
+
+def test_union_mask_is_the_pixelwise_or_and_checks_shapes(synth_samples):
+    s = synth_samples[0]
+    want = np.zeros((s.height, s.width), bool)
+    for m in s.masks:
+        want = want | m
+    assert np.array_equal(s.union_mask(), want) and np.array_equal(union_mask(s.masks, s.height, s.width), want)
+    assert not union_mask([], 3, 5).any() and union_mask([], 3, 5).shape == (3, 5)
+    with pytest.raises(ValueError, match=r"ground-truth mask is \(2, 2\), image is \(3, 5\)"):
+        union_mask([np.ones((2, 2), bool)], 3, 5)

@@ -6,8 +6,8 @@ import pytest
 
 from common.config import RewardConfig
 from common.prompts import build_completion, parse_completion
-from reward.rewards import (MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward,
-                            score_completion, switch_threshold, total_reward)
+from reward.rewards import MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward, switch_threshold
+from reward.terms import score_completion
 
 GOOD = "<think> a </think> <answer> The polyp is located at [[1, 2, 3, 4]]. The mask is <seg>. </answer>"
 
@@ -51,19 +51,24 @@ def _iou_py(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def _brute_force(pred, gt, tau):
-    """Best total IoU over every assignment of predictions to ground truth (itertools), then mIoU x F1."""
+def _optimal_rewards(pred, gt, tau):
+    """mIoU(TP) x F1 of every optimal assignment, by enumeration (itertools): of all assignments of min(n, m)
+    pairs, those of maximal total IoU (equal up to 1e-9)."""
     n, m = len(pred), len(gt)
-    best_total, best_pairs = -1.0, []
+    scored = []  # (total IoU, reward) per assignment
     for perm in itertools.permutations(range(max(n, m))):
-        pairs = [(i, perm[i]) for i in range(n) if perm[i] < m]
-        total = sum(_iou_py(pred[i], gt[j]) for i, j in pairs)
-        if total > best_total + 1e-12:
-            best_total, best_pairs = total, pairs
-    tps = [_iou_py(pred[i], gt[j]) for i, j in best_pairs if _iou_py(pred[i], gt[j]) >= tau]
-    tp = len(tps)
-    f1 = 2 * tp / (2 * tp + (n - tp) + (m - tp))
-    return (sum(tps) / tp if tp else 0.0) * f1
+        ious = [_iou_py(pred[i], gt[perm[i]]) for i in range(n) if perm[i] < m]
+        tps = [v for v in ious if v >= tau]
+        tp = len(tps)
+        f1 = 2 * tp / (2 * tp + (n - tp) + (m - tp))
+        scored.append((sum(ious), (sum(tps) / tp if tp else 0.0) * f1))
+    best_total = max(total for total, _ in scored)
+    return [reward for total, reward in scored if total >= best_total - 1e-9]
+
+
+def _brute_force(pred, gt, tau):
+    """The rule: the highest reward among the optimal assignments."""
+    return max(_optimal_rewards(pred, gt, tau))
 
 
 def test_hungarian_matches_brute_force():
@@ -76,6 +81,26 @@ def test_hungarian_matches_brute_force():
         pred[:, 2:] = np.maximum(pred[:, 2:], pred[:, :2] + 1)
         tau = 0.3
         assert box_reward(pred, gt, tau)[0] == pytest.approx(_brute_force(pred, gt, tau), abs=1e-9)
+
+
+def test_box_matching_ties_go_to_the_higher_reward():
+    # Both assignments have total IoU 0.5: (0.25 + 0.25, no TP) and (0.0 + 0.5, one TP at tau = 0.5).
+    pred, gt = [[3, 0, 6, 1], [2, 0, 6, 1]], [[2, 0, 4, 1], [2, 0, 3, 1]]
+    value, reason, d = box_reward(pred, gt)
+    assert (d["tp"], d["fp"], d["fn"], reason) == (1, 1, 1, "")
+    assert value == pytest.approx(0.5 * 2 * 1 / 4)  # mIoU 0.5 x F1 2/4
+    # one-pixel-high boxes on a small integer range: optimal assignments with different rewards are common there
+    rng = np.random.default_rng(5)
+    ambiguous = 0
+    for _ in range(600):
+        n, m = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        x1, width = rng.integers(0, 3, n + m), rng.integers(1, 5, n + m)
+        boxes = np.stack([x1, 0 * x1, x1 + width, 0 * x1 + 1], 1).astype(float)
+        pred, gt = boxes[:n], boxes[n:]
+        rewards = _optimal_rewards(pred, gt, 0.5)
+        ambiguous += max(rewards) - min(rewards) > 1e-12
+        assert box_reward(pred, gt, 0.5)[0] == pytest.approx(max(rewards), abs=1e-12), (pred, gt)
+    assert ambiguous >= 5  # the cases do exercise the tie-break
 
 
 def test_dice_iou_against_set_arithmetic():
@@ -145,9 +170,15 @@ def test_density_aware_threshold_small_and_large_lesion():
 
 
 def test_total_reward_weights():
-    total, comps = total_reward(1.0, 0.5, 2.0, w_format=1.0, w_box=0.0, w_mask=0.5)
-    assert total == pytest.approx(2.0) and comps == {"format": 1.0, "box": 0.5, "mask": 2.0}
-    assert total_reward(1.0, 0.5, 2.0)[0] == pytest.approx(3.5)
+    gt_mask = _box_mask(0, 0, 10, 10)
+    # box [0,0,10,5] vs gt [0,0,10,10]: IoU 0.5 (a TP at tau 0.5) -> 0.5 x F1 1; the mask is the gt: 3
+    text = build_completion("x", "polyp", [[0, 0, 10, 5]])
+    cfg = RewardConfig(w_format=1.0, w_box=0.0, w_mask=0.5)
+    score = score_completion(text, gt_mask, [gt_mask], [[0, 0, 10, 10]], (40, 40), cfg)
+    assert score.components == {"format": 1.0, "box": pytest.approx(0.5), "mask": 3.0}
+    assert score.total == pytest.approx(1.0 + 0.0 * 0.5 + 0.5 * 3.0)
+    assert score_completion(text, gt_mask, [gt_mask], [[0, 0, 10, 10]], (40, 40), RewardConfig()).total == \
+        pytest.approx(1.0 + 0.5 + 3.0)
 
 
 def test_score_completion_components_and_reasons():

@@ -1,17 +1,11 @@
-"""Cluster mode: our own `ray start --head` on 127.0.0.1 (own ports, own temp dir), a 1-step tiny run through
-`ray job submit`, then only that cluster's processes are stopped."""
+"""Cluster mode: a head and two worker nodes of our own on 127.0.0.1 (deploy/local_cluster.py: own ports and temp
+dirs), a tiny run through `ray job submit`, then only that cluster's processes are stopped."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
@@ -19,48 +13,16 @@ pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_own_cluster(temp_dir: str) -> None:
-    """Terminate only the processes of the cluster rooted at `temp_dir` (never a bare `ray stop`)."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
-
-
 @pytest.fixture()
 def own_cluster():
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/cs")
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-                    "--temp-dir", temp_dir, "--num-cpus", "4", "--disable-usage-stats",
-                    # own ports for every agent, so another Ray instance on this machine cannot collide
-                    "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port",
-                    str(_free_port()), "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port",
-                    str(_free_port())],
-                   check=True, env=env, capture_output=True, timeout=120)
+    """A head and two worker nodes on 127.0.0.1, 2 CPUs each, each with its own temp dir and ports."""
+    from deploy.local_cluster import start_local_cluster
+
+    cluster = start_local_cluster(workers=2, cpus_per_node=2)
     try:
-        yield f"http://127.0.0.1:{dash}", env, ray_bin
+        yield cluster.dashboard, cluster.env, cluster.ray_bin
     finally:
-        _stop_own_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
 def test_ray_job_submit_one_step(own_cluster, tmp_path):

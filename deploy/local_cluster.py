@@ -1,0 +1,94 @@
+"""A multi-node Ray cluster simulated on one machine: a head and N worker nodes on 127.0.0.1, each started with
+`ray start`, its own temp dir, ports and CPUs, and stopped by its own PIDs (never a bare `ray stop`, which would
+stop every Ray on the machine). For tests and benchmarks of the cluster paths (`coreseg submit`, placement)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> List[str]:
+    """Own ports for every agent of a node, so other Ray instances on this machine cannot collide."""
+    return [arg for name in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+            for arg in (name, str(free_port()))]
+
+
+def _own_processes(temp_dir: str) -> list:
+    """The processes of the node rooted at `temp_dir` and all their descendants (Ray's agents rename their
+    process title, so only the parent tree ties them to the node)."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+@dataclass
+class LocalCluster:
+    address: str  # GCS address (HOST:PORT) for ray.init
+    dashboard: str  # http://HOST:PORT for `ray job submit --address`
+    env: Dict[str, str]  # environment for the `ray` CLI against this cluster (auth off, no RAY_ADDRESS)
+    ray_bin: str
+    temp_dirs: List[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Terminate this cluster's processes by PID, then remove its temp dirs."""
+        procs = [p for d in self.temp_dirs for p in _own_processes(d)]
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: float = 120) -> LocalCluster:
+    """Head + `workers` worker nodes on 127.0.0.1; on failure, whatever started is stopped again."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin)
+    try:
+        head_dir = tempfile.mkdtemp(prefix="/tmp/csh")
+        cluster.temp_dirs.append(head_dir)
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+                        "--temp-dir", head_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
+                        *_node_ports()], check=True, env=env, capture_output=True, timeout=timeout_s)
+        for k in range(workers):
+            node_dir = tempfile.mkdtemp(prefix=f"/tmp/csw{k}")
+            cluster.temp_dirs.append(node_dir)
+            low = min(free_port(), 64000)  # each node's worker processes in their own port range
+            subprocess.run([ray_bin, "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
+                            "--temp-dir", node_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
+                            "--min-worker-port", str(low), "--max-worker-port", str(low + 999), *_node_ports()],
+                           check=True, env=env, capture_output=True, timeout=timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

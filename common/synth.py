@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from common.data import LesionSample, write_parquet
 from common.images import mask_to_box
-from common.prompts import build_completion  # noqa: F401  (re-exported for callers building targets)
 
 
 @dataclass(frozen=True)

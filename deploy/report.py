@@ -1,7 +1,6 @@
 """`report.md` with PNG plots from a run's metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -83,8 +83,6 @@ def test_push_sends_each_pool_only_its_part(full_run, tiny_policy_dir):
 
 
 def test_resume_matches_uninterrupted_run(full_run, data_dir):
-    import ray
-
     from deploy.driver import Driver
 
     tmp, cfg, _, records = full_run

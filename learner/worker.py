@@ -208,7 +208,8 @@ class LearnerCore:
         self.engine.train()
         shards = []
         for k, (a, b) in enumerate(layout.micro):
-            batch = zero_padding_rows(build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id), layout.real[a:b])
+            batch = zero_padding_rows(build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id),
+                                      layout.real[a:b])
             logp, states, found = self.module.policy_pass(batch)
             loss, stats = sft_loss(logp, batch.completion_mask, self._dice_sum(states, found, samples[a:b]), norm,
                                    L.mask_loss_weight)

@@ -34,8 +34,9 @@ def assign_rows(costs: Sequence[int], ranks: int, micro_batch_size: int) -> List
     micro-batches, ceil(rows / (ranks * micro_batch_size)) and at least 1, each of at most `micro_batch_size`
     rows (a micro-batch may be empty: `rank_layouts` pads it). Rows go, most expensive first, to the rank with the
     least cost so far among those with room left (ties: fewer rows, lower rank), so two ranks' costs differ by
-    more than the largest row's cost only when the lighter one is full. Within a rank, rows of similar cost share
-    a micro-batch (less padding to the longest row)."""
+    more than the largest row's cost only when the lighter one is full. Within a rank, rows keep batch order (a
+    prompt's completions stay together, so its image is prepared once per micro-batch), split into micro-batches
+    whose sizes differ by at most 1 (on one rank: the batch's contiguous chunks)."""
     if ranks < 1 or micro_batch_size < 1:
         raise ValueError(f"need ranks >= 1 and micro_batch_size >= 1, got {ranks} and {micro_batch_size}")
     if any(c < 0 for c in costs):
@@ -48,6 +49,7 @@ def assign_rows(costs: Sequence[int], ranks: int, micro_batch_size: int) -> List
         r = min((r for r in range(ranks) if len(members[r]) < capacity), key=lambda r: (loads[r], len(members[r]), r))
         members[r].append(i)
         loads[r] += costs[i]
+    members = [sorted(m) for m in members]
     return [[[m[k] for k in part] for part in balanced_shards(len(m), per_rank)] for m in members]
 
 

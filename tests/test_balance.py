@@ -24,6 +24,13 @@ def test_hand_worked_full_rank_takes_no_more():
     assert assign_rows([100, 1, 1, 1, 1, 1, 1, 1], 2, 2) == [[[0, 5], [6, 7]], [[1, 2], [3, 4]]]
 
 
+def test_rows_keep_batch_order_within_a_rank():
+    # one rank: the batch's contiguous chunks, as a plain micro-batch loop would make them
+    assert assign_rows([1, 9, 5, 5, 2], 1, 2) == [[[0, 1], [2, 3], [4]]]
+    # 9 -> r0, 5 -> r1, 5 -> r1 (5 < 9), 1 -> r0: each rank's rows in batch order, one per micro-batch
+    assert assign_rows([1, 9, 5, 5], 2, 1) == [[[0], [1]], [[2], [3]]]
+
+
 def test_rank_without_rows_gets_a_padding_row():
     # one row, two ranks: rank 1 runs the cheapest row with loss weight 0, in as many micro-batches as rank 0
     r0, r1 = rank_layouts([7], 2, 4)

@@ -93,6 +93,15 @@ def build_batch(encoder: PromptEncoder, samples: Sequence[LesionSample], complet
                        [len(c) for c in completions], {**aligned, **images})
 
 
+def zero_padding_rows(batch: PolicyBatch, real: Optional[Sequence[bool]]) -> PolicyBatch:
+    """The batch with the completion mask of each padding row (`real[i]` False) zeroed: such a row runs through
+    the model like the others but has loss weight 0 and no `<seg>` (see learner/balance.py). None: all real."""
+    if real is not None and not all(real):
+        keep = torch.as_tensor(list(real), dtype=batch.completion_mask.dtype)
+        batch.completion_mask = batch.completion_mask * keep[:, None]
+    return batch
+
+
 def logits_window(batch: PolicyBatch) -> int:
     """How many trailing positions need logits: from the token before the earliest completion to the end.
     Passed as `logits_to_keep`, it skips the lm_head (the vocabulary-wide matmul) over the prompts."""

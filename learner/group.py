@@ -5,17 +5,19 @@ from typing import Dict, List
 
 import numpy as np
 
-from common.actor_pool import ActorPool, balanced_shards
+from common.actor_pool import ActorPool
 from common.config import TrainConfig
 from common.data import LesionSample
 from common.protocol import Advantages, ForwardResult, WeightBundle
+from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
 from learner.grpo import combine_stats, group_advantages, loss_norm
 from learner.worker import LearnerWorker, free_port
 
 
 class LearnerGroup:
-    """N data-parallel LearnerWorkers. The batch is split by prompt group; global normalisers are computed
-    here from the whole batch, so the update does not depend on the number of ranks. `local=True`: one rank in
+    """N data-parallel LearnerWorkers. The batch's rows are balanced over the ranks by tokens, every rank running
+    the same number of micro-batches (learner/balance.py); global normalisers are computed here from the whole
+    batch, so the update does not depend on the number of ranks. `local=True`: one rank in
     the caller's process (DeepSpeed, world size 1, gloo)."""
 
     def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
@@ -35,16 +37,16 @@ class LearnerGroup:
     def workers(self) -> list:
         return self.pool.actors
 
-    def _split(self, n: int) -> List[range]:
-        return balanced_shards(n, len(self.pool))
+    def _layouts(self, costs) -> List[RankLayout]:
+        return rank_layouts(costs, len(self.pool), self.cfg.learner.micro_batch_size)
 
     def forward(self, groups, samples) -> ForwardResult:
-        parts = self._split(len(groups))
-        futures = [self.pool.submit(i, "forward", [groups[k] for k in p], [samples[k] for k in p])
-                   for i, p in enumerate(parts) if len(p)]
-        results = self.pool.gather(futures)
-        return ForwardResult([x for r in results for x in r.logprobs], [x for r in results for x in r.ref_logprobs],
-                             np.concatenate([r.seg_states for r in results]), np.concatenate([r.seg_found for r in results]))
+        """Every completion's log-probs and `<seg>` state, rows balanced over the ranks (see `update`)."""
+        rows, comps = flatten_rows(groups, samples)
+        layouts = self._layouts(completion_costs(comps))
+        futures = [self.pool.submit(rank, "forward_rows", [rows[i] for i in lay.rows], [comps[i] for i in lay.rows],
+                                    lay) for rank, lay in enumerate(layouts)]
+        return merge_forward(layouts, self.pool.gather(futures))
 
     def advantages(self, rewards: np.ndarray) -> Advantages:
         """Group advantages of rewards [P, G] by the configured estimator; groups with no reward variance are
@@ -55,24 +57,32 @@ class LearnerGroup:
         return Advantages(adv.numpy(), keep.numpy())
 
     def update(self, groups, samples, advantages: np.ndarray, forward: ForwardResult) -> Dict[str, float]:
-        """One step on the batch, split by prompt group over the ranks; the normalisers come from the whole batch."""
-        lengths = [len(c.token_ids) for g in groups for c in g.completions]
-        norm = loss_norm(lengths, int(np.asarray(forward.seg_found).sum()), self.cfg.learner.loss_agg)
-        parts = self._split(len(groups))
+        """One step on the batch. Its completions are balanced over the ranks by tokens, every rank running as many
+        micro-batches (`rank_layouts`; padding rows have loss weight 0); the normalisers come from the whole batch,
+        so N ranks make the same step as one."""
+        rows, comps = flatten_rows(groups, samples)
+        if len(advantages) != len(comps):
+            raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
+        norm = loss_norm([len(c.token_ids) for c in comps], int(np.asarray(forward.seg_found).sum()),
+                         self.cfg.learner.loss_agg)
+        layouts = self._layouts(completion_costs(comps))
+        advantages, ref = np.asarray(advantages, dtype=np.float64), forward.ref_logprobs
         futures = []
-        sizes = [len(g.completions) for g in groups]
-        for rank, p in enumerate(parts):  # every rank steps, an empty share too (the step's collectives need all)
-            a = sum(sizes[:p.start]) if len(p) else 0
-            b = a + sum(sizes[i] for i in p)
-            futures.append(self.pool.submit(rank, "update", [groups[i] for i in p], [samples[i] for i in p],
-                                            advantages[a:b], forward.ref_logprobs[a:b], norm))
+        for rank, lay in enumerate(layouts):
+            pick = list(lay.rows)
+            futures.append(self.pool.submit(rank, "update_rows", [rows[i] for i in pick], [comps[i] for i in pick],
+                                            np.where(lay.real, advantages[pick], 0.0),
+                                            [ref[i] for i in pick] if len(ref) else [], lay, norm))
         return _combine_ranks(self.pool.gather(futures))
 
     def sft_step(self, samples: List[LesionSample]) -> Dict[str, float]:
-        norm = self.pool.call(0, "sft_norm", samples)
-        parts = self._split(len(samples))
-        return _combine_ranks(self.pool.gather([self.pool.submit(rank, "sft_step", [samples[i] for i in p], norm)
-                                                for rank, p in enumerate(parts)]))
+        """One SFT step, balanced over the ranks like `update`."""
+        lengths = self.pool.call(0, "sft_lengths", samples)
+        norm = loss_norm([target for _, target in lengths], len(samples), "token_mean")
+        layouts = self._layouts([prompt + target for prompt, target in lengths])
+        return _combine_ranks(self.pool.gather([self.pool.submit(rank, "sft_rows", [samples[i] for i in lay.rows],
+                                                                 lay, norm)
+                                                for rank, lay in enumerate(layouts)]))
 
     def export_weights(self) -> WeightBundle:
         return self.pool.call(0, "export_weights")

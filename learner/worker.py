@@ -1,12 +1,14 @@
 """LearnerCore (a DeepSpeed engine around the trainable module) and LearnerWorker, its Ray actor. Losses are
 normalised by global counts computed before the batch is split (learner/group.py), so any number of ranks
-and micro-batches gives the same update."""
+and micro-batches gives the same update. A rank trains the rows of its `RankLayout` (learner/balance.py): every
+rank runs as many micro-batches, and every backward reaches every trainable parameter, so the ranks' gradient
+reductions match whatever their data."""
 from __future__ import annotations
 
 import importlib
 import os
 import socket
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import ray
@@ -15,7 +17,8 @@ import torch
 from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
 from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
-from learner.batch import PromptEncoder, build_batch, per_completion
+from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
+from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
 from learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
 from learner.losses import dice_ce_loss
 from learner.sft import sft_loss, sft_target_ids
@@ -68,34 +71,32 @@ class LearnerCore:
         self.version = 0
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _flatten(self, groups: Sequence[RolloutGroup], samples: Sequence[LesionSample]):
-        """(samples, completions), one entry per completion."""
-        rows = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
-        return [s for s, _ in rows], [c for _, c in rows]
-
     def _set_lr(self, lr: float) -> None:
         """LoRA group's learning rate (SFT and GRPO use different ones); the adapter group keeps its own."""
         self.optimizer.param_groups[0]["lr"] = lr
 
-    def _micro(self, n: int):
-        m = self.cfg.learner.micro_batch_size
-        return [(i, min(n, i + m)) for i in range(0, n, m)]
+    def _layout(self, costs: Sequence[int]) -> RankLayout:
+        """This rank alone on a whole batch (the in-process API: `forward`, `update`, `sft_step`)."""
+        return rank_layouts(costs, 1, self.cfg.learner.micro_batch_size)[0]
 
-    def _batch(self, samples: Sequence[LesionSample], completions: Sequence[Completion]):
-        """The policy batch of these completions, on the prompt ids their rollout engine returned."""
-        return build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id,
-                           [c.prompt_token_ids for c in completions])
+    def _batch(self, samples: Sequence[LesionSample], completions: Sequence[Completion], real=None):
+        """The policy batch of these completions, on the prompt ids their rollout engine returned; `real`: False
+        for a padding row, whose completion mask is zeroed (loss weight 0, no `<seg>` found)."""
+        batch = build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id,
+                            [c.prompt_token_ids for c in completions])
+        return zero_padding_rows(batch, real)
 
     def _dice_sum(self, states: torch.Tensor, found: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
-        """Summed DiceCE over the completions that produced a `<seg>` (the others are excluded)."""
+        """Summed DiceCE over the completions that produced a `<seg>` (the others are excluded). The term always
+        runs through the adapter and mask decoder, so every rank reduces the same gradients in every backward
+        (ZeRO): with no `<seg>` in the micro-batch, or the mask loss off, it is the first row's DiceCE times 0."""
         L = self.cfg.learner
+        used = bool(found.any()) and L.mask_loss_weight > 0
+        idx = found.nonzero(as_tuple=True)[0] if used else torch.zeros(1, dtype=torch.long, device=found.device)
         total = torch.zeros((), device=self.device)
-        if not found.any() or L.mask_loss_weight <= 0:
-            return total
-        idx = found.nonzero(as_tuple=True)[0]
         for logits, target in self.module.mask_loss_pair(states[idx], [samples[int(i)] for i in idx]):
             mean_loss, _ = dice_ce_loss(logits, target, L.dice_weight, L.bce_weight)
-            total = total + mean_loss * logits.shape[0]
+            total = total + mean_loss * (logits.shape[0] if used else 0.0)
         return total
 
     def _behaviour_logprobs(self, logp: torch.Tensor, batch, completions: Sequence[Completion]) -> torch.Tensor:
@@ -111,19 +112,31 @@ class LearnerCore:
             old[rows] = torch.where(batch.completion_mask[stale].to(self.device).bool(), sampled[rows], old[rows])
         return old
 
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+
     # -- forward ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
-        """The policy's log-probs and `<seg>` states of every completion (+ reference log-probs when kl_beta > 0),
-        in eval mode (no dropout). The update does not use these log-probs as its old log-probs (see
-        `_behaviour_logprobs`): with LoRA dropout, eval-mode old log-probs would make the on-policy ratio != 1."""
-        flat_samples, comps = self._flatten(groups, samples)
+        """`forward_rows` of this rank alone on the whole batch."""
+        rows, comps = flatten_rows(groups, samples)
+        layout = self._layout(completion_costs(comps))
+        out = self.forward_rows([rows[i] for i in layout.rows], [comps[i] for i in layout.rows], layout)
+        return merge_forward([layout], [out])
+
+    @torch.no_grad()
+    def forward_rows(self, samples: List[LesionSample], completions: List[Completion],
+                     layout: RankLayout) -> ForwardResult:
+        """The policy's log-probs and `<seg>` states of each row of `layout` (padding rows included; the caller
+        drops them) + reference log-probs when kl_beta > 0, in eval mode (no dropout). The update does not use
+        these log-probs as its old log-probs (see `_behaviour_logprobs`): with LoRA dropout, eval-mode old
+        log-probs would make the on-policy ratio != 1."""
         logps, ref, states, found = [], [], [], []
         with_ref = self.cfg.learner.kl_beta > 0  # at beta = 0 the reference pass is skipped: ref stays []
         if with_ref and self.cfg.learner.reference == "grpo_start" and self.module.reference_lora is None:
             self.module.snapshot_reference()  # the first GRPO pass: the policy as SFT left it
         self.engine.eval()
-        batches = [self._batch(flat_samples[a:b], comps[a:b]) for a, b in self._micro(len(comps))]
+        batches = [self._batch(samples[a:b], completions[a:b]) for a, b in layout.micro]
         for batch in batches:
             logp, st, fd = self.module.policy_pass(batch)
             logps += [x.float().cpu().numpy() for x in per_completion(logp, batch)]
@@ -138,31 +151,41 @@ class LearnerCore:
 
     # -- GRPO update --------------------------------------------------------------------------------
     def update(self, groups, samples, advantages: np.ndarray, ref: List[np.ndarray], norm: LossNorm) -> Dict[str, float]:
-        """One optimizer step on this rank's share of the batch; `norm` holds the whole batch's normalisers.
-        The loss is `learner.grpo.grpo_loss`, per micro-batch."""
-        L = self.cfg.learner
-        flat_samples, comps = self._flatten(groups, samples)
+        """`update_rows` of this rank alone on the whole batch."""
+        rows, comps = flatten_rows(groups, samples)
         if len(advantages) != len(comps):
             raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
+        layout = self._layout(completion_costs(comps))
+        pick = list(layout.rows)
+        return self.update_rows([rows[i] for i in pick], [comps[i] for i in pick], np.asarray(advantages)[pick],
+                                [ref[i] for i in pick] if len(ref) else [], layout, norm)
+
+    def update_rows(self, samples: List[LesionSample], completions: List[Completion], advantages: np.ndarray,
+                    ref: List[np.ndarray], layout: RankLayout, norm: LossNorm) -> Dict[str, float]:
+        """One optimizer step on this rank's rows (one entry per row of `layout`, padding rows included); `norm`
+        holds the whole batch's normalisers. The loss is `learner.grpo.grpo_loss`, per micro-batch; a padding row
+        has its completion mask zeroed, so it adds nothing but keeps the step's collectives the same on every rank."""
+        L = self.cfg.learner
+        if not len(advantages) == len(completions) == len(samples) == len(layout.rows):
+            raise ValueError(f"{len(samples)} samples, {len(completions)} completions and {len(advantages)} "
+                             f"advantages for a layout of {len(layout.rows)} rows")
         self._set_lr(L.lr)
         self.engine.train()
         with_kl = L.kl_beta > 0
-        if with_kl and len(ref) != len(comps):
-            raise ValueError(f"kl_beta={L.kl_beta} needs reference log-probs for all {len(comps)} completions, "
+        if with_kl and len(ref) != len(completions):
+            raise ValueError(f"kl_beta={L.kl_beta} needs reference log-probs for all {len(completions)} completions, "
                              f"got {len(ref)}")
         shards = []
-        micro = self._micro(len(comps))
-        for k, (a, b) in enumerate(micro):
-            batch = self._batch(flat_samples[a:b], comps[a:b])
+        for k, (a, b) in enumerate(layout.micro):
+            batch = self._batch(samples[a:b], completions[a:b], layout.real[a:b])
             logp, states, found = self.module.policy_pass(batch)
             adv = torch.as_tensor(advantages[a:b], dtype=torch.float32, device=self.device)
-            loss, stats = grpo_loss(logp, self._behaviour_logprobs(logp, batch, comps[a:b]),
+            loss, stats = grpo_loss(logp, self._behaviour_logprobs(logp, batch, completions[a:b]),
                                     _place(ref[a:b], batch, self.device) if with_kl else None, adv,
                                     batch.completion_mask.to(self.device), cfg=L,
                                     max_len=self.cfg.rollout.max_new_tokens,
-                                    dice_sum=self._dice_sum(states, found, flat_samples[a:b]), norm=norm)
-            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+                                    dice_sum=self._dice_sum(states, found, samples[a:b]), norm=norm)
+            self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
         self.engine.step()
         self.version += 1
@@ -170,25 +193,39 @@ class LearnerCore:
 
     # -- SFT ----------------------------------------------------------------------------------------
     def sft_step(self, samples: List[LesionSample], norm: LossNorm) -> Dict[str, float]:
+        """`sft_rows` of this rank alone on the whole batch."""
+        layout = self._layout([p + t for p, t in self.sft_lengths(samples)])
+        return self.sft_rows([samples[i] for i in layout.rows], layout, norm)
+
+    def sft_rows(self, samples: List[LesionSample], layout: RankLayout, norm: LossNorm) -> Dict[str, float]:
+        """One SFT optimizer step on this rank's rows (padding rows included, as in `update_rows`)."""
         L = self.cfg.learner
+        if len(samples) != len(layout.rows):
+            raise ValueError(f"{len(samples)} samples for a layout of {len(layout.rows)} rows")
         tok = self.module.processor.tokenizer
         comps = [sft_target_ids(tok, s, self.module.info.family) for s in samples]
         self._set_lr(L.sft_lr)
         self.engine.train()
         shards = []
-        micro = self._micro(len(comps))
-        for k, (a, b) in enumerate(micro):
-            batch = build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id)
+        for k, (a, b) in enumerate(layout.micro):
+            batch = zero_padding_rows(build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id),
+                                      layout.real[a:b])
             logp, states, found = self.module.policy_pass(batch)
             loss, stats = sft_loss(logp, batch.completion_mask, self._dice_sum(states, found, samples[a:b]), norm,
                                    L.mask_loss_weight)
-            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
         self.engine.step()
         self.version += 1
         return {**combine_stats(shards), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "lr": L.sft_lr}
+
+    def sft_lengths(self, samples: List[LesionSample]) -> List[Tuple[int, int]]:
+        """(prompt tokens, target tokens) of each SFT sample: the target tokens normalise the loss, their sum with
+        the prompt's is the row's cost when the batch is balanced over ranks."""
+        tok = self.module.processor.tokenizer
+        return [(int(self.encoder.encode(s)["input_ids"].shape[1]),
+                 len(sft_target_ids(tok, s, self.module.info.family))) for s in samples]
 
     def sft_norm(self, samples: List[LesionSample]) -> LossNorm:
         """The SFT batch's normalisers: its target tokens, and one mask target per sample."""

@@ -52,7 +52,8 @@ def install_merged_lora(model, reader: CheckpointReader, deltas) -> int:
 def ray_tp_env(bundles: Sequence[int], rank_gpus: float) -> dict:
     """The env vars vLLM's Ray executor reads to put rank j on placement-group bundle bundles[j], asking
     rank_gpus of it (vLLM's documented way to run inside a placement group the caller reserved)."""
-    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(int(b)) for b in bundles), "VLLM_RAY_PER_WORKER_GPUS": f"{rank_gpus:g}"}
+    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(int(b)) for b in bundles),
+            "VLLM_RAY_PER_WORKER_GPUS": f"{rank_gpus:g}"}
 
 
 def parallel_kwargs(tp: int, on_gpu: bool, ray_bundles: Sequence[int]) -> dict:

@@ -198,3 +198,51 @@ def test_colocated_driver_sleeps_before_learner_work_and_wakes_before_generation
     step = ["wake", "generate", "sleep", "forward", "sleep", "update", "wake", "load"]
     assert [c for c, _ in events] == ["sleep", "sft_step", "wake", "load"] + step + step
     assert not d.rollout.asleep
+
+
+def test_vllm_parallel_arguments_by_mode():
+    from rollout.vllm_engine import parallel_kwargs, ray_tp_env
+
+    # TP 2 in reserved bundles 4 and 5: vLLM's Ray executor, one worker per bundle with half a GPU each
+    assert parallel_kwargs(2, True, (4, 5)) == {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    assert ray_tp_env((4, 5), 0.5) == {"VLLM_RAY_BUNDLE_INDICES": "4,5", "VLLM_RAY_PER_WORKER_GPUS": "0.5"}
+    assert parallel_kwargs(2, True, ()) == {"tensor_parallel_size": 2}  # in-process: vLLM's choice on this node
+    assert parallel_kwargs(1, True, (3,)) == {"tensor_parallel_size": 1, "distributed_executor_backend": "uni"}
+    assert parallel_kwargs(1, False, ()) == {}  # vLLM-CPU as before
+
+
+def _smoke_dry_run(gpus: int) -> str:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, NUM_GPUS=str(gpus))
+    out = subprocess.run(["bash", str(root / "bench" / "gpu_smoke.sh"), "--dry-run", "--steps", "2"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout
+
+
+def test_gpu_smoke_script_modes_are_valid_configs_that_fit_their_gpus():
+    import shlex
+
+    lines = [ln[2:] for ln in _smoke_dry_run(8).splitlines() if ln.startswith("+ ") and " train " in ln]
+    modes = {}
+    for line in lines:
+        words = shlex.split(line)
+        run_dir = words[words.index("--run-dir") + 1]
+        overrides = [w for w in words if "=" in w]
+        cfg = load_config(words[words.index("--config") + 1], overrides)  # no ConfigError
+        modes[run_dir.rsplit("/", 1)[-1]] = (cfg, plan_placement(cfg).total()["GPU"])
+    assert sorted(modes) == ["colocated-1gpu", "colocated-tp2", "separate-1gpu", "separate-tp2"]
+    assert {m: g for m, (_, g) in modes.items()} == {"separate-1gpu": 1.0, "colocated-1gpu": 1.0,
+                                                     "colocated-tp2": 3.0, "separate-tp2": 5.0}
+    tp2 = modes["separate-tp2"][0]
+    assert tp2.rollout.tensor_parallel_size == 2 and tp2.cluster.learner_workers == 2 and tp2.run.steps == 2
+    assert modes["colocated-tp2"][0].cluster.colocate and not modes["separate-1gpu"][0].cluster.colocate
+
+
+def test_gpu_smoke_script_skips_modes_that_need_more_gpus():
+    out = _smoke_dry_run(1)
+    assert "skipped colocated-tp2: needs 3 GPUs, found 1" in out
+    assert "skipped separate-tp2: needs 5 GPUs, found 1" in out
+    assert "runs/separate-1gpu" in out and "runs/colocated-1gpu" in out

@@ -157,7 +157,8 @@ def run(args) -> dict:
                  f"model.sam_type={'tiny' if args.tiny else 'vit_b'}", "model.sam_checkpoint=''",
                  f"learner.micro_batch_size={args.micro}", f"learner.zero_stage={args.zero}",
                  f"learner.gradient_checkpointing={args.grad_ckpt}", f"rollout.max_new_tokens={args.tokens}",
-                 "learner.kl_beta=0.01", "learner.mask_loss_weight=1.0"]
+                 "learner.kl_beta=0.01", "learner.mask_loss_weight=1.0",
+                 f"cluster.learner_gpus={1 if on_gpu else 0}"]  # the learner's device comes from the config
     cfg = load_config("tiny_cpu", overrides)
     t0 = time.perf_counter()
     core = LearnerCore(cfg, str(policy_dir), master_port=args.port)

@@ -3,13 +3,16 @@ groups share: creation, contiguous balanced sharding (and the way back to input 
 weight payload with its version, recovery of an actor that died or restarted, and shutdown.
 
 In-process mode (`local=True`) instantiates the same class in the caller's process and runs every call at once,
-so the same pool code (and the driver above it) runs without Ray; calls return `PoolCall`s in both modes."""
+so the same pool code (and the driver above it) runs without Ray; calls return `PoolCall`s in both modes.
+
+With a `RolePlacement` (deploy/placement.py plans it, deploy/cluster.py reserves it), actor i is scheduled in
+its bundle of a Ray placement group, asking that bundle for its slot's CPUs and GPUs; in-process mode ignores it."""
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -81,6 +84,35 @@ class PoolCall:
     rows: Sequence[int] = ()  # for `scatter`: the input indices this call's shard holds
 
 
+@dataclass(frozen=True)
+class ActorSlot:
+    """Where one actor runs: its bundle in the placement group and what it asks of it. `bundles` lists every
+    bundle the actor's work uses (a tensor-parallel engine's ranks, each asking `rank_gpus` of its bundle;
+    the actor itself sits in the first)."""
+    bundle: int
+    cpus: float
+    gpus: float
+    bundles: Tuple[int, ...] = ()
+    rank_gpus: float = 0.0
+
+
+@dataclass
+class RolePlacement:
+    """A role's actors in a reserved placement group: slot i is actor i's."""
+    group: Any  # ray.util.placement_group.PlacementGroup
+    slots: List[ActorSlot]
+
+    def options(self, i: int) -> dict:
+        """Ray actor options that put actor i in its bundle; its child tasks and actors (a vLLM Ray executor's
+        workers) stay in the same placement group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        slot = self.slots[i]
+        return dict(num_cpus=slot.cpus, num_gpus=slot.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=slot.bundle,
+            placement_group_capture_child_tasks=True))
+
+
 _REMOTE_CLASSES: Dict[type, Any] = {}
 
 
@@ -109,13 +141,17 @@ class ActorPool:
     max_restarts, ...); with max_restarts != 0 a call that fails because its actor died, is restarting or lost its
     state waits for the actor (`recover_wait_s`), runs `reinit(i)` (which must call the actor's handle directly,
     not through the pool), reloads the weights the call expects with `load_method`, and re-sends the call, at most
-    `max_retries` times. With max_restarts=0 such a failure raises ActorPoolError naming the pool and actor."""
+    `max_retries` times. With max_restarts=0 such a failure raises ActorPoolError naming the pool and actor.
+    placement: actor i goes to `placement.slots[i]` (its CPUs and GPUs replace options' num_cpus/num_gpus)."""
 
     def __init__(self, name: str, cls: type, n: int, args: Callable[[int], tuple], *, options: Optional[dict] = None,
                  local: bool = False, reinit: Optional[Callable[[int], None]] = None, load_method: str = "load_weights",
-                 max_retries: int = MAX_RETRIES, recover_wait_s: float = RECOVER_WAIT_S):
+                 max_retries: int = MAX_RETRIES, recover_wait_s: float = RECOVER_WAIT_S,
+                 placement: Optional[RolePlacement] = None):
         if n < 1:
             raise ValueError(f"{name} pool needs at least one actor, got {n}")
+        if placement is not None and not local and len(placement.slots) != n:
+            raise ValueError(f"{name} pool has {n} actors but its placement has {len(placement.slots)} slots")
         self.name, self.local, self.reinit, self.load_method = name, local, reinit, load_method
         self.max_retries, self.recover_wait_s = max_retries, recover_wait_s
         options = dict(options or {})
@@ -125,7 +161,11 @@ class ActorPool:
         self.actors: List[Any] = []
         for i in range(n):
             a, kw = args(i)
-            self.actors.append(cls(*a, **kw) if local else _remote_class(cls).options(**options).remote(*a, **kw))
+            if local:
+                self.actors.append(cls(*a, **kw))
+                continue
+            where = placement.options(i) if placement is not None else {}
+            self.actors.append(_remote_class(cls).options(**{**options, **where}).remote(*a, **kw))
         self.epochs = [0] * n
         self.weights: Optional[Broadcast] = None
         self.restarts = 0

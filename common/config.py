@@ -77,6 +77,9 @@ class RolloutConfig:
     # How vLLM serves the LoRA: `adapter` (a LoRA request per version), `merged` (W0 + scale*B@A written into
     # the engine's weights; CPU only, where vLLM's LoRA kernels are slow torch fallbacks), auto = merged on CPU
     lora_mode: str = "auto"
+    # GPUs (one Ray bundle each) one vLLM engine shards its model over; > 1 runs vLLM's Ray executor in the
+    # worker's bundles (cluster.rollout_gpus_per_worker must then equal it)
+    tensor_parallel_size: int = 1
     seed: int = 0
 
 
@@ -152,6 +155,14 @@ class ClusterConfig:
     rollout_gpus_per_worker: float = 0.0
     reward_workers: int = 2
     reward_gpus_per_worker: float = 0.0
+    # One Ray placement group holds every actor (deploy/placement.py): how its bundles spread over nodes
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # How long to wait for the placement group; then the run fails naming what was asked and what the cluster has
+    placement_timeout_s: float = 300.0
+    # Rollout engines share the learner ranks' GPUs (engine w on ranks w*TP..w*TP+TP-1): vLLM sleeps (weights
+    # to host memory, KV cache freed) while the learner works and wakes before generating. Needs
+    # learner_gpus=1, rollout_gpus_per_worker=rollout.tensor_parallel_size, rollout_workers*TP=learner_workers.
+    colocate: bool = False
 
 
 @dataclass
@@ -188,10 +199,11 @@ _CHOICES = {
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "learner.mask_loss_resolution": ("low", "full"),
     "cluster.mode": ("local", "cluster"),
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 _POSITIVE = ("data.batch_size", "rollout.group_size", "rollout.max_new_tokens", "learner.micro_batch_size",
              "cluster.learner_workers", "cluster.rollout_workers", "cluster.reward_workers",
-             "model.lora_r", "model.adapter_queries")
+             "model.lora_r", "model.adapter_queries", "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
 
 
 def resolve_preset(preset: str) -> Path:
@@ -261,7 +273,34 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
+    _check_gpus(cfg)
     _check_reward_terms(cfg)
+
+
+def _check_gpus(cfg: TrainConfig) -> None:
+    """GPU requests that Ray would accept but that cannot work: NCCL cannot put two ranks on one GPU, vLLM's
+    tensor-parallel ranks take one GPU each, and colocation pairs each learner GPU with one vLLM rank."""
+    c, tp = cfg.cluster, cfg.rollout.tensor_parallel_size
+    for key in ("learner_gpus", "rollout_gpus_per_worker", "reward_gpus_per_worker"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"config key 'cluster.{key}' must be >= 0")
+    if c.learner_gpus > 1 or (c.learner_workers > 1 and 0 < c.learner_gpus < 1):
+        raise ConfigError("config key 'cluster.learner_gpus' must be 0 or 1 with several learner ranks (one GPU "
+                          "per rank; a fraction only for a single rank)")
+    if (tp > 1 or c.rollout_gpus_per_worker > 1) and c.rollout_gpus_per_worker != tp:
+        raise ConfigError(f"config key 'cluster.rollout_gpus_per_worker' = {c.rollout_gpus_per_worker:g} must equal "
+                          f"rollout.tensor_parallel_size = {tp} (one GPU per tensor-parallel rank)")
+    if tp > 1 and cfg.rollout.engine == "hf":
+        raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs rollout.engine=vllm (or auto)")
+    if not c.colocate:
+        return
+    if cfg.rollout.async_generation:
+        raise ConfigError("config keys 'cluster.colocate' and 'rollout.async_generation' exclude each other "
+                          "(colocated rollout sleeps while the learner trains)")
+    if c.learner_gpus != 1 or c.rollout_gpus_per_worker != tp or c.rollout_workers * tp != c.learner_workers:
+        raise ConfigError(f"config key 'cluster.colocate' needs cluster.learner_gpus=1, cluster.rollout_gpus_per_"
+                          f"worker=rollout.tensor_parallel_size ({tp}) and cluster.rollout_workers x {tp} = "
+                          f"cluster.learner_workers ({c.learner_workers}): each learner GPU hosts one vLLM rank")
 
 
 def _check_reward_terms(cfg: TrainConfig) -> None:

@@ -47,7 +47,7 @@ class Driver:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True, local: bool = False):
         """local=True: every pool in this process, no Ray (one learner rank, one rollout engine); for tests of the
         step logic and single-process use."""
-        from deploy.cluster import init_ray, placement_summary
+        from deploy.cluster import init_ray, placement_summary, reserve
         from learner.group import LearnerGroup
         from reward.worker import RewardPool
 
@@ -58,20 +58,26 @@ class Driver:
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
         self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         c = cfg.cluster
+        self.reservation = None  # the run's placement group (Ray mode): every actor in its planned bundle
         if local:
             print(f"[coreseg] run dir {self.run_dir}; all pools in this process")
         else:
             init_ray(cfg)
             print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+            self.reservation = reserve(cfg, with_rollout=with_rollout)
+        where = (lambda role: None) if local else self.reservation.role
         self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=1 if local else c.learner_workers,
-                                    num_gpus_per_worker=c.learner_gpus, local=local)
+                                    num_gpus_per_worker=c.learner_gpus, local=local, placement=where("learner"))
         self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
-                                 num_gpus_per_worker=c.reward_gpus_per_worker, local=local)
+                                 num_gpus_per_worker=c.reward_gpus_per_worker, local=local, placement=where("reward"))
         self.rollout = None
         if with_rollout:
             from rollout.worker import RolloutPool
             self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=1 if local else c.rollout_workers,
-                                       num_gpus_per_worker=c.rollout_gpus_per_worker, local=local)
+                                       num_gpus_per_worker=c.rollout_gpus_per_worker, local=local,
+                                       placement=where("rollout"))
+        # colocated mode: the rollout engines sleep while the learner works and wake before they generate
+        self.colocated = c.colocate and self.rollout is not None
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
         self.logger = MetricsLogger(self.run_dir)
@@ -82,6 +88,17 @@ class Driver:
         self._prefetched: Optional[Prefetch] = None
         self._rollout_loading: list = []
 
+    # ---- colocated turns -------------------------------------------------------------------------
+    def _learner_turn(self) -> None:
+        """Colocated mode: the rollout engines free the GPUs before the learner's forward, update or SFT step."""
+        if self.colocated:
+            self.rollout.sleep()
+
+    def _rollout_turn(self) -> None:
+        """Colocated mode: the engines take weights and KV cache back before they load weights or generate."""
+        if self.colocated:
+            self.rollout.wake_up()
+
     # ---- weights -------------------------------------------------------------------------------
     def push_weights(self) -> Dict[str, float]:
         """The learner puts the rollout part (LoRA) and the reward part (adapter + mask decoder) in the object
@@ -89,6 +106,7 @@ class Driver:
         stats: Dict[str, float] = {}
         with timed(stats, "push"):
             sizes, rollout_ref, reward_ref = self.learner.export_refs()
+            self._rollout_turn()
             pools = [("rollout", self.rollout, rollout_ref), ("reward", self.reward, reward_ref)]
             if self.rollout is not None and self._prefetched is not None:
                 # the rollout workers are generating the next batch: their load is queued behind it, and
@@ -126,6 +144,7 @@ class Driver:
             timings: Dict[str, float] = {}
             with timed(timings, "step"):
                 samples = self.data.next_batch()
+                self._learner_turn()
                 with timed(timings, "update"):
                     stats = self.learner.sft_step(samples)
                 self.step["sft"] += 1
@@ -138,6 +157,7 @@ class Driver:
         cursor = self.data.state_dict()
         samples = self.data.next_batch()
         requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
+        self._rollout_turn()
         futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
                                       seed=derive_seed(self.cfg.rollout.seed, step))
         return Prefetch(step, samples, futures, cursor)
@@ -171,6 +191,7 @@ class Driver:
         samples, groups = [s for s, _ in ok], [g for _, g in ok]
         if not ok:
             return Answered([], [], None, [], failed)
+        self._learner_turn()
         with timed(timings, "forward"):
             forward = self.learner.forward(groups, samples)
         scores: List[Score] = []
@@ -182,6 +203,7 @@ class Driver:
     def generate(self, samples: List[LesionSample], n: int, seed: Optional[int] = None,
                   greedy: bool = False) -> List[RolloutGroup]:
         requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
+        self._rollout_turn()
         return self.rollout.generate(requests, n=n, seed=seed, greedy=greedy)
 
     def _collect(self, step: int, samples: List[LesionSample], groups: List[RolloutGroup],
@@ -241,6 +263,7 @@ class Driver:
             stats: Dict[str, float] = {}
             push: Dict[str, float] = {}
             if batch.samples:  # every group dropped (no reward variance anywhere): nothing to learn from
+                self._learner_turn()
                 with timed(timings, "update"):
                     stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward)
                 push = self.push_weights()
@@ -325,6 +348,9 @@ class Driver:
         for pool in (self.rollout, self.reward, self.learner):
             if pool is not None:
                 pool.shutdown()
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
 
 
 def write_eval(run_dir: Path, results: Dict[str, dict], tag: str) -> None:

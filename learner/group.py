@@ -1,13 +1,14 @@
 """LearnerGroup: N data-parallel LearnerWorkers in one process group, as an ActorPool (or one rank in-process)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from common.actor_pool import ActorPool
+from common.actor_pool import ActorPool, RolePlacement
 from common.config import TrainConfig
 from common.data import LesionSample
+from common.devices import role_runtime_env
 from common.protocol import Advantages, ForwardResult, WeightBundle
 from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
 from learner.grpo import combine_stats, group_advantages, loss_norm
@@ -18,18 +19,20 @@ class LearnerGroup:
     """N data-parallel LearnerWorkers. The batch's rows are balanced over the ranks by tokens, every rank running
     the same number of micro-batches (learner/balance.py); global normalisers are computed here from the whole
     batch, so the update does not depend on the number of ranks. `local=True`: one rank in
-    the caller's process (DeepSpeed, world size 1, gloo)."""
+    the caller's process (DeepSpeed, world size 1, gloo). `placement`: rank r in bundle slot r (Ray mode)."""
 
     def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
-                 num_cpus_per_worker: float = 1, *, local: bool = False):
+                 num_cpus_per_worker: float = 1, *, local: bool = False, placement: Optional[RolePlacement] = None):
         if local and num_workers != 1:
             raise ValueError(f"an in-process learner group has one rank, got num_workers={num_workers}")
         self.cfg = cfg
         # max_restarts=0: a restarted rank could not rejoin the DeepSpeed process group; a dead rank is an error
-        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0)
+        # (the rank's device follows cluster.learner_gpus; a CPU rank sees no GPU)
+        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0,
+                       **role_runtime_env(num_gpus_per_worker))
         self.pool = ActorPool("learner", LearnerWorker, num_workers,
                               lambda rank: ((cfg, str(policy_dir), rank, num_workers), {}),
-                              options=options, local=local)
+                              options=options, local=local, placement=placement)
         addr, port = ("127.0.0.1", free_port()) if local else self.pool.call(0, "rendezvous_address")
         self.pool.call_all("setup", addr, port)
 

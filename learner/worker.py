@@ -16,6 +16,7 @@ import torch
 
 from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
+from common.devices import check_device, role_device
 from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
 from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
 from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
@@ -46,8 +47,9 @@ class LearnerCore:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        on_gpu = torch.cuda.is_available()
-        device = "cuda" if on_gpu else "cpu"
+        # the configured device (Ray makes the rank's assigned GPU cuda:0), never whatever the process can see
+        device = check_device("learner", role_device(cfg.cluster.learner_gpus), "cluster.learner_gpus")
+        on_gpu = device == "cuda"
         if not on_gpu:
             torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a

@@ -64,8 +64,8 @@ class Segmenter:
     """Frozen SAM image encoder + cache; the adapter and mask decoder turn `<seg>` states into masks."""
 
     def __init__(self, sam, adapter, cache_bytes: int = 256 << 20, mask_threshold: float = 0.0,
-                 device: Optional[str] = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 device: str = "cpu"):
+        self.device = torch.device(device)  # the caller's configured device, never a guess
         self.sam = sam.eval().to(self.device)
         self.adapter = adapter.eval().to(self.device)
         for p in self.sam.image_encoder.parameters():

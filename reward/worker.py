@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from common.actor_pool import ActorPool, StaleWeightsError
+from common.actor_pool import ActorPool, RolePlacement, StaleWeightsError
 from common.config import TrainConfig
+from common.devices import check_device, role_device, role_runtime_env
 from common.models.adapter import build_adapter
 from common.models.sam import build_sam
 from common.prompts import R_NO_SEG
@@ -28,8 +29,9 @@ R_BAD_IMAGE = "bad_image"
 class LocalRewardWorker:
     """The worker's state and logic, usable without Ray (tests, predict); `RewardPool` runs it as a Ray actor."""
 
-    def __init__(self, cfg: TrainConfig, llm_hidden: int, num_threads: int = 1, device: Optional[str] = None):
+    def __init__(self, cfg: TrainConfig, llm_hidden: int, num_threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(max(1, int(num_threads)))
+        device = check_device("reward worker", device, "cluster.reward_gpus_per_worker")
         self.cfg = cfg
         self.llm_hidden = int(llm_hidden)
         # same seed in every worker: all agree before the first bundle arrives
@@ -109,16 +111,21 @@ class LocalRewardWorker:
 
 
 class RewardPool:
-    """`local=True`: the workers run in the caller's process (no Ray), with the caller's thread count."""
+    """`local=True`: the workers run in the caller's process (no Ray), with the caller's thread count.
+    The workers' device follows `num_gpus_per_worker` (cluster.reward_gpus_per_worker); `placement`: worker k in
+    bundle slot k (Ray mode)."""
 
     def __init__(self, cfg: TrainConfig, llm_hidden: int, num_workers: int = 1, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0.0, *, local: bool = False):
+                 num_gpus_per_worker: float = 0.0, *, local: bool = False, placement: Optional[RolePlacement] = None):
         self.cfg = cfg
         threads = torch.get_num_threads() if local else max(1, int(num_cpus_per_worker))
+        device = role_device(num_gpus_per_worker)
         # max_restarts=-1: Ray restarts a dead worker; the pool reloads the last bundle into it and re-sends
-        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1)
-        self.pool = ActorPool("reward", LocalRewardWorker, num_workers, lambda i: ((cfg, llm_hidden, threads), {}),
-                              options=options, local=local)
+        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1,
+                       **role_runtime_env(num_gpus_per_worker))
+        self.pool = ActorPool("reward", LocalRewardWorker, num_workers,
+                              lambda i: ((cfg, llm_hidden, threads, device), {}), options=options, local=local,
+                              placement=placement)
 
     @property
     def workers(self) -> list:

@@ -98,6 +98,15 @@ class GenerationEngine(ABC):
         """Ids of the LoRA adapters resident in the engine (at most two)."""
         return []
 
+    @abstractmethod
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for a colocated learner (cluster.colocate)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def wake_up(self) -> None:
+        """Take the GPU memory back, serving the same LoRA version as before `sleep`."""
+        raise NotImplementedError
 
 
 def vllm_available() -> bool:
@@ -108,12 +117,15 @@ def vllm_available() -> bool:
         return False
 
 
-def make_engine(cfg: TrainConfig, policy_dir) -> GenerationEngine:
+def make_engine(cfg: TrainConfig, policy_dir, device: str = "cpu", ray_bundles: Sequence[int] = (),
+                rank_gpus: float = 0.0) -> GenerationEngine:
+    """device: the rollout role's configured device. ray_bundles / rank_gpus: the placement-group bundles of a
+    tensor-parallel vLLM engine's ranks and the GPU share each rank asks (rollout.tensor_parallel_size > 1)."""
     kind = cfg.rollout.engine
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
         from rollout.vllm_engine import VLLMEngine
-        return VLLMEngine(cfg, policy_dir)
+        return VLLMEngine(cfg, policy_dir, device, ray_bundles, rank_gpus)
     from rollout.hf_engine import HFEngine
-    return HFEngine(cfg, policy_dir)
+    return HFEngine(cfg, policy_dir, device)

@@ -10,6 +10,7 @@ from typing import List, Sequence
 
 import torch
 
+from common.devices import check_device
 from common.models.policy import default_dtype, load_policy
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
@@ -18,9 +19,9 @@ from rollout.lora_merge import CheckpointReader, lora_deltas
 
 
 class HFEngine(GenerationEngine):
-    def __init__(self, cfg, policy_dir):
+    def __init__(self, cfg, policy_dir, device: str = "cpu"):
         super().__init__(cfg, policy_dir)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = check_device("rollout worker", device, "cluster.rollout_gpus_per_worker")
         self.model, _ = load_policy(self.policy_dir, default_dtype(cfg.model.dtype, self.device), self.device)
         self.model.eval()
         self.version = 0
@@ -40,6 +41,15 @@ class HFEngine(GenerationEngine):
                 weight.copy_(self._checkpoint.merged(self._checkpoint.weight_key(module), delta).to(weight.dtype))
         self.version = bundle.version
         return self.version
+
+    def sleep(self) -> None:
+        """The model (with the current LoRA merged in) goes to host memory."""
+        self.model.to("cpu")
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        self.model.to(self.device)
 
     @torch.no_grad()
     def _generate_one(self, image, prompt: str, n: int, sampling: Sampling):

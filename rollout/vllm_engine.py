@@ -17,6 +17,7 @@ from typing import List, Sequence
 
 import torch
 
+from common.devices import check_device
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
@@ -48,17 +49,47 @@ def install_merged_lora(model, reader: CheckpointReader, deltas) -> int:
     return len(layers)
 
 
+def ray_tp_env(bundles: Sequence[int], rank_gpus: float) -> dict:
+    """The env vars vLLM's Ray executor reads to put rank j on placement-group bundle bundles[j], asking
+    rank_gpus of it (vLLM's documented way to run inside a placement group the caller reserved)."""
+    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(int(b)) for b in bundles),
+            "VLLM_RAY_PER_WORKER_GPUS": f"{rank_gpus:g}"}
+
+
+def parallel_kwargs(tp: int, on_gpu: bool, ray_bundles: Sequence[int]) -> dict:
+    """vLLM's parallel arguments: TP > 1 inside a reserved placement group runs the Ray executor (one Ray worker
+    per bundle); TP = 1 on a GPU runs in the actor, on the GPU Ray gave it."""
+    if tp > 1 and ray_bundles:
+        return dict(tensor_parallel_size=tp, distributed_executor_backend="ray")
+    if tp > 1:  # in-process (no placement group): vLLM picks its own executor on this node's GPUs
+        return dict(tensor_parallel_size=tp)
+    return dict(tensor_parallel_size=1, distributed_executor_backend="uni") if on_gpu else {}
+
+
 class VLLMEngine(GenerationEngine):
-    def __init__(self, cfg, policy_dir):
+    def __init__(self, cfg, policy_dir, device: str = "cpu", ray_bundles: Sequence[int] = (), rank_gpus: float = 0.0):
+        """device: the rollout role's configured device. ray_bundles/rank_gpus: a tensor-parallel engine's
+        placement-group bundles and each rank's GPU share (deploy/placement.py)."""
         super().__init__(cfg, policy_dir)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        tp = cfg.rollout.tensor_parallel_size
+        if tp > 1 and ray_bundles:
+            # The actor holds no GPU itself; its engine's Ray workers do, and vLLM sets their visible devices.
+            # A CUDA_VISIBLE_DEVICES inherited by this process would leak into them (vLLM's own example drops it).
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            os.environ.update(ray_tp_env(ray_bundles, rank_gpus))
+        else:
+            check_device("rollout worker", device, "cluster.rollout_gpus_per_worker")
         from vllm import LLM
 
-        on_gpu = torch.cuda.is_available()
+        on_gpu = device == "cuda"
         dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         self.merged = serves_merged_lora(cfg, on_gpu)
         kwargs = dict(model=self.policy_dir, dtype=dtype, max_model_len=cfg.rollout.max_model_len,
-                      seed=cfg.rollout.seed, limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu)
+                      seed=cfg.rollout.seed, limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu,
+                      **parallel_kwargs(tp, on_gpu, ray_bundles))
+        if cfg.cluster.colocate and on_gpu:
+            kwargs.update(enable_sleep_mode=True)  # sleep/wake_up around the colocated learner's work
         if self.merged:
             self._checkpoint = CheckpointReader(self.policy_dir)
         else:
@@ -87,6 +118,7 @@ class VLLMEngine(GenerationEngine):
         self.version = 0
         self._loaded = False  # a bundle has been served (version 0 is a version too)
         self._lora = None  # current LoRARequest (adapter mode)
+        self._merged_deltas = None  # current LoRA deltas (merged mode), installed again after a wake-up
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
         # The family's vision tokens must never be sampled: bad_words masks them to -inf (each is one token on its
@@ -153,10 +185,8 @@ class VLLMEngine(GenerationEngine):
             return self.version
         self._loaded = True
         if self.merged:
-            deltas = lora_deltas(bundle.lora, bundle.peft_config)
-            self.llm.apply_model(partial(install_merged_lora, reader=self._checkpoint, deltas=deltas))
-            self.llm.reset_prefix_cache()  # cached KV of the old weights must not serve the new ones
-            self.llm.reset_mm_cache()  # nor cached image embeddings, should the LoRA touch the vision tower
+            self._merged_deltas = lora_deltas(bundle.lora, bundle.peft_config)
+            self._install_merged()
             self.version = bundle.version
             return self.version
         folder = write_peft_folder(bundle, self._shm / f"v{bundle.version}")
@@ -168,6 +198,28 @@ class VLLMEngine(GenerationEngine):
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return self.version
+
+    def _install_merged(self) -> None:
+        self.llm.apply_model(partial(install_merged_lora, reader=self._checkpoint, deltas=self._merged_deltas))
+        self.llm.reset_prefix_cache()  # cached KV of the old weights must not serve the new ones
+        self.llm.reset_mm_cache()  # nor cached image embeddings, should the LoRA touch the vision tower
+
+    def sleep(self) -> None:
+        """Level 1: the weights go to host memory, the KV cache is dropped (the base weights never change, so
+        they come back as they were)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Weights and KV cache back on the GPU, then the current LoRA version installed again: the engine
+        serves exactly the version it served before `sleep`, whatever the sleep kept of the LoRA slots (or of
+        merged layers, which are replaced after vLLM's load and so outside its sleep allocator)."""
+        self.llm.wake_up()
+        if self.merged and self._merged_deltas is not None:
+            self._install_merged()
+        elif self._lora is not None:
+            self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            self.llm.llm_engine.add_lora(self._lora)
+        self.llm.reset_prefix_cache()
 
     def loaded_adapters(self) -> List[int]:
         return [] if self.merged else sorted(self.llm.llm_engine.list_loras())

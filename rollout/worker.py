@@ -9,8 +9,9 @@ from typing import List, Optional, Sequence
 import ray
 import torch
 
-from common.actor_pool import ActorPool, ActorStateLost, PoolCall, StaleWeightsError
+from common.actor_pool import ActorPool, ActorStateLost, PoolCall, RolePlacement, StaleWeightsError
 from common.config import TrainConfig, cpu_threads
+from common.devices import role_device, role_runtime_env
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import Sampling, make_engine
@@ -31,20 +32,24 @@ class RolloutWorker:
     """Started in two steps on CPU, so that engines sharing a node get disjoint cores: the pool asks each
     worker for its node and cores, then `start`s it with its share (in-process: `start(None)`, no pinning)."""
 
-    def __init__(self, cfg: TrainConfig, policy_dir: str):
+    def __init__(self, cfg: TrainConfig, policy_dir: str, device: str = "cpu", ray_bundles: Sequence[int] = (),
+                 rank_gpus: float = 0.0):
+        """device: cluster.rollout_gpus_per_worker's (never a guess); ray_bundles/rank_gpus: where a tensor-parallel
+        engine's ranks go (see rollout.engine.make_engine)."""
         self.cfg, self.policy_dir, self.engine = cfg, policy_dir, None
+        self.device, self.ray_bundles, self.rank_gpus = device, tuple(ray_bundles), rank_gpus
 
     def placement(self):
         return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))
 
     def start(self, cores: Optional[List[int]]) -> int:
-        if cores and not torch.cuda.is_available():
+        if cores and self.device == "cpu":
             # Ray gives a num_cpus=1 actor OMP_NUM_THREADS=1, which vLLM's CPU backend and HF generate obey
             os.sched_setaffinity(0, cores)
             os.environ["OMP_NUM_THREADS"] = str(len(cores))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
             torch.set_num_threads(len(cores))
-        self.engine = make_engine(self.cfg, self.policy_dir)
+        self.engine = make_engine(self.cfg, self.policy_dir, self.device, self.ray_bundles, self.rank_gpus)
         return self.engine.version
 
     def _engine(self):
@@ -78,20 +83,37 @@ class RolloutWorker:
     def errors(self) -> int:
         return self._engine().errors
 
+    def sleep(self) -> None:
+        self._engine().sleep()
+
+    def wake_up(self) -> None:
+        self._engine().wake_up()
 
 
 class RolloutPool:
-    """`local=True`: the workers' engines run in the caller's process (no Ray, no core pinning)."""
+    """`local=True`: the workers' engines run in the caller's process (no Ray, no core pinning). The workers'
+    device follows `num_gpus_per_worker` (cluster.rollout_gpus_per_worker); `placement`: worker w in bundle
+    slot w, its tensor-parallel ranks in the slot's bundles (Ray mode)."""
 
     def __init__(self, cfg: TrainConfig, policy_dir, num_workers: int = 1, num_gpus_per_worker: float = 0.0,
-                 num_cpus_per_worker: float = 1, *, local: bool = False):
+                 num_cpus_per_worker: float = 1, *, local: bool = False, placement: Optional[RolePlacement] = None):
         self.cfg, self.on_gpu = cfg, num_gpus_per_worker > 0
+        self.asleep = False  # colocated mode: the engines gave their GPU memory to the learner
         self._placements: Optional[list] = None
         self._worker_cores: List[Optional[List[int]]] = [None] * num_workers
+        device = role_device(num_gpus_per_worker)
+
+        def args(i: int):
+            slot = placement.slots[i] if placement is not None and not local else None
+            if slot is None or len(slot.bundles) < 2:
+                return (cfg, str(policy_dir), device), {}
+            return (cfg, str(policy_dir), device, slot.bundles, slot.rank_gpus), {}
+
         # max_restarts=-1: Ray restarts a dead worker; the pool starts it on its cores and reloads the last weights
-        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1)
-        self.pool = ActorPool("rollout", RolloutWorker, num_workers, lambda i: ((cfg, str(policy_dir)), {}),
-                              options=options, local=local, reinit=self._restart)
+        options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1,
+                       **role_runtime_env(num_gpus_per_worker))
+        self.pool = ActorPool("rollout", RolloutWorker, num_workers, args, options=options, local=local,
+                              reinit=self._restart, placement=placement)
         if not local:
             self._placements = self.pool.call_all("placement")
             self._worker_cores = self._cores(self._placements)
@@ -162,6 +184,18 @@ class RolloutPool:
 
     def versions(self) -> List[int]:
         return self.pool.call_all("version")
+
+    def sleep(self) -> None:
+        """Colocated mode: every engine frees its GPU memory (weights to host memory, KV cache dropped)."""
+        if not self.asleep:
+            self.pool.call_all("sleep")
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Weights and KV cache back, each engine serving the LoRA version it served before `sleep`."""
+        if self.asleep:
+            self.pool.call_all("wake_up")
+            self.asleep = False
 
     def errors(self) -> int:
         """Requests answered with a per-request error (bad image, prompt too long) since each worker started."""

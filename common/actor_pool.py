@@ -35,6 +35,11 @@ class ActorPoolError(RuntimeError):
     """An actor of a pool failed for good: it did not come back after a restart, or its retries ran out."""
 
 
+def current_node_id() -> str:
+    """The Ray node this code runs on ("local" outside Ray): actors report it so a run can record its placement."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 def balanced_shards(n_items: int, n_actors: int) -> List[range]:
     """Contiguous index ranges, one per actor, whose sizes differ by at most 1; empty ranges (at the end) only
     when there are fewer items than actors. Concatenated in order they are range(n_items)."""

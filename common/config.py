@@ -139,6 +139,9 @@ class LearnerConfig:
     sft_lr: float = 1e-3
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
+    # With several learner ranks, compare a digest of every rank's trainable weights after every N-th step and stop
+    # with an error when they differ (a desync); 0 = never. Skipped under ZeRO-3 (ranks hold different partitions)
+    sync_check_every: int = 1
 
 
 @dataclass
@@ -243,6 +246,8 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: Sequence[str] = 
 
 
 def validate(cfg: TrainConfig) -> None:
+    if cfg.learner.sync_check_every < 0:
+        raise ConfigError("config key 'learner.sync_check_every' must be >= 0 (0 = never)")
     for dotted, choices in _CHOICES.items():
         value = get_value(cfg, dotted)
         if value not in choices:

@@ -81,12 +81,20 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
         self.logger = MetricsLogger(self.run_dir)
+        self._record_placement()
         self.step = {"sft": 0, "grpo": 0}
         self.version = 0
         # async generation: the next step's batch, drawn and submitted while this step trains, and the rollout
         # workers' weight load queued behind that generation (awaited when its rollouts are gathered)
         self._prefetched: Optional[Prefetch] = None
         self._rollout_loading: list = []
+
+    def _record_placement(self) -> None:
+        """`placement.json` in the run folder: the Ray node of every actor, per role and index."""
+        pools = {"learner": self.learner, "reward": self.reward, "rollout": self.rollout}
+        nodes = {role: pool.pool.call_all("node_id") for role, pool in pools.items() if pool is not None}
+        (self.run_dir / "placement.json").write_text(json.dumps(nodes, indent=1))
+        print(f"[coreseg] actors on {len({n for ids in nodes.values() for n in ids})} node(s): see placement.json")
 
     # ---- colocated turns -------------------------------------------------------------------------
     def _learner_turn(self) -> None:

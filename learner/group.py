@@ -110,7 +110,20 @@ class LearnerGroup:
         self.pool.shutdown()
 
 
+class RankDesyncError(RuntimeError):
+    """Learner ranks hold different weights after a step (they must be replicas)."""
+
+
 def _combine_ranks(results: List[Dict[str, float]]) -> Dict[str, float]:
-    """Per-rank stats (each the rank's share, see `grpo_loss`) -> the batch's; grad norm and lr are global."""
-    return {**combine_stats([{k: v for k, v in r.items() if k not in ("grad_norm", "lr")} for r in results]),
-            "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+    """Per-rank stats (each the rank's share, see `grpo_loss`) -> the batch's; grad norm and lr are global. Ranks
+    that sent a weights digest must agree on it (`learner.sync_check_every`)."""
+    digests = [r["weights_digest"] for r in results if "weights_digest" in r]
+    if len(set(digests)) > 1:
+        raise RankDesyncError(f"learner ranks hold different weights after this step (CRC32 per rank: "
+                              f"{[int(d) for d in digests]}); their data-parallel steps diverged")
+    global_keys = ("grad_norm", "lr", "weights_digest")
+    out = {**combine_stats([{k: v for k, v in r.items() if k not in global_keys} for r in results]),
+           "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+    if digests:
+        out["ranks_in_sync"] = 1.0
+    return out

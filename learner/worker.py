@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import zlib
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import ray
 import torch
 
+from common.actor_pool import current_node_id
 from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
 from common.devices import check_device, role_device
@@ -189,9 +191,26 @@ class LearnerCore:
                                     dice_sum=self._dice_sum(states, found, samples[a:b]), norm=norm)
             self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
+        return {**combine_stats(shards), **self._finish_step(L.lr)}
+
+    def _finish_step(self, lr: float) -> Dict[str, float]:
+        """The optimizer step; its grad norm and lr, and every `learner.sync_check_every` versions (several ranks,
+        ZeRO <= 2, where every rank holds all trainable weights) the digest the group compares across ranks."""
         self.engine.step()
         self.version += 1
-        return {**combine_stats(shards), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": L.lr}
+        out = {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": lr}
+        every = self.cfg.learner.sync_check_every
+        if self.world > 1 and every and self.version % every == 0 and self.cfg.learner.zero_stage < 3:
+            out["weights_digest"] = float(self.weights_digest())
+        return out
+
+    def weights_digest(self) -> int:
+        """CRC32 of every trainable tensor's bytes, in name order: equal on two ranks iff their weights are."""
+        digest = 0
+        for name, p in sorted(self.module.named_parameters()):
+            if p.requires_grad:
+                digest = zlib.crc32(p.detach().float().cpu().contiguous().numpy().tobytes(), digest)
+        return digest
 
     # -- SFT ----------------------------------------------------------------------------------------
     def sft_step(self, samples: List[LesionSample], norm: LossNorm) -> Dict[str, float]:
@@ -217,10 +236,7 @@ class LearnerCore:
                                    L.mask_loss_weight)
             self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
-        self.engine.step()
-        self.version += 1
-        return {**combine_stats(shards), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                "lr": L.sft_lr}
+        return {**combine_stats(shards), **self._finish_step(L.sft_lr)}
 
     def sft_lengths(self, samples: List[LesionSample]) -> List[Tuple[int, int]]:
         """(prompt tokens, target tokens) of each SFT sample: the target tokens normalise the loss, their sum with
@@ -258,6 +274,9 @@ class LearnerWorker(LearnerCore):
 
     def __init__(self, cfg: TrainConfig, policy_dir: str, rank: int, world_size: int):
         self._args = (cfg, policy_dir, rank, world_size)
+
+    def node_id(self) -> str:
+        return current_node_id()
 
     def rendezvous_address(self):
         return ray.util.get_node_ip_address(), free_port()

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from common.actor_pool import ActorPool, RolePlacement, StaleWeightsError
+from common.actor_pool import ActorPool, RolePlacement, StaleWeightsError, current_node_id
 from common.config import TrainConfig
 from common.devices import check_device, role_device, role_runtime_env
 from common.models.adapter import build_adapter
@@ -58,6 +58,9 @@ class LocalRewardWorker:
             self.segmenter.sam.mask_decoder.load_state_dict(bundle.mask_decoder)
         self._version = int(bundle.version)
         return self._version
+
+    def node_id(self) -> str:
+        return current_node_id()
 
     def version(self) -> int:
         return self._version

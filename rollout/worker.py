@@ -9,7 +9,8 @@ from typing import List, Optional, Sequence
 import ray
 import torch
 
-from common.actor_pool import ActorPool, ActorStateLost, PoolCall, RolePlacement, StaleWeightsError
+from common.actor_pool import (ActorPool, ActorStateLost, PoolCall, RolePlacement, StaleWeightsError,
+                               current_node_id)
 from common.config import TrainConfig, cpu_threads
 from common.devices import role_device, role_runtime_env
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
@@ -38,6 +39,9 @@ class RolloutWorker:
         engine's ranks go (see rollout.engine.make_engine)."""
         self.cfg, self.policy_dir, self.engine = cfg, policy_dir, None
         self.device, self.ray_bundles, self.rank_gpus = device, tuple(ray_bundles), rank_gpus
+
+    def node_id(self) -> str:
+        return current_node_id()
 
     def placement(self):
         return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))

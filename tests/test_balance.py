@@ -96,3 +96,15 @@ def test_merge_forward_restores_batch_order():
     np.testing.assert_array_equal(merged.seg_found, [False, True, False])
     no_ref = [ForwardResult(r.logprobs, [], r.seg_states, r.seg_found) for r in results]
     assert merge_forward(layouts, no_ref).ref_logprobs == []
+
+
+def test_ranks_with_different_weight_digests_stop_the_run():
+    from learner.group import RankDesyncError, _combine_ranks
+
+    rank = {"pg_loss": 0.5, "tokens": 10.0, "grad_norm": 2.0, "lr": 1e-3}
+    same = _combine_ranks([{**rank, "weights_digest": 7.0}, {**rank, "weights_digest": 7.0}])
+    assert same["ranks_in_sync"] == 1.0 and same["pg_loss"] == 1.0 and same["tokens"] == 20.0
+    assert "weights_digest" not in same and same["grad_norm"] == 2.0
+    assert "ranks_in_sync" not in _combine_ranks([rank, rank])  # no check this step
+    with pytest.raises(RankDesyncError, match=r"\[7, 8\]"):
+        _combine_ranks([{**rank, "weights_digest": 7.0}, {**rank, "weights_digest": 8.0}])

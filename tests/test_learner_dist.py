@@ -80,6 +80,7 @@ def _assert_equal_steps(one, two, before, stats1, stats2, keys=("loss", "pg_loss
         assert moved > 10 * TOL, part  # the comparison is not trivially true: the step moved this part
     for key in keys:
         assert stats2[key] == pytest.approx(stats1[key], abs=1e-5), key
+    assert stats2["ranks_in_sync"] == 1.0 and "ranks_in_sync" not in stats1  # the group compared the ranks' digests
 
 
 @pytest.fixture(scope="module")

@@ -317,6 +317,34 @@ def _check_reward_terms(cfg: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+# Config keys holding paths: made absolute on the driver at start, so actors on other nodes (and a job's working
+# dir copy) see the same files. Values with a URI scheme (s3://, gs://, file://) and built-in names stay as they are.
+PATH_KEYS = ("data.path", "model.policy", "model.sam_checkpoint", "model.assets_dir", "run.output_dir",
+             "reward.embed_cache_path")
+BUILT_IN_POLICIES = ("tiny", "small")
+
+
+def absolute_path(value: str, base: Path) -> str:
+    """`value` resolved against `base` when it is a relative local path; "", URIs and absolute paths unchanged."""
+    if not value or "://" in value or value in BUILT_IN_POLICIES:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def with_absolute_paths(cfg: TrainConfig, base: str | os.PathLike | None = None) -> TrainConfig:
+    """A copy of `cfg` whose path keys (PATH_KEYS) are absolute, relative ones resolved against `base` (default:
+    the current directory, i.e. where the driver or `coreseg submit` was started)."""
+    import copy
+
+    base = Path(base or Path.cwd()).resolve()
+    out = copy.deepcopy(cfg)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        setattr(getattr(out, section), key, absolute_path(get_value(out, dotted), base))
+    return out
+
+
 def cpu_threads(cfg: TrainConfig, role: str, cores: int) -> int:
     """Torch/OpenMP threads of a CPU `learner` or `rollout` worker on a node with `cores` cores. A set value
     (`cluster.learner_cpu_threads`, `rollout.cpu_threads`) wins. 0 means every core in sync mode, where the

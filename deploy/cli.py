@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.config import DEFAULT_PRESET, ConfigError, TrainConfig, load_config
+from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
+                           with_absolute_paths)
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
@@ -23,7 +24,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run_dir(cfg: TrainConfig, given: str | None) -> Path:
-    return Path(given) if given else Path(cfg.run.output_dir) / cfg.run.name
+    return Path(given).resolve() if given else Path(cfg.run.output_dir) / cfg.run.name
 
 
 def fresh_run_dir(cfg: TrainConfig, given: str | None) -> Path:
@@ -63,10 +64,19 @@ def cmd_data_embed(args, cfg: TrainConfig) -> None:
     print(f"wrote image embeddings to {out}; use them with reward.embed_cache_path={out}")
 
 
-def _ensure_data(cfg: TrainConfig) -> None:
+def _require_data(cfg: TrainConfig) -> None:
+    """A missing data path is an error naming it (never a silent stand-in); only `data synth` and the demo
+    write the synthetic set."""
+    if "://" not in cfg.data.path and not Path(cfg.data.path).exists():
+        sys.exit(f"coreseg: data.path {cfg.data.path} does not exist (write the synthetic set with `coreseg data "
+                 f"synth data.path={cfg.data.path}`, or import images with `coreseg data import`)")
+
+
+def _synth_if_missing(cfg: TrainConfig) -> None:
+    """The demo's data: the synthetic set, written once."""
     if not Path(cfg.data.path).exists():
         from common.synth import write_synth
-        print(f"[coreseg] {cfg.data.path} not found: generating the synthetic set")
+        print(f"[coreseg] demo: writing the synthetic set to {cfg.data.path}")
         write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
                     cfg.data.synth_reasoning)
 
@@ -74,7 +84,7 @@ def _ensure_data(cfg: TrainConfig) -> None:
 def cmd_sft(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
 
-    _ensure_data(cfg)
+    _require_data(cfg)
     driver = Driver(cfg, fresh_run_dir(cfg, args.run_dir), with_rollout=False)
     try:
         driver.sft(cfg.run.sft_steps)
@@ -87,10 +97,11 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
     from deploy.report import write_report
 
-    run_dir = Path(args.resume) if args.resume else fresh_run_dir(cfg, args.run_dir)
+    run_dir = Path(args.resume).resolve() if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
-        cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
-    _ensure_data(cfg)
+        cfg = with_absolute_paths(load_config(str(run_dir / "config.yaml"), args.overrides))
+    _require_data(cfg)
+    print(f"[coreseg] run folder: {run_dir.resolve()}")
     driver = Driver(cfg, run_dir)
     try:
         if args.resume:
@@ -138,13 +149,26 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
 
 
 def cmd_submit(args, cfg: TrainConfig) -> None:
-    cmd = submit_command(args.address, ["coreseg", "train", "--config", args.config,
-                                        "cluster.mode=cluster", *args.overrides], no_wait=args.no_wait)
+    _require_data(cfg)
+    print(f"[coreseg] the run folder will be {Path(cfg.run.output_dir) / cfg.run.name} (or NAME-2, ... if it holds a "
+          f"run); it must be on storage the cluster's nodes share")
+    cmd = submit_command(args.address, train_entrypoint(args.config, args.overrides, cfg), no_wait=args.no_wait)
     print("+ " + " ".join(shlex.quote(c) for c in cmd))
     sys.exit(subprocess.call(cmd))
 
 
+def train_entrypoint(config: str, overrides: list, cfg: TrainConfig) -> list:
+    """`coreseg train` for the cluster: the user's overrides, then every path key as an absolute path (resolved
+    here, where the user runs `coreseg submit`; a job runs in a copy of the code elsewhere)."""
+    preset = absolute_path(config, Path.cwd()) if Path(config).suffix in (".yaml", ".yml") else config
+    paths = [f"{key}={get_value(cfg, key)}" for key in PATH_KEYS if get_value(cfg, key)]
+    return ["coreseg", "train", "--config", preset, *overrides, "cluster.mode=cluster", *paths]
+
+
 def submit_command(address: str | None, entrypoint: list, no_wait: bool = False) -> list:
+    """`ray job submit` of `entrypoint`, uploading the code only (deploy/runtime_env.yaml excludes data, runs and
+    caches). Ray joins the entrypoint into one shell command line, so every word is quoted here: nothing in an
+    override (`$(...)`, backticks, `;`) reaches a shell unquoted."""
     root = Path(__file__).resolve().parent.parent
     cmd = ["ray", "job", "submit", "--working-dir", str(root), "--runtime-env",
            str(root / "deploy" / "runtime_env.yaml")]
@@ -152,7 +176,7 @@ def submit_command(address: str | None, entrypoint: list, no_wait: bool = False)
         cmd += ["--address", address]
     if no_wait:
         cmd.append("--no-wait")
-    return cmd + ["--", *entrypoint]
+    return cmd + ["--", *(shlex.quote(word) for word in entrypoint)]
 
 
 def cmd_demo(args, cfg: TrainConfig) -> None:
@@ -163,7 +187,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     from deploy.report import write_report
 
     start = time.time()
-    _ensure_data(cfg)
+    _synth_if_missing(cfg)
     run_dir = fresh_run_dir(cfg, args.run_dir)
     driver = Driver(cfg, run_dir)
     try:
@@ -247,7 +271,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = with_absolute_paths(load_config(args.config, args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     args.func(args, cfg)

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.actor_pool import StaleWeightsError
-from common.config import TrainConfig, save_config
+from common.config import TrainConfig, save_config, with_absolute_paths
 from common.data import LesionDataset, LesionSample
 from common.metrics import summarize, summarize_by
 from common.models.family import model_family
@@ -51,8 +51,9 @@ class Driver:
         from learner.group import LearnerGroup
         from reward.worker import RewardPool
 
+        cfg = with_absolute_paths(cfg)  # every node, and a job's copy of the code, must see the same files
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)

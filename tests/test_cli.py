@@ -16,3 +16,16 @@ def test_a_new_run_never_appends_to_an_old_one(tmp_path):
     assert fresh_run_dir(cfg, None) == tmp_path / "demo-3"
     assert fresh_run_dir(cfg, str(tmp_path / "other")) == tmp_path / "other"
     assert (tmp_path / "demo" / "metrics.jsonl").read_text() == "{}\n"  # the old run is kept as it was
+
+
+def test_a_missing_data_path_is_an_error_naming_it(tmp_path, capsys):
+    import pytest
+
+    from deploy.cli import main
+
+    missing = tmp_path / "no-such-data"
+    for command in (["train"], ["sft"], ["submit", "--address", "http://127.0.0.1:1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, f"data.path={missing}", f"run.output_dir={tmp_path / 'runs'}"])
+        assert str(missing) in str(exit_info.value) and "does not exist" in str(exit_info.value)
+    assert not missing.exists() and not (tmp_path / "runs").exists()  # nothing generated, no run started

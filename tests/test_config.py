@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
@@ -82,3 +84,34 @@ def test_dynamic_sampling_needs_the_zero_variance_filter_and_dead_knobs_are_gone
     for dead in ("run.log_every=5", "rollout.enable_sleep_mode=true"):  # knobs that did nothing are gone
         with pytest.raises(ConfigError, match=dead.split("=")[0].split(".")[1]):
             load_config("tiny_cpu", [dead])
+
+
+def test_paths_are_made_absolute_against_the_start_directory(tmp_path):
+    from common.config import with_absolute_paths
+
+    cfg = load_config("tiny_cpu", ["data.path=data/isic", "model.sam_checkpoint=~/medsam.pth", "run.output_dir=runs",
+                                   "model.policy=tiny", "reward.embed_cache_path=s3://bucket/emb.safetensors"])
+    out = with_absolute_paths(cfg, tmp_path)
+    assert out.data.path == str(tmp_path / "data" / "isic") and out.run.output_dir == str(tmp_path / "runs")
+    assert out.model.assets_dir == str(tmp_path / ".cache" / "coreseg")
+    assert out.model.sam_checkpoint == str(Path("~/medsam.pth").expanduser())
+    assert out.model.policy == "tiny" and out.reward.embed_cache_path == "s3://bucket/emb.safetensors"
+    assert cfg.data.path == "data/isic"  # the input is left as it was
+    assert with_absolute_paths(out, "/elsewhere").data.path == out.data.path  # idempotent
+
+
+def test_submit_entrypoint_carries_absolute_paths_and_quotes_every_word(tmp_path, monkeypatch):
+    import shlex
+
+    from common.config import with_absolute_paths
+    from deploy.cli import submit_command, train_entrypoint
+
+    monkeypatch.chdir(tmp_path)
+    hostile = ["run.name=$(touch pwned)", "data.shuffle_seed=1;rm -rf /", "run.output_dir=`id`"]
+    cfg = with_absolute_paths(load_config("tiny_cpu", ["data.path=data/x"]))
+    cmd = submit_command("http://head:8265", train_entrypoint("tiny_cpu", hostile, cfg))
+    entry = cmd[cmd.index("--") + 1:]
+    words = shlex.split(" ".join(entry))  # what the job's shell sees after Ray joins the entrypoint
+    assert words[:4] == ["coreseg", "train", "--config", "tiny_cpu"]
+    assert all(h in words for h in hostile) and f"data.path={tmp_path / 'data' / 'x'}" in words
+    assert f"run.output_dir={tmp_path / 'runs'}" in words and "cluster.mode=cluster" in words

@@ -25,29 +25,41 @@ def own_cluster():
         cluster.stop()
 
 
-def test_ray_job_submit_one_step(own_cluster, tmp_path):
+def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
+    """`ray job submit` of a tiny run with default training settings (mask loss on) and 2 learner ranks, 2 rollout
+    and 2 reward workers spread over 3 nodes; data and run folder outside the working dir."""
+    import json
+
     from common.synth import write_synth
     from deploy.cli import submit_command
 
     address, env, ray_bin = own_cluster
     data = write_synth(tmp_path / "data", 16, 112, 0).parent
     entry = ["coreseg", "train", "--config", "tiny_cpu", "cluster.mode=cluster", f"data.path={data}",
-             f"run.output_dir={tmp_path / 'runs'}", "run.name=job", "run.sft_steps=1", "run.steps=1",
-             "run.save_every=0", "run.eval_every=0", "rollout.engine=hf", "data.batch_size=2",
-             "rollout.group_size=2", "rollout.max_new_tokens=16", "cluster.reward_workers=1"]
+             f"run.output_dir={tmp_path / 'runs'}", "run.name=job", "run.sft_steps=0", "run.steps=4",
+             "run.save_every=2", "run.eval_every=0", "data.batch_size=3", "rollout.group_size=4",
+             "rollout.max_new_tokens=32", "cluster.learner_workers=2", "cluster.rollout_workers=2",
+             "cluster.reward_workers=2", "cluster.placement_strategy=SPREAD"]
     cmd = submit_command(address, entry)
     cmd[0] = ray_bin
-    # wait until the job server answers
-    for _ in range(60):
-        if subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
-            break
-        time.sleep(1)
     for _ in range(60):  # the job agent on a fresh head node takes a few seconds to register
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
         if "No available agent" not in result.stdout + result.stderr:
             break
         time.sleep(2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
-    metrics = (tmp_path / "runs" / "job" / "metrics.jsonl").read_text()
-    assert '"phase": "grpo", "step": 1' in metrics
+    run = tmp_path / "runs" / "job"
+    placement = json.loads((run / "placement.json").read_text())
+    for role in ("learner", "rollout", "reward"):
+        assert len(set(placement[role])) == 2, (role, placement)  # each role's two actors on different nodes
+    assert len({n for ids in placement.values() for n in ids}) == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["phase"] == "grpo" and "reward/total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        # both ranks held identical weights after the step; every pool was checked to serve the learner's version
+        assert r["learner/ranks_in_sync"] == 1.0 and r["version"] == r["step"], r
+        assert r["reward/mask"] == r["reward/mask"]  # mask reward computed (not NaN)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "grpo_000004_sft_000000" and any((run / "checkpoints" / latest / "learner").iterdir())

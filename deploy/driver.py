@@ -73,7 +73,8 @@ class Driver:
             self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=1 if local else c.rollout_workers,
                                        num_gpus_per_worker=c.rollout_gpus_per_worker, local=local)
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
-                                  seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
+                                  seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
+                                  max_image_pixels=cfg.data.max_image_pixels)
         self.logger = MetricsLogger(self.run_dir)
         self.step = {"sft": 0, "grpo": 0}
         self.version = 0
@@ -276,7 +277,8 @@ class Driver:
         for split in splits:
             try:
                 ds = LesionDataset(self.cfg.data.path, split, batch_size=16, shuffle=False,
-                                   skip_invalid=self.cfg.data.skip_invalid)
+                                   skip_invalid=self.cfg.data.skip_invalid,
+                                   max_image_pixels=self.cfg.data.max_image_pixels)
             except ValueError as err:
                 print(f"[coreseg] eval: skipping split {split}: {err}")
                 continue

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.images import DEFAULT_MAX_IMAGE_PIXELS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "configs"
 DEFAULT_PRESET = "tiny_cpu"
 
@@ -46,7 +48,10 @@ class DataConfig:
     eval_splits: List[str] = field(default_factory=lambda: ["val", "test_id", "test_ood"])
     batch_size: int = 4  # prompts per step
     shuffle_seed: int = 0
-    skip_invalid: bool = False
+    skip_invalid: bool = False  # skip (and count) bad rows and unusable files instead of stopping
+    # Images (and masks) above this many pixels are refused from their header, before decoding; see
+    # common/images.py DEFAULT_MAX_IMAGE_PIXELS for why 4096*4096
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # `coreseg data synth`
     synth_samples: int = 240
     synth_image_size: int = 112
@@ -204,9 +209,19 @@ _CHOICES = {
     "cluster.mode": ("local", "cluster"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
-_POSITIVE = ("data.batch_size", "rollout.group_size", "rollout.max_new_tokens", "learner.micro_batch_size",
-             "cluster.learner_workers", "cluster.rollout_workers", "cluster.reward_workers",
-             "model.lora_r", "model.adapter_queries", "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
+_POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "rollout.max_new_tokens",
+             "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
+             "learner.adapter_lr", "learner.adam_eps", "cluster.learner_workers", "cluster.rollout_workers",
+             "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes",
+             "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
+# 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
+# temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
+_NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.eval_every", "run.eval_samples",
+                 "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
+                 "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
+                 "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",
+                 "data.synth_samples", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
+                 "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws")
 
 
 def resolve_preset(preset: str) -> Path:
@@ -246,15 +261,20 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: Sequence[str] = 
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.learner.sync_check_every < 0:
-        raise ConfigError("config key 'learner.sync_check_every' must be >= 0 (0 = never)")
     for dotted, choices in _CHOICES.items():
         value = get_value(cfg, dotted)
         if value not in choices:
             raise ConfigError(f"config key '{dotted}' = {value!r}: must be one of {choices}")
     for dotted in _POSITIVE:
         if get_value(cfg, dotted) <= 0:
-            raise ConfigError(f"config key '{dotted}' must be > 0")
+            raise ConfigError(f"config key '{dotted}' = {get_value(cfg, dotted)!r}: must be > 0")
+    for dotted in _NON_NEGATIVE:
+        if get_value(cfg, dotted) < 0:
+            raise ConfigError(f"config key '{dotted}' = {get_value(cfg, dotted)!r}: must be >= 0")
+    if cfg.run.steps > 0 and cfg.rollout.group_size < 2:
+        raise ConfigError(f"config key 'rollout.group_size' = {cfg.rollout.group_size}: GRPO needs >= 2 completions "
+                          "per prompt (a group of 1 has advantage 0: the loss is 0 and nothing trains); "
+                          "set run.steps=0 for SFT only")
     if not 0 <= cfg.learner.clip_low < 1 or cfg.learner.clip_high < 0:
         raise ConfigError("config keys 'learner.clip_low' in [0, 1) and 'learner.clip_high' >= 0")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
@@ -269,8 +289,6 @@ def validate(cfg: TrainConfig) -> None:
             resolve(kind, get_value(cfg, dotted))
         except ValueError as err:
             raise ConfigError(f"config key '{dotted}': {err}") from None
-    if cfg.learner.dynamic_sampling_max_draws < 0:
-        raise ConfigError("config key 'learner.dynamic_sampling_max_draws' must be >= 0")
     if cfg.learner.dynamic_sampling_max_draws > 0 and not cfg.learner.drop_zero_variance:
         raise ConfigError("config key 'learner.dynamic_sampling_max_draws' > 0 needs learner.drop_zero_variance=true "
                           "(dynamic sampling refills the groups that filter drops)")

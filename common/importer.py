@@ -10,7 +10,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from common.data import DataError, LesionSample, write_parquet
-from common.images import decode_image, decode_mask, mask_to_box
+from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, decode_mask, mask_to_box
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -29,9 +29,19 @@ def _find_mask(masks_dir: Path, stem: str, mask_suffix: str) -> Optional[Path]:
     return None
 
 
+def _read_file(path: Path, decode, max_image_pixels: int):
+    try:
+        return decode(path.read_bytes(), max_image_pixels)
+    except ImageError as err:
+        raise DataError(f"{path}: {err}") from None
+
+
 def import_folder(images_dir: str | Path, masks_dir: str | Path, out_path: str | Path, *, category: str = "lesion",
                   modality: str = "unknown", source: str = "", mask_suffix: str = "", split: str = "auto",
-                  seed: int = 0, min_pixels: int = 1, question: str = "Locate and segment the {category}.") -> Path:
+                  seed: int = 0, min_pixels: int = 1, question: str = "Locate and segment the {category}.",
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
+    """Raises DataError naming the file for an empty, non-image, corrupt or too large (> max_image_pixels,
+    checked before decoding) image or mask."""
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     for d in (images_dir, masks_dir):
         if not d.is_dir():
@@ -39,14 +49,20 @@ def import_folder(images_dir: str | Path, masks_dir: str | Path, out_path: str |
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    by_stem: dict = {}
+    for path in images:  # the stem is the sample id: two images of one stem would share it
+        if path.stem in by_stem:
+            raise DataError(f"{by_stem[path.stem]} and {path} have the same file stem, which is the sample id; "
+                            "rename one")
+        by_stem[path.stem] = path
     samples, unmatched = [], []
     for path in tqdm(images, desc="import"):
         mask_path = _find_mask(masks_dir, path.stem, mask_suffix)
         if mask_path is None:
             unmatched.append(path.name)
             continue
-        image = decode_image(path.read_bytes())
-        mask = decode_mask(mask_path.read_bytes())
+        image = _read_file(path, decode_image, max_image_pixels)
+        mask = _read_file(mask_path, decode_mask, max_image_pixels)
         if mask.shape != image.shape[:2]:
             raise DataError(f"{mask_path}: mask {mask.shape[::-1]} differs from image {image.shape[1::-1]}")
         lesions = split_masks(mask, min_pixels)

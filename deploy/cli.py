@@ -53,7 +53,8 @@ def cmd_data_import(args, cfg: TrainConfig) -> None:
     from common.importer import import_folder
 
     out = import_folder(args.images, args.masks, args.out, category=args.category, modality=args.modality,
-                        source=args.source, mask_suffix=args.mask_suffix, split=args.split, seed=cfg.data.synth_seed)
+                        source=args.source, mask_suffix=args.mask_suffix, split=args.split, seed=cfg.data.synth_seed,
+                        max_image_pixels=cfg.data.max_image_pixels)
     print(f"wrote {out}")
 
 
@@ -274,7 +275,12 @@ def main(argv=None) -> None:
         cfg = with_absolute_paths(load_config(args.config, args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
-    args.func(args, cfg)
+    from common.data import DataError
+
+    try:
+        args.func(args, cfg)
+    except (ConfigError, DataError) as err:  # bad input: the message names the file/row/key, a traceback adds nothing
+        sys.exit(f"coreseg: {err}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class Driver:
         # colocated mode: the rollout engines sleep while the learner works and wake before they generate
         self.colocated = c.colocate and self.rollout is not None
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
-                                  seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid)
+                                  seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
+                                  max_image_pixels=cfg.data.max_image_pixels)
         self.logger = MetricsLogger(self.run_dir)
         self._record_placement()
         self.step = {"sft": 0, "grpo": 0}
@@ -308,7 +309,8 @@ class Driver:
         for split in splits:
             try:
                 ds = LesionDataset(self.cfg.data.path, split, batch_size=16, shuffle=False,
-                                   skip_invalid=self.cfg.data.skip_invalid)
+                                   skip_invalid=self.cfg.data.skip_invalid,
+                                   max_image_pixels=self.cfg.data.max_image_pixels)
             except ValueError as err:
                 print(f"[coreseg] eval: skipping split {split}: {err}")
                 continue

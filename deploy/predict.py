@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import TrainConfig
-from common.images import decode_image, encode_png
+from common.images import ImageError, decode_image, encode_png
 from common.prompts import parse_completion
 
 
@@ -23,6 +23,7 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
     predicts one image."""
     from deploy.driver import Driver
 
+    read_image_file(image_path, cfg.data.max_image_pixels)  # a bad file fails here, before the models load
     cfg.cluster.reward_workers = 1
     driver = Driver(cfg, run_dir, local=True)
     try:
@@ -33,13 +34,27 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
         driver.close()
 
 
+def read_image_file(image_path: str, max_pixels: int) -> np.ndarray:
+    """HxWx3 uint8 of an image file; DataError naming the file when it is missing, empty, not an image,
+    corrupt or above `max_pixels` pixels (checked before decoding)."""
+    from common.data import DataError
+
+    path = Path(image_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        return decode_image(path.read_bytes(), max_pixels)
+    except ImageError as err:
+        raise DataError(f"{path}: {err}") from None
+
+
 def predict_with(driver, image_path: str, question: str, out_dir: str) -> dict:
     """Greedy answer for one image through the driver's answer() path; writes mask.png and overlay.png."""
     import torch
 
     from common.data import LesionSample
 
-    image = decode_image(Path(image_path).read_bytes())
+    image = read_image_file(image_path, driver.cfg.data.max_image_pixels)
     sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],
                           boxes=np.zeros((0, 4)), question=question)
     answered = driver.answer([sample], driver.generate([sample], n=1, greedy=True), score=False)

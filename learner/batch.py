@@ -9,12 +9,13 @@ family names the other model inputs (token-aligned ones, e.g. Qwen's `mm_token_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from common.data import LesionSample
+from common.images import image_key, image_keys
 from common.models.family import ModelFamily
 
 CACHE_SIZE = 4096  # samples whose processor outputs are kept (the G rollouts of a prompt share them)
@@ -36,7 +37,8 @@ class PolicyBatch:
 
 class PromptEncoder:
     """The prompt part of each row: input_ids [1, P], the family's token-aligned inputs [1, P] and image inputs.
-    Processor outputs are cached per sample id."""
+    Processor outputs are cached per image (`image_key`: sample id + pixel digest, so a duplicate id never
+    gets another image's inputs) and, for rendered prompts, question."""
 
     def __init__(self, processor, family: ModelFamily):
         self.processor, self.family = processor, family
@@ -44,21 +46,24 @@ class PromptEncoder:
         self._images: Dict[str, dict] = {}
 
     @staticmethod
-    def _cached(cache: Dict[str, dict], key: str, make) -> dict:
+    def _cached(cache: Dict[Hashable, dict], key: Hashable, make) -> dict:
         if key not in cache:
             cache[key] = make()
             if len(cache) > CACHE_SIZE:
                 cache.pop(next(iter(cache)))
         return cache[key]
 
-    def encode(self, sample: LesionSample) -> dict:
-        """The prompt rendered by the family (SFT: there is no rollout to take ids from)."""
-        return self._cached(self._rendered, sample.id, lambda: self.family.encode_prompt(
+    def encode(self, sample: LesionSample, key: Optional[str] = None) -> dict:
+        """The prompt rendered by the family (SFT: there is no rollout to take ids from). key: the sample's
+        `image_key` when the caller has it."""
+        key = key or image_key(sample.id, sample.image)
+        return self._cached(self._rendered, (key, sample.question), lambda: self.family.encode_prompt(
             self.processor, sample.question, Image.fromarray(sample.image)))
 
-    def encode_ids(self, sample: LesionSample, prompt_ids: Sequence[int]) -> dict:
+    def encode_ids(self, sample: LesionSample, prompt_ids: Sequence[int], key: Optional[str] = None) -> dict:
         """The rollout engine's prompt ids with the sample's image inputs (checked against each other)."""
-        images = self._cached(self._images, sample.id, lambda: self.family.encode_image(
+        key = key or image_key(sample.id, sample.image)
+        images = self._cached(self._images, key, lambda: self.family.encode_image(
             self.processor, Image.fromarray(sample.image)))
         return self.family.encode_with_prompt_ids(self.processor, prompt_ids, images, sample.id)
 
@@ -67,12 +72,13 @@ def build_batch(encoder: PromptEncoder, samples: Sequence[LesionSample], complet
                 pad_id: int, prompt_ids: Optional[Sequence[Sequence[int]]] = None) -> PolicyBatch:
     """One row per (sample, completion). `prompt_ids` (one list per row): the rollout engine's prompt tokens;
     None renders each sample's prompt (SFT)."""
+    keys = image_keys([s.id for s in samples], [s.image for s in samples])  # one digest per image object
     if prompt_ids is None:
-        encs = [encoder.encode(s) for s in samples]
+        encs = [encoder.encode(s, k) for s, k in zip(samples, keys)]
     else:
         if len(prompt_ids) != len(samples):
             raise ValueError(f"{len(prompt_ids)} prompt id lists for {len(samples)} samples")
-        encs = [encoder.encode_ids(s, p) for s, p in zip(samples, prompt_ids)]
+        encs = [encoder.encode_ids(s, p, k) for s, p, k in zip(samples, prompt_ids, keys)]
     family = encoder.family
     seqs = [torch.cat([e["input_ids"][0], torch.as_tensor(list(c), dtype=torch.long)]) for e, c in zip(encs, completions)]
     length = max(len(s) for s in seqs)

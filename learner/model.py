@@ -1,7 +1,8 @@
 """The trainable module: peft LoRA policy (a multimodal LLM of a registered family) + prompt adapter + SAM mask
 decoder.
 
-The SAM image encoder and prompt encoder are frozen; image embeddings are computed once per sample id.
+The SAM image encoder and prompt encoder are frozen; image embeddings are computed once per image
+(`common.images.image_key`: sample id + pixel digest).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from common.config import TrainConfig
 from common.data import LesionSample
+from common.images import image_keys
 from common.models.adapter import build_adapter
 from common.models.lora import lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
@@ -88,24 +90,30 @@ class CoreSegModule(nn.Module):
                     params[n].copy_(value)
 
     # -- masks --------------------------------------------------------------------------------------
-    def image_embeddings(self, samples: Sequence[LesionSample]) -> torch.Tensor:
-        missing = [s for s in samples if s.id not in self._embeddings]
+    def image_embeddings(self, samples: Sequence[LesionSample], keys: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """[N, C, g, g], cached by `image_key` (id + pixel digest: a duplicate id never gets another image's
+        embedding); keys: the samples' image keys when the caller has them."""
+        keys = list(keys) if keys is not None else image_keys([s.id for s in samples], [s.image for s in samples])
+        missing = {k: s for k, s in zip(keys, samples) if k not in self._embeddings}
         if missing:
-            for s, e in zip(missing, encode_images(self.sam, [s.image for s in missing])):
-                self._embeddings[s.id] = e
+            for k, e in zip(missing, encode_images(self.sam, [s.image for s in missing.values()])):
+                self._embeddings[k] = e
             while len(self._embeddings) > 2048:
                 self._embeddings.pop(next(iter(self._embeddings)))
-        return torch.stack([self._embeddings[s.id] for s in samples]).to(self.device)
+        return torch.stack([self._embeddings[k] for k in keys]).to(self.device)
 
     def mask_logits(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
         """Low-res mask logits [M, 1, l, l]; one sample (image) per state."""
+        keys = image_keys([s.id for s in samples], [s.image for s in samples])
         unique: List[LesionSample] = []
+        unique_keys: List[str] = []
         index = []
-        for s in samples:
-            if not unique or unique[-1].id != s.id:
+        for s, key in zip(samples, keys):
+            if not unique_keys or unique_keys[-1] != key:
                 unique.append(s)
+                unique_keys.append(key)
             index.append(len(unique) - 1)
-        emb = self.image_embeddings(unique)
+        emb = self.image_embeddings(unique, unique_keys)
         low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
         return low
 

@@ -1,7 +1,8 @@
 """SAM through the prompt adapter, with an image-embedding cache.
 
 The image encoder is frozen, so an embedding is a pure function of the image: each is computed once and
-kept in an LRU (bounded in bytes) keyed by sample id, shared by the G rollouts of a prompt and by later
+kept in an LRU (bounded in bytes) keyed by `common.images.image_key` (sample id + a digest of the pixels:
+two images that share an id never share an entry), shared by the G rollouts of a prompt and by later
 epochs, optionally warm-started from a file written by `reward.embed`. All `<seg>` states of one image
 are decoded in one mask-decoder call.
 """
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from common.images import IMAGE_KEY_SCHEME, image_keys
 from common.models.sam import encode_images, upscale_masks
 from common.models.segment import decode_masks
 
@@ -23,7 +25,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class EmbeddingCache:
-    """LRU of image embeddings keyed by sample id, bounded by the bytes it holds."""
+    """LRU of image embeddings keyed by `image_key`, bounded by the bytes it holds."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
@@ -79,7 +81,7 @@ class Segmenter:
         return (self.sam.prompt_encoder.embed_dim, *grid)
 
     def warm_start(self, path: str | Path, expect_meta: Optional[Dict[str, str]] = None) -> int:
-        """Fill the cache from a safetensors file written by `reward.embed` (keys are sample ids).
+        """Fill the cache from a safetensors file written by `reward.embed` (keys are `image_key`s).
         expect_meta: metadata that must match (e.g. the SAM it was computed with). Returns the number of
         embeddings loaded (the LRU bound still applies)."""
         from safetensors import safe_open
@@ -90,6 +92,10 @@ class Segmenter:
             raise FileNotFoundError(f"reward.embed_cache_path={str(path)!r} does not exist (run `coreseg data embed`)")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            if meta.get("keys") != IMAGE_KEY_SCHEME:
+                raise ValueError(f"{path}: embeddings keyed by {meta.get('keys', 'sample id')!r}, this worker keys "
+                                 f"them by {IMAGE_KEY_SCHEME!r} (an id alone can stand for another image): "
+                                 "re-run `coreseg data embed`")
             for key, value in (expect_meta or {}).items():
                 if key in meta and meta[key] != str(value):
                     raise ValueError(f"{path}: embeddings were computed with {key}={meta[key]!r}, "
@@ -104,24 +110,28 @@ class Segmenter:
         return loaded
 
     def embeddings(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> torch.Tensor:
-        """[N, C, g, g] for N images; only images missing from the cache go through the encoder."""
+        """[N, C, g, g] for N images (ids: their sample ids); only images missing from the cache go through
+        the encoder."""
+        return self._embeddings(image_keys(ids, images), images)
+
+    def _embeddings(self, keys: Sequence[str], images: Sequence[np.ndarray]) -> torch.Tensor:
         found: Dict[str, torch.Tensor] = {}
         missing: Dict[str, np.ndarray] = {}
-        for sid, image in zip(ids, images):
-            if sid in found or sid in missing:
+        for key, image in zip(keys, images):
+            if key in found or key in missing:
                 continue
-            cached = self.cache.get(sid)
+            cached = self.cache.get(key)
             if cached is None:
-                missing[sid] = image
+                missing[key] = image
             else:
-                found[sid] = cached
+                found[key] = cached
         if missing:
             fresh = encode_images(self.sam, list(missing.values()))
             self.encoder_calls += len(missing)
-            for sid, emb in zip(missing, fresh):
-                found[sid] = emb
-                self.cache.put(sid, emb)
-        return torch.stack([found[sid] for sid in ids])
+            for key, emb in zip(missing, fresh):
+                found[key] = emb
+                self.cache.put(key, emb)
+        return torch.stack([found[key] for key in keys])
 
     @torch.no_grad()
     def masks(self, items: Sequence) -> List[np.ndarray]:
@@ -129,15 +139,15 @@ class Segmenter:
         Items of one image share one embedding and one decoder call."""
         if not items:
             return []
-        order: Dict[str, int] = {}
-        for item in items:
-            order.setdefault(item.sample_id, len(order))
-        ids = list(order)
-        images = [None] * len(ids)
-        for item in items:
-            images[order[item.sample_id]] = item.image
+        keys = image_keys([item.sample_id for item in items], [item.image for item in items])
+        order: Dict[str, int] = {}  # by image key, not sample id: two images with one id stay apart
+        images = []
+        for key, item in zip(keys, items):
+            if key not in order:
+                order[key] = len(order)
+                images.append(item.image)
         states = np.stack([np.asarray(item.seg_state, np.float32) for item in items])
-        return self.masks_for(ids, images, torch.from_numpy(states), [order[i.sample_id] for i in items])
+        return self._masks(list(order), images, torch.from_numpy(states), [order[key] for key in keys])
 
     @torch.no_grad()
     def masks_for(self, ids: Sequence[str], images: Sequence[np.ndarray], seg_states: torch.Tensor,
@@ -146,7 +156,11 @@ class Segmenter:
         (default: one state per image). Masks at each image's size, thresholded at `mask_threshold`."""
         if image_index is None:
             image_index = list(range(len(ids)))
-        emb = self.embeddings(ids, images)
+        return self._masks(image_keys(ids, images), images, seg_states, image_index)
+
+    def _masks(self, keys: Sequence[str], images: Sequence[np.ndarray], seg_states: torch.Tensor,
+               image_index: Sequence[int]) -> List[np.ndarray]:
+        emb = self._embeddings(keys, images)
         index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
         low, _ = decode_masks(self.sam, self.adapter, emb, seg_states.float().to(self.device), index)
         out: List[Optional[np.ndarray]] = [None] * len(index)

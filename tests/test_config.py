@@ -44,6 +44,35 @@ def test_semantic_validation_names_the_key():
         load_config("tiny_cpu", ["learner.kl_beta=-0.1"])
 
 
+@pytest.mark.parametrize("override, key, why", [
+    ("rollout.group_size=1", "rollout.group_size", "a group of 1 has advantage 0"),
+    ("learner.lr=0", "learner.lr", "> 0"),
+    ("learner.lr=-1e-4", "learner.lr", "> 0"),
+    ("learner.sft_lr=-1e-3", "learner.sft_lr", "> 0"),
+    ("learner.adapter_lr=0", "learner.adapter_lr", "> 0"),
+    ("rollout.temperature=-0.5", "rollout.temperature", ">= 0"),
+    ("run.save_every=-1", "run.save_every", ">= 0"),
+    ("run.eval_every=-5", "run.eval_every", ">= 0"),
+    ("run.steps=-1", "run.steps", ">= 0"),
+    ("run.sft_steps=-2", "run.sft_steps", ">= 0"),
+    ("run.eval_samples=-1", "run.eval_samples", ">= 0"),
+    ("data.max_image_pixels=0", "data.max_image_pixels", "> 0"),
+])
+def test_out_of_range_values_are_refused_with_the_key_named(override, key, why):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", [override])
+    assert f"'{key}'" in str(err.value) and why in str(err.value)
+
+
+def test_edge_values_that_mean_something_are_accepted():
+    cfg = load_config("tiny_cpu", ["rollout.temperature=0", "run.save_every=0", "run.eval_every=0", "run.sft_steps=0"])
+    assert cfg.rollout.temperature == 0 and cfg.run.save_every == 0  # greedy; never save/eval during the run
+    # group_size is a GRPO value: an SFT-only run (no GRPO steps) does not use it
+    assert load_config("tiny_cpu", ["rollout.group_size=1", "run.steps=0"]).rollout.group_size == 1
+    assert load_config("tiny_cpu", ["rollout.group_size=2"]).rollout.group_size == 2
+    assert load_config("qwen25vl_3b").data.max_image_pixels == 4096 * 4096
+
+
 def test_unknown_preset_lists_known():
     with pytest.raises(ConfigError, match="tiny_cpu"):
         load_config("nope")

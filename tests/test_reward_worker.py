@@ -65,7 +65,10 @@ def test_cache_is_bounded_in_bytes(tiny_sam, synth_samples):
     for s in synth_samples[:4]:
         seg.embeddings([s.id], [s.image])
     assert len(seg.cache) == 2 and seg.cache.bytes <= 2 * EMB_BYTES and seg.cache.evictions == 2
-    assert synth_samples[3].id in seg.cache and synth_samples[0].id not in seg.cache  # LRU order
+    from common.images import image_key
+
+    key = lambda s: image_key(s.id, s.image)  # noqa: E731 (the cache keys on id + pixels)
+    assert key(synth_samples[3]) in seg.cache and key(synth_samples[0]) not in seg.cache  # LRU order
 
 
 def test_warm_start_from_precomputed_embeddings(tmp_path, cfg, tiny_sam, synth_parquet):

@@ -1,0 +1,94 @@
+"""Per-image caches key on the image's content (common.images.image_key), not on the sample id alone: two
+different images that share an id (a duplicate id, a predict request, data changed since a warm-start file
+was written) never get each other's embedding or processor inputs."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from common.data import LesionSample
+from common.images import image_key, image_keys
+from common.models.adapter import build_adapter
+from common.models.sam import encode_images
+from common.protocol import ScoreItem
+from reward.segmenter import Segmenter
+
+HIDDEN = 128
+
+
+def _two_images_one_id():
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    b = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    return a, b
+
+
+def test_image_key_depends_on_pixels_shape_and_id():
+    a, b = _two_images_one_id()
+    assert image_key("x", a) == image_key("x", a.copy())  # content, not object identity
+    assert len({image_key("x", a), image_key("x", b), image_key("y", a), image_key("x", a.reshape(24, 96, 3))}) == 4
+    assert image_keys(["x", "x", "y"], [a, a, a]) == [image_key("x", a)] * 2 + [image_key("y", a)]
+
+
+def test_reward_cache_never_answers_with_another_images_embedding(tiny_sam):
+    a, b = _two_images_one_id()
+    seg = Segmenter(tiny_sam, build_adapter(HIDDEN), cache_bytes=1 << 24)
+    first = seg.embeddings(["dup"], [a])[0]
+    second = seg.embeddings(["dup"], [b])[0]
+    want = encode_images(tiny_sam, [a, b])  # the encoder itself, no cache
+    assert torch.allclose(first, want[0], atol=1e-5) and torch.allclose(second, want[1], atol=1e-5)
+    assert seg.encoder_calls == 2
+    seg.embeddings(["dup"], [a.copy()])  # the same pixels again: a hit
+    assert seg.encoder_calls == 2 and seg.cache.hits == 1
+    # within one batch of items, two images with one id get their own masks (one decoder image each)
+    state = np.random.default_rng(0).normal(size=HIDDEN).astype(np.float32)
+    items = [ScoreItem("dup", "", state, img, [], np.zeros((0, 4))) for img in (a, b, a)]
+    masks = seg.masks(items)
+    alone = [Segmenter(tiny_sam, seg.adapter).masks([item])[0] for item in items[:2]]
+    assert np.array_equal(masks[0], alone[0]) and np.array_equal(masks[1], alone[1])
+    assert np.array_equal(masks[2], masks[0])
+
+
+def test_warm_start_refuses_a_file_keyed_by_sample_id(tmp_path, tiny_sam):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"sample-1": torch.zeros(256, 8, 8)}, str(path), metadata={"sam_type": "tiny"})
+    with pytest.raises(ValueError, match="re-run `coreseg data embed`"):
+        Segmenter(tiny_sam, build_adapter(HIDDEN)).warm_start(path)
+
+
+def test_learner_embedding_cache_keys_on_content(tiny_sam):
+    from learner.model import CoreSegModule
+
+    a, b = _two_images_one_id()
+    module = types.SimpleNamespace(sam=tiny_sam, _embeddings={}, device="cpu")  # the method's only state
+    samples = [LesionSample(id="dup", image=img, masks=[], boxes=np.zeros((0, 4)), question="q") for img in (a, b)]
+    first = CoreSegModule.image_embeddings(module, samples[:1])
+    second = CoreSegModule.image_embeddings(module, samples[1:])
+    want = encode_images(tiny_sam, [a, b])
+    assert torch.allclose(first[0], want[0], atol=1e-5) and torch.allclose(second[0], want[1], atol=1e-5)
+
+
+def test_prompt_encoder_keys_on_content_and_question(tiny_policy_dir):
+    from common.models.family import model_family
+    from common.models.policy import load_policy
+    from learner.batch import PromptEncoder
+    from PIL import Image
+
+    _, processor = load_policy(tiny_policy_dir)
+    family = model_family(tiny_policy_dir)
+    a, b = _two_images_one_id()
+    b = b[:32]  # another size: another number of image tokens
+    encoder = PromptEncoder(processor, family)
+    sa, sb = (LesionSample(id="dup", image=img, masks=[], boxes=np.zeros((0, 4)), question="Find it.") for img in (a, b))
+    for sample in (sa, sb):
+        want = family.encode_prompt(processor, sample.question, Image.fromarray(sample.image))
+        got = encoder.encode(sample)
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["pixel_values"], want["pixel_values"])
+    asked = LesionSample(id="dup", image=a, masks=[], boxes=np.zeros((0, 4)), question="Something else?")
+    want = family.encode_prompt(processor, asked.question, Image.fromarray(a))
+    assert torch.equal(encoder.encode(asked)["input_ids"], want["input_ids"])

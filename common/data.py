@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, decode_mask, encode_png, union_mask
@@ -149,11 +150,22 @@ def row_to_sample(row: dict, file: str, max_image_pixels: Optional[int] = DEFAUL
 
 
 def _open(path: str | Path) -> pads.Dataset:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist (run `coreseg data synth` or `coreseg data import`)")
+    """A local folder/file, or a URI read through pyarrow.fs (file://, s3://, gs://, hdfs://: whatever this
+    pyarrow build supports), so every node reads the same data without a shared mount."""
+    missing = f"data path {path} does not exist (run `coreseg data synth` or `coreseg data import`)"
     # An explicit schema: no file is read to infer one (a corrupt first file is then reported per file, and a
     # column missing from a later file is not hidden behind the first file's schema).
+    if "://" in str(path):
+        try:
+            fs, root = pafs.FileSystem.from_uri(str(path))
+            found = fs.get_file_info(root).type != pafs.FileType.NotFound
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise DataError(f"data path {path}: cannot be opened ({_first_line(err)})") from None
+        if not found:
+            raise DataError(missing)
+        return pads.dataset(root, format="parquet", schema=SCHEMA, filesystem=fs)
+    if not Path(path).exists():
+        raise DataError(missing)
     return pads.dataset(str(path), format="parquet", schema=SCHEMA)
 
 

@@ -146,3 +146,17 @@ def test_union_mask_is_the_pixelwise_or_and_checks_shapes(synth_samples):
     assert not union_mask([], 3, 5).any() and union_mask([], 3, 5).shape == (3, 5)
     with pytest.raises(ValueError, match=r"ground-truth mask is \(2, 2\), image is \(3, 5\)"):
         union_mask([np.ones((2, 2), bool)], 3, 5)
+
+
+def test_data_through_a_file_uri_reads_like_the_local_path(synth_parquet, tmp_path):
+    from common.data import DataError, LesionDataset
+
+    local = LesionDataset(str(synth_parquet.parent), "train", batch_size=4, seed=3)
+    remote = LesionDataset(synth_parquet.parent.resolve().as_uri(), "train", batch_size=4, seed=3)
+    for _ in range(3):
+        a, b = local.next_batch(), remote.next_batch()
+        assert [s.id for s in a] == [s.id for s in b]
+        assert all(np.array_equal(x.image, y.image) and np.array_equal(x.boxes, y.boxes) for x, y in zip(a, b))
+    missing = (tmp_path / "nothing-here").as_uri()
+    with pytest.raises(DataError, match="nothing-here.*does not exist"):
+        LesionDataset(missing, "train")

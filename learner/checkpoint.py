@@ -3,7 +3,9 @@ mask-decoder safetensors, DeepSpeed optimizer state (trainable parameters only),
 from __future__ import annotations
 
 import json
+import pickle
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +34,48 @@ def save_learner(core, path: str) -> None:
     (path / f"state_rank{core.rank}.json").write_text(json.dumps(meta))
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would need unpickling of arbitrary objects (code could run): refused."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed's own checkpoint files hold besides tensors and plain containers (found by loading
+    its files with weights_only=True); rebuilt from their state, never by calling arbitrary code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads(where: Path):
+    """Inside, every `torch.load` (DeepSpeed asks for weights_only=False) runs with weights_only=True and only
+    DeepSpeed's known classes allowed; anything else is an UnsafeCheckpointError naming the folder."""
+    real_load = torch.load
+
+    def safe_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()
+            detail = next((line.strip() for line in reason if "GLOBAL" in line), reason[0] if reason else "")
+            raise UnsafeCheckpointError(f"refusing to load {f} (under {where}): it needs unpickling of objects other "
+                                        f"than tensors and DeepSpeed's own state ({detail})") from None
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 def load_learner(core, path: str) -> None:
     path = Path(path)
-    core.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+    with weights_only_loads(path):
+        core.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
     meta = json.loads((path / f"state_rank{core.rank}.json").read_text())
     core.version = int(meta["version"])
     ref = path / "reference_lora.safetensors"  # written once GRPO has started; identical on every rank

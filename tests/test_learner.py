@@ -235,3 +235,29 @@ def test_stale_completions_use_their_sampling_logprobs(tiny_policy_dir, synth_sa
     stats = core.update(stale, samples, np.array([1.0, -1.0, 1.0, -1.0]), fwd.ref_logprobs,
                         loss_norm(lengths, int(fwd.seg_found.sum()), "token_mean"))
     assert stats["ratio_max"] == pytest.approx(2.0, rel=1e-4) and stats["ratio_mean"] == pytest.approx(2.0, rel=1e-4)
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_does_not_execute(tiny_policy_dir, tmp_path):
+    from learner.checkpoint import UnsafeCheckpointError
+
+    core = make_core(tiny_policy_dir)
+    core.save_checkpoint(str(tmp_path / "ckpt"))
+    core.load_checkpoint(str(tmp_path / "ckpt"))  # DeepSpeed's own files load with weights_only=True
+    marker = tmp_path / "pwned"
+    target = tmp_path / "ckpt" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(marker)}, target)
+    with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
+        core.load_checkpoint(str(tmp_path / "ckpt"))
+    assert not marker.exists()
+    assert torch.load is not None and torch.load.__module__.startswith("torch")  # the real torch.load is back

@@ -180,6 +180,7 @@ class RunConfig:
     sft_steps: int = 40
     steps: int = 10  # GRPO steps
     save_every: int = 5
+    keep_checkpoints: int = 0  # only the newest N checkpoints stay in the run folder; 0 = all
     eval_every: int = 5
     eval_samples: int = 32
     seed: int = 0
@@ -216,7 +217,8 @@ _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "
              "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
-_NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.eval_every", "run.eval_samples",
+_NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.eval_every",
+                 "run.eval_samples",
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",

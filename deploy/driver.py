@@ -22,6 +22,7 @@ from common.models.family import model_family
 from common.models.policy import ensure_policy_dir
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
+from deploy.checkpoints import save_atomic
 from deploy.metrics_log import MetricsLogger
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
@@ -332,15 +333,18 @@ class Driver:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
-        path = self.run_dir / CHECKPOINTS / f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
-        path.mkdir(parents=True, exist_ok=True)
-        self.learner.save_checkpoint(str(path / "learner"))
+        """Checkpoint of the current step, written atomically (deploy/checkpoints.py); a step already saved is
+        not saved again; only the newest `run.keep_checkpoints` are kept (0 = all)."""
         # a batch drawn ahead (async generation) is not trained yet: the cursor saved is the one before it
         cursor = self._prefetched.cursor if self._prefetched is not None else self.data.state_dict()
-        state = {"step": self.step, "version": self.version, "data": cursor}
-        (path / "driver.json").write_text(json.dumps(state, indent=1))
-        (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
-        return path
+        state = {"step": dict(self.step), "version": self.version, "data": cursor}
+
+        def write(folder: Path) -> None:
+            self.learner.save_checkpoint(str(folder / "learner"))
+            (folder / "driver.json").write_text(json.dumps(state, indent=1))
+
+        name = f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
+        return save_atomic(self.run_dir / CHECKPOINTS, name, write, keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, path: str | Path | None = None) -> None:
         """Resume from a checkpoint folder (default: the run's latest) and push its weights."""

@@ -127,7 +127,7 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
 
     run_dir = Path(args.run_dir)
     cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
-    driver = Driver(cfg, run_dir)
+    driver = Driver(cfg, run_dir, read_only=True)  # the run's config and metrics stay as they are
     try:
         driver.restore(args.checkpoint)
         results = driver.evaluate(args.splits or cfg.data.eval_splits, args.limit or cfg.run.eval_samples)

@@ -45,9 +45,11 @@ def llm_hidden_size(policy_dir: Path) -> int:
 
 
 class Driver:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True, local: bool = False):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, with_rollout: bool = True, local: bool = False,
+                 read_only: bool = False):
         """local=True: every pool in this process, no Ray (one learner rank, one rollout engine); for tests of the
-        step logic and single-process use."""
+        step logic and single-process use. read_only=True (eval, predict): the run's config.yaml and metrics.jsonl
+        are neither written nor truncated; results go to eval/ files only."""
         from deploy.cluster import init_ray, placement_summary, reserve
         from learner.group import LearnerGroup
         from reward.worker import RewardPool
@@ -56,7 +58,9 @@ class Driver:
         self.cfg = cfg
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        self.read_only = read_only
+        if not read_only:
+            save_config(cfg, self.run_dir / "config.yaml")
         self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
         self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         c = cfg.cluster
@@ -83,8 +87,9 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = MetricsLogger(self.run_dir)
-        self._record_placement()
+        self.logger = None if read_only else MetricsLogger(self.run_dir)
+        if not read_only:
+            self._record_placement()
         self.step = {"sft": 0, "grpo": 0}
         self.version = 0
         # async generation: the next step's batch, drawn and submitted while this step trains, and the rollout
@@ -151,6 +156,8 @@ class Driver:
 
     # ---- SFT -----------------------------------------------------------------------------------
     def sft(self, steps: int) -> None:
+        if self.read_only:
+            raise RuntimeError("this driver is read-only (eval, predict): it does not train")
         for _ in tqdm(range(steps), desc="sft", unit="step"):
             timings: Dict[str, float] = {}
             with timed(timings, "step"):
@@ -287,6 +294,8 @@ class Driver:
         return record
 
     def train(self, steps: int) -> None:
+        if self.read_only:
+            raise RuntimeError("this driver is read-only (eval, predict): it does not train")
         if self.rollout is None:
             raise RuntimeError("driver was built without rollout workers")
         if self.version == 0:
@@ -327,7 +336,9 @@ class Driver:
                                     "format_ok": sc.format_ok, "reward": sc.total, "text": g.completions[0].text})
             results[split] = {"overall": summarize(records), "by_modality": summarize_by(records),
                               "records": records}
-            self.logger.log("eval", self.step["grpo"], {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
+            if self.logger is not None:
+                self.logger.log("eval", self.step["grpo"],
+                                {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
         write_eval(self.run_dir, results, tag)
         return results
 
@@ -355,11 +366,13 @@ class Driver:
         self.learner.load_checkpoint(str(path / "learner"))
         self.step = {k: int(v) for k, v in state["step"].items()}
         self.data.load_state_dict(state["data"])
-        self.logger.truncate_after("grpo", self.step["grpo"])
+        if not self.read_only:
+            self.logger.truncate_after("grpo", self.step["grpo"])
         self.push_weights()
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         for pool in (self.rollout, self.reward, self.learner):
             if pool is not None:
                 pool.shutdown()

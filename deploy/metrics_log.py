@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, List
+
+from deploy.checkpoints import write_text_atomic
 
 
 class MetricsLogger:
@@ -22,8 +25,9 @@ class MetricsLogger:
     def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
         record = {"phase": phase, "step": int(step)}
         record.update({k: _clean(v) for k, v in values.items()})
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # one write of a whole line; a torn tail (full disk, kill) is dropped on read
             f.write(json.dumps(record) + "\n")
+            f.flush()
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -35,7 +39,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -51,7 +55,21 @@ def _clean(value):
 
 
 def read_metrics(path: str | Path) -> List[dict]:
+    """The records of a metrics.jsonl (or of a run folder's). A torn last line (a write cut by a kill or a full
+    disk) is dropped with a warning; a bad line anywhere else is an error naming the file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                warnings.warn(f"{path}: line {number} is a torn record ({err.msg}); dropped")
+                continue
+            raise ValueError(f"{path}: line {number} is not a JSON record: {err.msg}") from None
+    return records

@@ -25,7 +25,7 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
 
     read_image_file(image_path, cfg.data.max_image_pixels)  # a bad file fails here, before the models load
     cfg.cluster.reward_workers = 1
-    driver = Driver(cfg, run_dir, local=True)
+    driver = Driver(cfg, run_dir, local=True, read_only=True)  # the run's config and metrics stay as they are
     try:
         if (Path(run_dir) / "checkpoints" / "latest").exists() or checkpoint:
             driver.restore(checkpoint)

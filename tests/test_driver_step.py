@@ -118,3 +118,22 @@ def test_evaluate_and_predict_share_the_answer_path(driver, tmp_path):
     out = predict_with(driver, str(tmp_path / "x.png"), "Locate and segment the lesion.", str(tmp_path / "pred"))
     mask = np.asarray(Image.open(out["mask_path"]))
     assert mask.shape == (64, 80) and isinstance(out["text"], str)
+
+
+def test_evaluating_a_checkpoint_changes_neither_metrics_nor_config(driver):
+    from deploy.driver import Driver
+
+    driver.save()
+    run = driver.run_dir
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.yaml")}
+    cfg = driver.cfg
+    reader = Driver(cfg, run, local=True, read_only=True)
+    try:
+        reader.restore()
+        results = reader.evaluate(["val"], limit=2, tag="readonly")
+        with pytest.raises(RuntimeError, match="read-only"):
+            reader.train(1)
+    finally:
+        reader.close()
+    assert len(results["val"]["records"]) == 2 and (run / "eval" / "readonly.json").exists()
+    assert {name: (run / name).read_bytes() for name in before} == before

@@ -88,3 +88,26 @@ def test_logprob_diff_and_timed_accumulate():
         with timed(timings, "x"):
             pass
     assert set(timings) == {"time/x"} and timings["time/x"] >= 0
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_path):
+    import json
+    import warnings
+
+    from deploy.metrics_log import MetricsLogger, read_metrics
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.log("grpo", step, {"reward/total": float(step)})
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"phase": "grpo", "step": 4, "rew')  # a write cut by a full disk
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3] and "line 4 is a torn record" in str(caught[0].message)
+    log.truncate_after("grpo", 2)  # resume from step 2: the torn line and step 3 go, whole lines stay
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    path.write_text('{"phase": "grpo", "step": 1}\nnot json\n{"phase": "grpo", "step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl: line 2"):
+        read_metrics(path)

@@ -147,6 +147,9 @@ class LearnerConfig:
     # With several learner ranks, compare a digest of every rank's trainable weights after every N-th step and stop
     # with an error when they differ (a desync); 0 = never. Skipped under ZeRO-3 (ranks hold different partitions)
     sync_check_every: int = 1
+    # How long a rank waits in a collective (gloo/NCCL) before failing, e.g. when a peer's host is lost; the driver
+    # then rebuilds the learner group from the latest checkpoint (run.max_failures)
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -181,6 +184,9 @@ class RunConfig:
     steps: int = 10  # GRPO steps
     save_every: int = 5
     keep_checkpoints: int = 0  # only the newest N checkpoints stay in the run folder; 0 = all
+    # Times a run rebuilds its learner group after losing a rank (or its node) and resumes from the latest
+    # checkpoint before it gives up
+    max_failures: int = 3
     eval_every: int = 5
     eval_samples: int = 32
     seed: int = 0
@@ -212,12 +218,12 @@ _CHOICES = {
 }
 _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "rollout.max_new_tokens",
              "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
-             "learner.adapter_lr", "learner.adam_eps", "cluster.learner_workers", "cluster.rollout_workers",
+             "learner.adapter_lr", "learner.adam_eps", "learner.collective_timeout_s", "cluster.learner_workers", "cluster.rollout_workers",
              "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes",
              "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
-_NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.eval_every",
+_NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.max_failures", "run.eval_every",
                  "run.eval_samples",
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",

@@ -72,8 +72,10 @@ class Driver:
             print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
             self.reservation = reserve(cfg, with_rollout=with_rollout)
         where = (lambda role: None) if local else self.reservation.role
-        self.learner = LearnerGroup(cfg, self.policy_dir, num_workers=1 if local else c.learner_workers,
-                                    num_gpus_per_worker=c.learner_gpus, local=local, placement=where("learner"))
+        self._learner_args = dict(num_workers=1 if local else c.learner_workers, num_gpus_per_worker=c.learner_gpus,
+                                  local=local, placement=where("learner"))
+        self.learner = LearnerGroup(cfg, self.policy_dir, **self._learner_args)
+        self.learner_restarts = 0
         self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
                                  num_gpus_per_worker=c.reward_gpus_per_worker, local=local, placement=where("reward"))
         self.rollout = None
@@ -300,15 +302,45 @@ class Driver:
             raise RuntimeError("driver was built without rollout workers")
         if self.version == 0:
             self.logger.log("grpo", self.step["grpo"], self.push_weights())
-        bar = tqdm(range(steps), desc="grpo", unit="step")
-        for i in bar:
-            rec = self.grpo_step(prefetch_next=i < steps - 1)
+        target = self.step["grpo"] + steps
+        bar = tqdm(total=steps, desc="grpo", unit="step")
+        while self.step["grpo"] < target:
+            try:
+                rec = self.grpo_step(prefetch_next=self.step["grpo"] + 1 < target)
+            except Exception as err:  # noqa: BLE001 - a lost learner rank is recovered, anything else re-raised
+                if self.learner.healthy():
+                    raise
+                self._recover_learner(err)
+                bar.n = self.step["grpo"] - (target - steps)
+                continue
+            bar.update(1)
             bar.set_postfix(reward=f"{rec['reward/total']:.3f}", t=f"{rec['time/step']:.1f}s")
             step = self.step["grpo"]
             if self.cfg.run.save_every and step % self.cfg.run.save_every == 0:
                 self.save()
             if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0:
                 self.evaluate([self.cfg.data.eval_splits[0]], self.cfg.run.eval_samples, tag=f"step{step}")
+
+    def _recover_learner(self, err: Exception) -> None:
+        """A learner rank (or its node) is lost: rebuild the group in its bundles, load the latest checkpoint, push
+        its weights and go on from there (the steps after it are redone and logged once), at most
+        `run.max_failures` times."""
+        from learner.group import LearnerGroup
+
+        self.learner_restarts += 1
+        if self.learner_restarts > self.cfg.run.max_failures:
+            raise RuntimeError(f"learner lost {self.learner_restarts} times (run.max_failures="
+                               f"{self.cfg.run.max_failures}); last failure: {err}") from err
+        latest = self.run_dir / CHECKPOINTS / "latest"
+        if not latest.exists():
+            raise RuntimeError(f"learner lost before the first checkpoint ({err}); nothing to resume from") from err
+        print(f"[coreseg] learner lost ({type(err).__name__}: {str(err).splitlines()[0][:200]}); rebuilding it "
+              f"from {latest.read_text().strip()} (restart {self.learner_restarts}/{self.cfg.run.max_failures})")
+        self.learner.shutdown()
+        self.learner = LearnerGroup(self.cfg, self.policy_dir, **self._learner_args)
+        self.restore(version_after=self.version)
+        self.logger.log("fault", self.step["grpo"], {"learner_restarts": float(self.learner_restarts),
+                                                     "error": f"{type(err).__name__}: {str(err)[:500]}"})
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:
@@ -357,13 +389,17 @@ class Driver:
         name = f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
         return save_atomic(self.run_dir / CHECKPOINTS, name, write, keep=self.cfg.run.keep_checkpoints)
 
-    def restore(self, path: str | Path | None = None) -> None:
-        """Resume from a checkpoint folder (default: the run's latest) and push its weights."""
+    def restore(self, path: str | Path | None = None, version_after: Optional[int] = None) -> None:
+        """Resume from a checkpoint folder (default: the run's latest) and push its weights. version_after: the
+        restored weights get the next version number after it (workers that served newer versions before a
+        learner failure accept only newer ones)."""
         root = self.run_dir / CHECKPOINTS
         path = Path(path) if path else root / (root / "latest").read_text().strip()
         state = json.loads((path / "driver.json").read_text())
         self._prefetched, self._rollout_loading = None, []
         self.learner.load_checkpoint(str(path / "learner"))
+        if version_after is not None:
+            self.learner.pool.call_all("set_version", version_after + 1)
         self.step = {k: int(v) for k, v in state["step"].items()}
         self.data.load_state_dict(state["data"])
         if not self.read_only:

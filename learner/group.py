@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from common.actor_pool import ActorPool, RolePlacement
 from common.config import TrainConfig
@@ -86,6 +88,20 @@ class LearnerGroup:
         return _combine_ranks(self.pool.gather([self.pool.submit(rank, "sft_rows", [samples[i] for i in lay.rows],
                                                                  lay, norm)
                                                 for rank, lay in enumerate(layouts)]))
+
+    def healthy(self, timeout_s: float = 30.0) -> bool:
+        """Whether every rank answers within `timeout_s` (a rank blocked in a collective whose peer died does not)."""
+        if self.pool.local:
+            return True
+        refs = [actor.get_version.remote() for actor in self.pool.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            return False
+        try:
+            ray.get(ready)
+        except (RayActorError, ActorUnavailableError):
+            return False
+        return True
 
     def export_weights(self) -> WeightBundle:
         return self.pool.call(0, "export_weights")

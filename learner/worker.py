@@ -9,6 +9,7 @@ import importlib
 import os
 import socket
 import zlib
+from datetime import timedelta
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -57,7 +58,9 @@ class LearnerCore:
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a
             # killed process leaves behind); gloo's own collectives are all the learner needs.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        # a rank whose peer died waits in a collective at most this long (the driver then rebuilds the group)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
         self.module = CoreSegModule(cfg, policy_dir, device)
         lora, heads = self.module.param_groups()
         L = cfg.learner
@@ -254,6 +257,11 @@ class LearnerCore:
     # -- weights / checkpoints ----------------------------------------------------------------------
     def export_weights(self) -> WeightBundle:
         return self.module.bundle(self.version)
+
+    def set_version(self, version: int) -> int:
+        """Renumber the current weights (after a recovery, so versions keep increasing for the workers)."""
+        self.version = int(version)
+        return self.version
 
     def get_version(self) -> int:
         return self.version

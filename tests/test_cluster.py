@@ -51,9 +51,10 @@ def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
     assert "succeeded" in (result.stdout + result.stderr).lower()
     run = tmp_path / "runs" / "job"
     placement = json.loads((run / "placement.json").read_text())
-    for role in ("learner", "rollout", "reward"):
-        assert len(set(placement[role])) == 2, (role, placement)  # each role's two actors on different nodes
-    assert len({n for ids in placement.values() for n in ids}) == 3
+    assert {role: len(ids) for role, ids in placement.items()} == {"learner": 2, "rollout": 2, "reward": 2}
+    # 6 one-CPU bundles on 3 nodes of 2 CPUs: every node hosts actors (which role lands where is up to Ray's
+    # best-effort SPREAD), so weights, rollouts and scores cross nodes
+    assert len({n for ids in placement.values() for n in ids}) == 3, placement
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["phase"] == "grpo" and "reward/total" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

@@ -46,3 +46,30 @@ def test_a_killed_learner_is_rebuilt_from_the_latest_checkpoint(tmp_path, ray_se
             driver.train(1)
     finally:
         driver.close()
+
+
+def test_workers_killed_during_the_push_and_the_generation_are_recovered(tmp_path, ray_session):
+    """A reward worker killed right before the weight push and a rollout worker killed between steps: Ray restarts
+    them, their pools reload the current weights, the run finishes every step once at one version everywhere."""
+    from deploy.driver import Driver
+
+    write_synth(tmp_path / "data", 16, 112, 0)
+    cfg = load_config("tiny_cpu", [
+        f"data.path={tmp_path / 'data'}", f"run.output_dir={tmp_path}", "run.name=workers", "data.batch_size=2",
+        "rollout.group_size=3", "rollout.max_new_tokens=16", "rollout.engine=hf", "run.save_every=0",
+        "run.eval_every=0", "cluster.reward_workers=2"])
+    driver = Driver(cfg, tmp_path / "workers")
+    try:
+        driver.train(1)
+        ray_session.kill(driver.reward.pool.actors[1], no_restart=False)
+        driver.push_weights()  # the push reaches a restarting reward worker
+        ray_session.kill(driver.rollout.pool.actors[0], no_restart=False)
+        driver.train(2)  # the next generation reaches a restarting rollout worker
+        records = [json.loads(line) for line in (tmp_path / "workers" / "metrics.jsonl").read_text().splitlines()]
+        grpo = [r for r in records if r["phase"] == "grpo" and "reward/total" in r]
+        assert [r["step"] for r in grpo] == [1, 2, 3]
+        assert driver.rollout.versions() == [driver.version]
+        assert driver.reward.versions() == [driver.version, driver.version]
+        assert driver.reward.pool.restarts >= 1 and driver.rollout.pool.restarts >= 1
+    finally:
+        driver.close()

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config, with_absolute_paths
 from common.data import LesionDataset, LesionSample
-from common.metrics import summarize, summarize_by
 from common.models.family import model_family
 from common.models.policy import ensure_policy_dir
 from common.protocol import RolloutGroup, RolloutRequest, Score
@@ -344,35 +343,11 @@ class Driver:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:
-        """Greedy answer per sample -> `<seg>` mask -> mDice, mIoU, failure rate (+ per modality)."""
-        if self.rollout is None:
-            raise RuntimeError("evaluation needs rollout workers")
-        results: Dict[str, dict] = {}
-        for split in splits:
-            try:
-                ds = LesionDataset(self.cfg.data.path, split, batch_size=16, shuffle=False,
-                                   skip_invalid=self.cfg.data.skip_invalid,
-                                   max_image_pixels=self.cfg.data.max_image_pixels)
-            except ValueError as err:
-                print(f"[coreseg] eval: skipping split {split}: {err}")
-                continue
-            records = []
-            total = min(limit or len(ds), len(ds))
-            for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
-                answered = self.answer(samples, self.generate(samples, n=1, greedy=True))
-                for s, error in answered.failed:
-                    records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
-                                    "format_ok": False, "text": f"ERROR {error}"})
-                for s, g, sc in zip(answered.samples, answered.groups, answered.scores):
-                    records.append({"id": s.id, "modality": s.modality, "dice": sc.dice, "iou": sc.iou,
-                                    "format_ok": sc.format_ok, "reward": sc.total, "text": g.completions[0].text})
-            results[split] = {"overall": summarize(records), "by_modality": summarize_by(records),
-                              "records": records}
-            if self.logger is not None:
-                self.logger.log("eval", self.step["grpo"],
-                                {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
-        write_eval(self.run_dir, results, tag)
-        return results
+        """Greedy answer per sample -> `<seg>` mask -> mDice, mIoU, failure rate (+ per modality); see
+        deploy/evaluation.py."""
+        from deploy.evaluation import evaluate_splits
+
+        return evaluate_splits(self, splits, limit, tag)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
@@ -415,15 +390,3 @@ class Driver:
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
-
-
-def write_eval(run_dir: Path, results: Dict[str, dict], tag: str) -> None:
-    from common.metrics import markdown_table
-
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# Evaluation ({tag})", "", markdown_table({k: v["overall"] for k, v in results.items()})]
-    for split, res in results.items():
-        lines += ["", f"## {split} by modality", "", markdown_table(res["by_modality"], "modality")]
-    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")

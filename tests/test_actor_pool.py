@@ -219,11 +219,24 @@ def test_retries_are_bounded_with_a_clear_error(ray_session):
         pool.shutdown()
 
 
+def _kill_and_wait_dead(ray, actor, timeout_s: float = 30.0) -> None:
+    """ray.kill is asynchronous: a call sent right after it may still be served. Wait until calls fail."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.state.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.1)
+    raise AssertionError("killed actor still answers")
+
+
 def test_an_actor_that_does_not_come_back_is_named(ray_session):
     ray = ray_session
     pool = _pool(local=False, n=2, recover_wait_s=1.0)
     try:
-        ray.kill(pool.actors[1], no_restart=True)
+        _kill_and_wait_dead(ray, pool.actors[1])
         with pytest.raises(ActorPoolError, match=r"echo actor 1 did not come back within 1 s after actor_died"):
             pool.call_all("state")
     finally:
@@ -234,7 +247,7 @@ def test_a_pool_without_restarts_fails_at_once(ray_session):
     ray = ray_session
     pool = _pool(local=False, n=2, restarts=0)
     try:
-        ray.kill(pool.actors[0])
+        _kill_and_wait_dead(ray, pool.actors[0])
         start = time.monotonic()
         with pytest.raises(ActorPoolError, match=r"echo actor 0 \(state\) failed \(actor_died\); this pool does not"):
             pool.call(0, "state")

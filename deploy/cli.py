@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import storage
 from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
                            with_absolute_paths)
 
@@ -23,20 +24,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
 
 
-def _run_dir(cfg: TrainConfig, given: str | None) -> Path:
-    return Path(given).resolve() if given else Path(cfg.run.output_dir) / cfg.run.name
+def _run_dir(cfg: TrainConfig, given: str | None) -> str:
+    """An absolute path or a URI."""
+    if given:
+        return absolute_path(given, Path.cwd())
+    return storage.join(cfg.run.output_dir, cfg.run.name)
 
 
-def fresh_run_dir(cfg: TrainConfig, given: str | None) -> Path:
-    """The folder of a new run. A new run never appends to an old one (its metrics and report would mix):
-    if the folder already holds a run, the next free `NAME-2`, `NAME-3`, ... is used and the old run is kept."""
+def fresh_run_dir(cfg: TrainConfig, given: str | None) -> str:
+    """The folder (path or URI) of a new run. A new run never appends to an old one (its metrics and report
+    would mix): if the folder already holds a run, the next free `NAME-2`, `NAME-3`, ... is used and the old run
+    is kept."""
     base = _run_dir(cfg, given)
-    if not (base / "metrics.jsonl").exists():
+    if not storage.exists(storage.join(base, "metrics.jsonl")):
         return base
     n = 2
-    while (base.parent / f"{base.name}-{n}" / "metrics.jsonl").exists():
+    while storage.exists(storage.join(f"{base}-{n}", "metrics.jsonl")):
         n += 1
-    out = base.parent / f"{base.name}-{n}"
+    out = f"{base}-{n}"
     print(f"[coreseg] {base} already holds a run; this run goes to {out} (continue the old one with --resume {base})")
     return out
 
@@ -63,6 +68,18 @@ def cmd_data_embed(args, cfg: TrainConfig) -> None:
 
     out = precompute_embeddings(cfg.data.path, args.split, args.out, cfg)
     print(f"wrote image embeddings to {out}; use them with reward.embed_cache_path={out}")
+
+
+def _saved_config(run_dir: str) -> Path:
+    """A run's config.yaml on local disk (a URI run folder's is downloaded to the staging folder)."""
+    location = storage.join(run_dir, "config.yaml")
+    if not storage.exists(location):
+        raise ConfigError(f"{location} does not exist: {run_dir} is not a run folder")
+    if not storage.is_uri(location):
+        return Path(location)
+    local = storage.stage_dir() / f"config-{os.getpid()}.yaml"
+    local.write_text(storage.read_text(location))
+    return local
 
 
 def _require_data(cfg: TrainConfig) -> None:
@@ -98,11 +115,11 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
     from deploy.report import write_report
 
-    run_dir = Path(args.resume).resolve() if args.resume else fresh_run_dir(cfg, args.run_dir)
+    run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
-        cfg = with_absolute_paths(load_config(str(run_dir / "config.yaml"), args.overrides))
+        cfg = with_absolute_paths(load_config(str(_saved_config(run_dir)), args.overrides))
     _require_data(cfg)
-    print(f"[coreseg] run folder: {run_dir.resolve()}")
+    print(f"[coreseg] run folder: {run_dir}")
     driver = Driver(cfg, run_dir)
     try:
         if args.resume:
@@ -119,14 +136,16 @@ def cmd_train(args, cfg: TrainConfig) -> None:
             driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
     finally:
         driver.close()
-    print(f"report: {write_report(run_dir)}")
+    report = write_report(driver.run.local)
+    driver.run.publish("report.md", "plots")
+    print(f"report: {driver.run.join(report.name)}")
 
 
 def cmd_eval(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
 
-    run_dir = Path(args.run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
+    run_dir = absolute_path(args.run_dir, Path.cwd())
+    cfg = load_config(str(_saved_config(run_dir)), args.overrides)
     driver = Driver(cfg, run_dir, read_only=True)  # the run's config and metrics stay as they are
     try:
         driver.restore(args.checkpoint)
@@ -136,14 +155,14 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
     for split, res in results.items():
         o = res["overall"]
         print(f"{split}: mDice {o['mDice']:.4f} mIoU {o['mIoU']:.4f} failure rate {o['failure_rate']:.4f} (n={o['n']})")
-    print(f"written to {run_dir / 'eval'}")
+    print(f"written to {driver.run.join('eval')}")
 
 
 def cmd_predict(args, cfg: TrainConfig) -> None:
     from deploy.predict import predict
 
-    run_dir = Path(args.run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
+    run_dir = absolute_path(args.run_dir, Path.cwd())
+    cfg = load_config(str(_saved_config(run_dir)), args.overrides)
     out = predict(cfg, run_dir, args.image, args.question, args.out, checkpoint=args.checkpoint)
     print(out["text"])
     print(f"mask: {out['mask_path']}\noverlay: {out['overlay_path']}")
@@ -151,8 +170,8 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
 
 def cmd_submit(args, cfg: TrainConfig) -> None:
     _require_data(cfg)
-    print(f"[coreseg] the run folder will be {Path(cfg.run.output_dir) / cfg.run.name} (or NAME-2, ... if it holds a "
-          f"run); it must be on storage the cluster's nodes share")
+    print(f"[coreseg] the run folder will be {storage.join(cfg.run.output_dir, cfg.run.name)} (or NAME-2, ... if it "
+          f"holds a run); it must be a URI or a path on storage the cluster's nodes share")
     cmd = submit_command(args.address, train_entrypoint(args.config, args.overrides, cfg), no_wait=args.no_wait)
     print("+ " + " ".join(shlex.quote(c) for c in cmd))
     sys.exit(subprocess.call(cmd))
@@ -198,7 +217,8 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
         driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
     finally:
         driver.close()
-    report = write_report(run_dir)
+    report = write_report(driver.run.local)
+    driver.run.publish("report.md", "plots")
     print(f"\ndemo finished in {time.time() - start:.0f}s\nreport: {report}")
 
 

@@ -5,7 +5,6 @@ update -> weight push. SFT runs through the same driver (learner step + push). E
 """
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +13,17 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from common import storage
 from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config, with_absolute_paths
 from common.data import LesionDataset, LesionSample
 from common.models.family import model_family
-from common.models.policy import ensure_policy_dir
+from common.policy_store import publish_policy
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
-from deploy.checkpoints import save_atomic
 from deploy.metrics_log import MetricsLogger
+from deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -55,32 +53,36 @@ class Driver:
 
         cfg = with_absolute_paths(cfg)  # every node, and a job's copy of the code, must see the same files
         self.cfg = cfg
-        self.run_dir = Path(run_dir).resolve()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = RunFolder(run_dir)  # a path every node sees, or a URI
+        self.run_dir = self.run.local  # where the driver writes: the folder, or a URI run folder's working copy
         self.read_only = read_only
         if not read_only:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
+            self.run.publish("config.yaml")
+        # policy_dir: the prepared model on this node; policy_source: where every actor stages it from (a preset
+        # or `<seg>` mirror is published once under the run folder)
+        self.policy_dir, self.policy_source = publish_policy(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed,
+                                                             self.run.location)
         self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
         c = cfg.cluster
         self.reservation = None  # the run's placement group (Ray mode): every actor in its planned bundle
         if local:
-            print(f"[coreseg] run dir {self.run_dir}; all pools in this process")
+            print(f"[coreseg] run dir {self.run}; all pools in this process")
         else:
             init_ray(cfg)
-            print(f"[coreseg] run dir {self.run_dir}; actors: {placement_summary(cfg)}")
+            print(f"[coreseg] run dir {self.run}; actors: {placement_summary(cfg)}")
             self.reservation = reserve(cfg, with_rollout=with_rollout)
         where = (lambda role: None) if local else self.reservation.role
         self._learner_args = dict(num_workers=1 if local else c.learner_workers, num_gpus_per_worker=c.learner_gpus,
                                   local=local, placement=where("learner"))
-        self.learner = LearnerGroup(cfg, self.policy_dir, **self._learner_args)
+        self.learner = LearnerGroup(cfg, self.policy_source, **self._learner_args)
         self.learner_restarts = 0
         self.reward = RewardPool(cfg, llm_hidden_size(self.policy_dir), num_workers=c.reward_workers,
                                  num_gpus_per_worker=c.reward_gpus_per_worker, local=local, placement=where("reward"))
         self.rollout = None
         if with_rollout:
             from rollout.worker import RolloutPool
-            self.rollout = RolloutPool(cfg, self.policy_dir, num_workers=1 if local else c.rollout_workers,
+            self.rollout = RolloutPool(cfg, self.policy_source, num_workers=1 if local else c.rollout_workers,
                                        num_gpus_per_worker=c.rollout_gpus_per_worker, local=local,
                                        placement=where("rollout"))
         # colocated mode: the rollout engines sleep while the learner works and wake before they generate
@@ -88,22 +90,16 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = None if read_only else MetricsLogger(self.run_dir)
+        self.logger = None if read_only else MetricsLogger(self.run_dir, on_write=lambda: self.run.publish(
+            "metrics.jsonl", "tb"))
         if not read_only:
-            self._record_placement()
+            record_placement(self.run, {"learner": self.learner, "reward": self.reward, "rollout": self.rollout})
         self.step = {"sft": 0, "grpo": 0}
         self.version = 0
         # async generation: the next step's batch, drawn and submitted while this step trains, and the rollout
         # workers' weight load queued behind that generation (awaited when its rollouts are gathered)
         self._prefetched: Optional[Prefetch] = None
         self._rollout_loading: list = []
-
-    def _record_placement(self) -> None:
-        """`placement.json` in the run folder: the Ray node of every actor, per role and index."""
-        pools = {"learner": self.learner, "reward": self.reward, "rollout": self.rollout}
-        nodes = {role: pool.pool.call_all("node_id") for role, pool in pools.items() if pool is not None}
-        (self.run_dir / "placement.json").write_text(json.dumps(nodes, indent=1))
-        print(f"[coreseg] actors on {len({n for ids in nodes.values() for n in ids})} node(s): see placement.json")
 
     # ---- colocated turns -------------------------------------------------------------------------
     def _learner_turn(self) -> None:
@@ -330,13 +326,13 @@ class Driver:
         if self.learner_restarts > self.cfg.run.max_failures:
             raise RuntimeError(f"learner lost {self.learner_restarts} times (run.max_failures="
                                f"{self.cfg.run.max_failures}); last failure: {err}") from err
-        latest = self.run_dir / CHECKPOINTS / "latest"
-        if not latest.exists():
+        latest = self.run.latest_checkpoint()
+        if latest is None:
             raise RuntimeError(f"learner lost before the first checkpoint ({err}); nothing to resume from") from err
         print(f"[coreseg] learner lost ({type(err).__name__}: {str(err).splitlines()[0][:200]}); rebuilding it "
-              f"from {latest.read_text().strip()} (restart {self.learner_restarts}/{self.cfg.run.max_failures})")
+              f"from {latest} (restart {self.learner_restarts}/{self.cfg.run.max_failures})")
         self.learner.shutdown()
-        self.learner = LearnerGroup(self.cfg, self.policy_dir, **self._learner_args)
+        self.learner = LearnerGroup(self.cfg, self.policy_source, **self._learner_args)
         self.restore(version_after=self.version)
         self.logger.log("fault", self.step["grpo"], {"learner_restarts": float(self.learner_restarts),
                                                      "error": f"{type(err).__name__}: {str(err)[:500]}"})
@@ -350,29 +346,30 @@ class Driver:
         return evaluate_splits(self, splits, limit, tag)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> str:
         """Checkpoint of the current step, written atomically (deploy/checkpoints.py); a step already saved is
         not saved again; only the newest `run.keep_checkpoints` are kept (0 = all)."""
         # a batch drawn ahead (async generation) is not trained yet: the cursor saved is the one before it
         cursor = self._prefetched.cursor if self._prefetched is not None else self.data.state_dict()
         state = {"step": dict(self.step), "version": self.version, "data": cursor}
 
-        def write(folder: Path) -> None:
-            self.learner.save_checkpoint(str(folder / "learner"))
-            (folder / "driver.json").write_text(json.dumps(state, indent=1))
+        def write(folder: str) -> None:  # each learner rank writes its own part; the driver, driver.json
+            self.learner.save_checkpoint(storage.join(folder, "learner"))
+            write_driver_state(folder, state)
 
         name = f"grpo_{self.step['grpo']:06d}_sft_{self.step['sft']:06d}"
-        return save_atomic(self.run_dir / CHECKPOINTS, name, write, keep=self.cfg.run.keep_checkpoints)
+        return self.run.save_checkpoint(name, write, keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, path: str | Path | None = None, version_after: Optional[int] = None) -> None:
         """Resume from a checkpoint folder (default: the run's latest) and push its weights. version_after: the
         restored weights get the next version number after it (workers that served newer versions before a
         learner failure accept only newer ones)."""
-        root = self.run_dir / CHECKPOINTS
-        path = Path(path) if path else root / (root / "latest").read_text().strip()
-        state = json.loads((path / "driver.json").read_text())
+        path = str(path) if path else self.run.latest_checkpoint()
+        if path is None:
+            raise FileNotFoundError(f"run folder {self.run} has no checkpoint (checkpoints/latest) to resume from")
+        state = read_driver_state(path)
         self._prefetched, self._rollout_loading = None, []
-        self.learner.load_checkpoint(str(path / "learner"))
+        self.learner.load_checkpoint(storage.join(path, "learner"))
         if version_after is not None:
             self.learner.pool.call_all("set_version", version_after + 1)
         self.step = {k: int(v) for k, v in state["step"].items()}

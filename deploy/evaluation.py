@@ -41,6 +41,7 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
             driver.logger.log("eval", driver.step["grpo"],
                             {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
     write_eval(driver.run_dir, results, tag)
+    driver.run.publish("eval")
     return results
 
 

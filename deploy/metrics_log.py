@@ -5,14 +5,16 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from deploy.checkpoints import write_text_atomic
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, on_write: Optional[Callable[[], None]] = None):
+        """on_write: called after every write (a URI run folder uploads its working copy)."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._on_write = on_write or (lambda: None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         if tensorboard:
@@ -33,6 +35,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{phase}/{key}", value, step)
             self._tb.flush()
+        self._on_write()
 
     def truncate_after(self, phase: str, step: int) -> None:
         """On resume: drop records of `phase` beyond the checkpointed step (they will be redone)."""
@@ -40,6 +43,7 @@ class MetricsLogger:
             return
         kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._on_write()
 
     def close(self) -> None:
         if self._tb is not None:

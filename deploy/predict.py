@@ -27,7 +27,7 @@ def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out
     cfg.cluster.reward_workers = 1
     driver = Driver(cfg, run_dir, local=True, read_only=True)  # the run's config and metrics stay as they are
     try:
-        if (Path(run_dir) / "checkpoints" / "latest").exists() or checkpoint:
+        if driver.run.latest_checkpoint() is not None or checkpoint:
             driver.restore(checkpoint)
         return predict_with(driver, image_path, question, out_dir)
     finally:

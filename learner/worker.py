@@ -20,6 +20,7 @@ from common.actor_pool import current_node_id
 from common.config import TrainConfig, cpu_threads
 from common.data import LesionSample
 from common.devices import check_device, role_device
+from common.policy_store import stage_policy
 from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
 from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
 from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
@@ -61,7 +62,7 @@ class LearnerCore:
         # a rank whose peer died waits in a collective at most this long (the driver then rebuilds the group)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
-        self.module = CoreSegModule(cfg, policy_dir, device)
+        self.module = CoreSegModule(cfg, stage_policy(policy_dir), device)  # on this node's disk
         lora, heads = self.module.param_groups()
         L = cfg.learner
         optimizer = torch.optim.AdamW([{"params": lora, "lr": L.lr}, {"params": heads, "lr": L.adapter_lr}],
@@ -267,12 +268,17 @@ class LearnerCore:
         return self.version
 
     def save_checkpoint(self, path: str) -> None:
+        """This rank's part of a checkpoint into `path` (a folder every node sees, or a URI: written on local
+        disk, then uploaded by this rank)."""
+        from common.storage import writable_folder
         from learner.checkpoint import save_learner
-        save_learner(self, path)
+        with writable_folder(path) as folder:
+            save_learner(self, str(folder))
 
     def load_checkpoint(self, path: str) -> None:
+        from common.storage import staged_copy
         from learner.checkpoint import load_learner
-        load_learner(self, path)
+        load_learner(self, str(staged_copy(path)))  # a URI: downloaded once to this node's staging folder
 
 
 class LearnerWorker(LearnerCore):

@@ -13,6 +13,7 @@ from common.actor_pool import (ActorPool, ActorStateLost, PoolCall, RolePlacemen
                                current_node_id)
 from common.config import TrainConfig, cpu_threads
 from common.devices import role_device, role_runtime_env
+from common.policy_store import stage_policy
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import Sampling, make_engine
@@ -53,7 +54,9 @@ class RolloutWorker:
             os.environ["OMP_NUM_THREADS"] = str(len(cores))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
             torch.set_num_threads(len(cores))
-        self.engine = make_engine(self.cfg, self.policy_dir, self.device, self.ray_bundles, self.rank_gpus)
+        # the published policy on this node's disk (vLLM loads local folders)
+        self.engine = make_engine(self.cfg, stage_policy(self.policy_dir), self.device, self.ray_bundles,
+                                  self.rank_gpus)
         return self.engine.version
 
     def _engine(self):

@@ -51,6 +51,10 @@ class LocalCluster:
     ray_bin: str
     temp_dirs: List[str] = field(default_factory=list)
 
+    def stage_dirs(self) -> List[Path]:
+        """Each node's local staging folder (CORESEG_STAGE_DIR of its processes): its stand-in local disk."""
+        return [Path(d) / "stage" for d in self.temp_dirs]
+
     def stop(self) -> None:
         """Terminate this cluster's processes by PID, then remove its temp dirs."""
         procs = [p for d in self.temp_dirs for p in _own_processes(d)]
@@ -66,6 +70,13 @@ class LocalCluster:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _node_env(env: Dict[str, str], temp_dir: str) -> Dict[str, str]:
+    """A node's environment: its own staging folder (common/storage.py), as a separate machine's local disk."""
+    from common.storage import STAGE_ENV
+
+    return dict(env, **{STAGE_ENV: str(Path(temp_dir) / "stage")})
+
+
 def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: float = 120) -> LocalCluster:
     """Head + `workers` worker nodes on 127.0.0.1; on failure, whatever started is stopped again."""
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -79,7 +90,8 @@ def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: flo
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
                         "--temp-dir", head_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
-                        *_node_ports()], check=True, env=env, capture_output=True, timeout=timeout_s)
+                        *_node_ports()], check=True, env=_node_env(env, head_dir), capture_output=True,
+                       timeout=timeout_s)
         for k in range(workers):
             node_dir = tempfile.mkdtemp(prefix=f"/tmp/csw{k}")
             cluster.temp_dirs.append(node_dir)
@@ -87,7 +99,7 @@ def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: flo
             subprocess.run([ray_bin, "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
                             "--temp-dir", node_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
                             "--min-worker-port", str(low), "--max-worker-port", str(low + 999), *_node_ports()],
-                           check=True, env=env, capture_output=True, timeout=timeout_s)
+                           check=True, env=_node_env(env, node_dir), capture_output=True, timeout=timeout_s)
     except BaseException:
         cluster.stop()
         raise

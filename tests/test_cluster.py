@@ -20,23 +20,24 @@ def own_cluster():
 
     cluster = start_local_cluster(workers=2, cpus_per_node=2)
     try:
-        yield cluster.dashboard, cluster.env, cluster.ray_bin
+        yield cluster
     finally:
         cluster.stop()
 
 
 def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
     """`ray job submit` of a tiny run with default training settings (mask loss on) and 2 learner ranks, 2 rollout
-    and 2 reward workers spread over 3 nodes; data and run folder outside the working dir."""
+    and 2 reward workers spread over 3 nodes; data outside the working dir, the run folder at a file:// URI (read
+    and written through pyarrow.fs, as s3:// or gs:// would be); each node stages on its own local folder."""
     import json
 
     from common.synth import write_synth
     from deploy.cli import submit_command
 
-    address, env, ray_bin = own_cluster
+    address, env, ray_bin = own_cluster.dashboard, own_cluster.env, own_cluster.ray_bin
     data = write_synth(tmp_path / "data", 16, 112, 0).parent
     entry = ["coreseg", "train", "--config", "tiny_cpu", "cluster.mode=cluster", f"data.path={data}",
-             f"run.output_dir={tmp_path / 'runs'}", "run.name=job", "run.sft_steps=0", "run.steps=4",
+             f"run.output_dir=file://{tmp_path / 'runs'}", "run.name=job", "run.sft_steps=0", "run.steps=4",
              "run.save_every=2", "run.eval_every=0", "data.batch_size=3", "rollout.group_size=4",
              "rollout.max_new_tokens=32", "cluster.learner_workers=2", "cluster.rollout_workers=2",
              "cluster.reward_workers=2", "cluster.placement_strategy=SPREAD"]
@@ -63,4 +64,11 @@ def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
         assert r["learner/ranks_in_sync"] == 1.0 and r["version"] == r["step"], r
         assert r["reward/mask"] == r["reward/mask"]  # mask reward computed (not NaN)
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    assert latest == "grpo_000004_sft_000000" and any((run / "checkpoints" / latest / "learner").iterdir())
+    learner_part = run / "checkpoints" / latest / "learner"
+    assert latest == "grpo_000004_sft_000000"
+    assert {"state_rank0.json", "state_rank1.json", "adapter.safetensors"} <= {p.name for p in learner_part.iterdir()}
+    assert (run / "policy" / "config.json").exists()  # the policy was published once, in the run folder
+    # the learner ranks and rollout workers (4 of the 6 one-CPU bundles on 3 two-CPU nodes: at least 2 nodes) each
+    # staged the published policy onto their own node's staging folder
+    staged = [d for d in own_cluster.stage_dirs() if any(d.glob("uri/policy-*/config.json"))]
+    assert len(staged) >= 2, own_cluster.stage_dirs()

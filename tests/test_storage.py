@@ -171,8 +171,13 @@ def test_preset_policy_is_published_under_the_run_folder(tmp_path, monkeypatch, 
     on_node(monkeypatch, tmp_path / "node_b")  # another node: never reads the driver's assets folder
     local = Path(stage_policy(source))
     assert local.is_relative_to(tmp_path / "node_b") and tree(local) == tree(tiny_policy_dir)
-    # a user's model folder that has <seg> is used where it is
+    # a user's model folder that has <seg> is used where it is; at a URI, each node downloads it once
     assert publish_policy(str(tiny_policy_dir), str(tmp_path / "cache"), 0, run)[1] == str(tiny_policy_dir)
+    model_uri = uri(tiny_policy_dir)
+    prepared, source = publish_policy(model_uri, str(tmp_path / "cache"), 0, run)
+    assert source == model_uri and (prepared / "config.json").read_bytes() == (tiny_policy_dir / "config.json").read_bytes()
+    assert not list(prepared.glob("*.safetensors"))  # the driver read only the config and tokenizer files
+    assert tree(Path(stage_policy(source))) == tree(tiny_policy_dir)
 
 
 def test_fresh_run_dir_at_a_uri_never_reuses_a_run(tmp_path):

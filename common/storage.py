@@ -148,13 +148,16 @@ def staged_copy(location: str | os.PathLike) -> Path:
     location = str(location)
     if not is_uri(location):
         return Path(location)
+    found = kind(location)
+    if found == "missing":
+        raise StorageError(f"{location} does not exist")
     digest = hashlib.sha1(location.encode()).hexdigest()[:16]
     out = stage_dir() / "uri" / f"{Path(location.rstrip('/')).name}-{digest}"
     if out.exists():
         return out
     tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
-        (copy_file if kind(location) == "file" else copy_dir)(location, tmp)
+        (copy_file if found == "file" else copy_dir)(location, tmp)
         try:
             tmp.rename(out)
         except OSError:  # another process on this node finished the same download first
@@ -166,6 +169,12 @@ def staged_copy(location: str | os.PathLike) -> Path:
         else:
             tmp.unlink(missing_ok=True)
     return out
+
+
+def local_file(value: str) -> str:
+    """A config value naming a file (a checkpoint, an embedding file) as a local path: "" and local paths as
+    they are, a URI downloaded once to this node's staging folder."""
+    return str(staged_copy(value)) if value and is_uri(value) else value
 
 
 @contextlib.contextmanager

@@ -30,7 +30,9 @@ def precompute_embeddings(parquet_path: str | Path, split: str, out_path: str | 
     model = _model_cfg(sam_cfg)
     run = getattr(sam_cfg, "run", None)
     seed = run.seed if run is not None else seed  # random-init SAMs must match the workers' seed
-    sam = build_sam(model.sam_type, model.sam_checkpoint, seed=seed)
+    from common.storage import local_file
+
+    sam = build_sam(model.sam_type, local_file(model.sam_checkpoint), seed=seed)
     if torch.cuda.is_available():
         sam = sam.cuda()
     data = getattr(sam_cfg, "data", None)

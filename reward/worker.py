@@ -18,6 +18,7 @@ from common.models.adapter import build_adapter
 from common.models.sam import build_sam
 from common.prompts import R_NO_SEG
 from common.protocol import Score, ScoreItem, WeightBundle
+from common.storage import local_file
 from reward.segmenter import Segmenter
 from reward.terms import score_completion
 
@@ -35,7 +36,7 @@ class LocalRewardWorker:
         self.cfg = cfg
         self.llm_hidden = int(llm_hidden)
         # same seed in every worker: all agree before the first bundle arrives
-        sam = build_sam(cfg.model.sam_type, cfg.model.sam_checkpoint, seed=cfg.run.seed)
+        sam = build_sam(cfg.model.sam_type, local_file(cfg.model.sam_checkpoint), seed=cfg.run.seed)
         adapter = build_adapter(llm_hidden, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks,
                                 seed=cfg.run.seed)
         self.segmenter = Segmenter(sam, adapter, cfg.reward.cache_bytes, cfg.reward.mask_threshold, device)
@@ -44,7 +45,7 @@ class LocalRewardWorker:
             expect = {"sam_type": cfg.model.sam_type, "sam_checkpoint": cfg.model.sam_checkpoint}
             if not cfg.model.sam_checkpoint:  # random init: the embeddings depend on the seed
                 expect["seed"] = str(cfg.run.seed)
-            self.warm_loaded = self.segmenter.warm_start(cfg.reward.embed_cache_path, expect)
+            self.warm_loaded = self.segmenter.warm_start(local_file(cfg.reward.embed_cache_path), expect)
         self._version = 0
         self.scored = 0
         self.reasons: Dict[str, int] = defaultdict(int)

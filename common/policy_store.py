@@ -91,7 +91,8 @@ def stage_policy(location: str) -> str:
     location = str(location)
     if not storage.exists(storage.join(location, MANIFEST)):
         return str(storage.staged_copy(location))
-    out = storage.stage_dir() / "policy" / hashlib.sha1(location.encode()).hexdigest()[:16]
+    key = location + storage.fingerprint(location)  # a policy published again at the same place is staged again
+    out = storage.stage_dir() / "policy" / hashlib.sha1(key.encode()).hexdigest()[:16]
     if (out / "config.json").exists():
         return str(out)
     tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}{storage.TMP_SUFFIX}")

@@ -141,6 +141,16 @@ def stage_dir() -> Path:
     return path
 
 
+def fingerprint(location: str) -> str:
+    """Path, size and modification time of every file under `location`: a staged copy is reused only while
+    this is unchanged (a run folder deleted and written again at the same URI is downloaded again)."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory else [info]
+    return ";".join(f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path)
+                    if i.type == pafs.FileType.File)
+
+
 def staged_copy(location: str | os.PathLike) -> Path:
     """A local file or folder with the content of `location`: a local path as it is; a URI downloaded once per
     node into the staging folder (into a temporary sibling first, renamed when complete, so a killed download is never
@@ -151,7 +161,7 @@ def staged_copy(location: str | os.PathLike) -> Path:
     found = kind(location)
     if found == "missing":
         raise StorageError(f"{location} does not exist")
-    digest = hashlib.sha1(location.encode()).hexdigest()[:16]
+    digest = hashlib.sha1((location + fingerprint(location)).encode()).hexdigest()[:16]
     out = stage_dir() / "uri" / f"{Path(location.rstrip('/')).name}-{digest}"
     if out.exists():
         return out

@@ -56,6 +56,9 @@ def test_staged_copy_downloads_once_per_node(tmp_path, monkeypatch):
     (copies[1] / "marker").write_text("kept")  # a second call on the node reuses its copy
     assert storage.staged_copy(uri(src)) == copies[1] and (copies[1] / "marker").exists()
     assert [p.name for p in (tmp_path / "node_b" / "uri").iterdir()] == [copies[1].name]  # no .tmp left
+    (src / "w.bin").write_bytes(os.urandom(999))  # the folder was written again: downloaded again
+    fresh = storage.staged_copy(uri(src))
+    assert fresh != copies[1] and tree(fresh) == tree(src)
     # a file named in the config (model.sam_checkpoint, reward.embed_cache_path)
     assert Path(storage.local_file(uri(src / "w.bin"))).read_bytes() == (src / "w.bin").read_bytes()
     assert storage.local_file("") == "" and storage.local_file(str(src / "w.bin")) == str(src / "w.bin")

@@ -85,7 +85,12 @@ def _saved_config(run_dir: str) -> Path:
 def _require_data(cfg: TrainConfig) -> None:
     """A missing data path is an error naming it (never a silent stand-in); only `data synth` and the demo
     write the synthetic set."""
-    if "://" not in cfg.data.path and not Path(cfg.data.path).exists():
+    try:
+        found = storage.exists(cfg.data.path)
+    except OSError as err:  # e.g. no credentials for the bucket on this machine: the job checks it again
+        print(f"[coreseg] data.path {cfg.data.path} could not be checked here ({str(err).splitlines()[0]})")
+        found = True
+    if not found:
         sys.exit(f"coreseg: data.path {cfg.data.path} does not exist (write the synthetic set with `coreseg data "
                  f"synth data.path={cfg.data.path}`, or import images with `coreseg data import`)")
 

@@ -29,3 +29,16 @@ def test_a_missing_data_path_is_an_error_naming_it(tmp_path, capsys):
             main([*command, f"data.path={missing}", f"run.output_dir={tmp_path / 'runs'}"])
         assert str(missing) in str(exit_info.value) and "does not exist" in str(exit_info.value)
     assert not missing.exists() and not (tmp_path / "runs").exists()  # nothing generated, no run started
+
+
+def test_a_missing_data_uri_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    from deploy.cli import main
+
+    missing = f"file://{tmp_path / 'bucket' / 'no-such-data'}"
+    for command in (["train"], ["submit", "--address", "http://127.0.0.1:1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, f"data.path={missing}", f"run.output_dir={tmp_path / 'runs'}"])
+        assert missing in str(exit_info.value) and "does not exist" in str(exit_info.value)
+    assert not (tmp_path / "runs").exists()

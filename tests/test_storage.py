@@ -128,9 +128,14 @@ def test_uri_run_folder_publishes_records_and_reads_them_back(tmp_path, monkeypa
     assert [r["step"] for r in read_metrics(remote)] == [1, 2]
     logger.truncate_after("grpo", 1)
     assert [r["step"] for r in read_metrics(remote)] == [1]
+    (run.local / "eval").mkdir()
+    (run.local / "eval" / "final.md").write_text("# Evaluation")
+    run.publish("eval", "not-written")  # a folder, and a name never written (skipped)
+    assert (tmp_path / "runs" / "r" / "eval" / "final.md").read_text() == "# Evaluation"
     on_node(monkeypatch, tmp_path / "node_b")  # another node (a resumed driver) sees the same records
     again = RunFolder(uri(tmp_path / "runs" / "r"))
     assert again.local.is_relative_to(tmp_path / "node_b") and read_metrics(again.local)[0]["reward/total"] == 0.5
+    assert (again.local / "eval" / "final.md").exists()
 
 
 def test_published_policy_manifest_links_or_downloads_weights(tmp_path, monkeypatch):

@@ -48,6 +48,7 @@ def test_run_folder_at_a_uri_trains_checkpoints_and_resumes_on_another_node(tmp_
         resumed.restore(resumed.run.join("checkpoints", "grpo_000001_sft_000000"))
         assert resumed.step["grpo"] == 1
         record = resumed.grpo_step()
+        resumed.evaluate(["val"], limit=2, tag="uri")
     finally:
         resumed.close()
     # the policy and the checkpoint came from the URI onto node b's disk
@@ -60,3 +61,4 @@ def test_run_folder_at_a_uri_trains_checkpoints_and_resumes_on_another_node(tmp_
         assert record[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
     redone = [r["step"] for r in read_metrics(run_path) if r["phase"] == "grpo" and "reward/total" in r]
     assert redone == [1, 2]  # the records after the checkpoint were dropped, step 2 logged once
+    assert len(json.loads((run_path / "eval" / "uri.json").read_text())["val"]["records"]) == 2

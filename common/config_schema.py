@@ -17,8 +17,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     # "tiny" / "small" build in-process (random weights, no download); anything else is a local folder.
     policy: str = "tiny"
-    sam_type: str = "tiny"  # tiny | vit_b | vit_l | vit_h
-    sam_checkpoint: str = ""  # local .pth (SAM or MedSAM); empty with vit_* = random init (benchmarks)
+    # tiny (in-process, random) | vit_b | vit_l | vit_h (SAM) | medsam (MedSAM vit_b); each with its own
+    # preprocessing (common/models/sam.py)
+    sam_type: str = "tiny"
+    sam_checkpoint: str = ""  # local .pth or .safetensors; required by every type but tiny
     assets_dir: str = ".cache/coreseg"  # where tiny presets are built once and reused
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     lora_r: int = 8
@@ -194,7 +196,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h", "medsam"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.synth_reasoning": ("short", "detailed"),
     "rollout.engine": ("auto", "vllm", "hf"),

@@ -22,6 +22,12 @@ class ModelConfig:
     sam_type: str = "tiny"
     sam_checkpoint: str = ""  # local .pth or .safetensors; required by every type but tiny
     assets_dir: str = ".cache/coreseg"  # where tiny presets are built once and reused
+    # Image budget of the policy's processor, in pixels: each image is resized (aspect kept) to at least
+    # min_pixels and at most max_pixels before the vision tower; one vision token per 28x28 px for Qwen2.5-VL.
+    # Passed identically to the vLLM engine, the transformers engine and the learner; 0 keeps the model
+    # folder's own setting (a Qwen folder's default max_pixels is 12.8 MP, ~16k tokens).
+    min_pixels: int = 0
+    max_pixels: int = 0
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     lora_r: int = 8
     lora_alpha: int = 16
@@ -220,5 +226,5 @@ _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_check
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",
-                 "data.synth_samples", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
+                 "data.synth_samples", "model.min_pixels", "model.max_pixels", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
                  "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws")

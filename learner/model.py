@@ -32,7 +32,7 @@ class CoreSegModule(nn.Module):
 
         self.cfg = cfg
         dtype = default_dtype(cfg.model.dtype, device)
-        base, self.processor = load_policy(policy_dir, dtype, device)
+        base, self.processor = load_policy(policy_dir, dtype, device, cfg.model.min_pixels, cfg.model.max_pixels)
         self.info = policy_info(policy_dir)
         torch.manual_seed(cfg.learner.seed)
         self.policy = get_peft_model(base, make_lora_config(cfg.model, self.info.family))

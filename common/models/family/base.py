@@ -54,6 +54,17 @@ class ModelFamily:
         return [f"{module}.weight"]
 
     # -- model and processor ------------------------------------------------------------------------
+    def processor_kwargs(self, min_pixels: int = 0, max_pixels: int = 0) -> Dict[str, int]:
+        """The image budget as vLLM's mm_processor_kwargs; 0 keeps the folder's setting."""
+        if min_pixels or max_pixels:
+            raise ValueError(f"{self.model_type}: this family does not take model.min_pixels / model.max_pixels")
+        return {}
+
+    def set_image_budget(self, processor, min_pixels: int = 0, max_pixels: int = 0):
+        """The same budget set on a loaded transformers processor (returned); 0 keeps the folder's setting."""
+        self.processor_kwargs(min_pixels, max_pixels)
+        return processor
+
     def model_class(self):
         import transformers
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
+from common.prompts import SYSTEM_PROMPT
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or out of range."""
@@ -28,6 +29,9 @@ class ModelConfig:
     # folder's own setting (a Qwen folder's default max_pixels is 12.8 MP, ~16k tokens).
     min_pixels: int = 0
     max_pixels: int = 0
+    # The system turn of every prompt, rendered with the model folder's chat template (empty: no system turn,
+    # the template's own default applies)
+    system_prompt: str = SYSTEM_PROMPT
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     lora_r: int = 8
     lora_alpha: int = 16

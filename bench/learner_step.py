@@ -6,7 +6,7 @@
 
 The model is a random init from the real Qwen2.5-VL-3B-Instruct config values (nothing is downloaded): the
 tokenizer/processor come from the tiny preset (its ids fit in the 3B vocabulary), the processor is set to
-keep each image at --image-size px. SAM is vit_b, random init. One learner step = `LearnerCore.forward`
+keep each image at --image-size px. SAM is vit_b, random init (a checkpoint file written once). One learner step = `LearnerCore.forward`
 (old log-probs, reference log-probs with the LoRA disabled, `<seg>` states) + `LearnerCore.update` (GRPO
 + KL + DiceCE, micro-batches with accumulation, one AdamW step), exactly what the driver calls.
 
@@ -138,6 +138,14 @@ def step_flops(core, batch_shapes, lora_params: int) -> dict:
     return {"forward": 2 * fwd, "update": fwd + bwd + lora}  # forward = policy pass + reference pass
 
 
+def random_sam_checkpoint(sam_type: str, work_dir: str) -> str:
+    """A random-init SAM checkpoint under work_dir, written once, loaded like a real one."""
+    from common.models.sam import save_random_sam
+
+    path = Path(work_dir) / f"sam-{sam_type}-random.safetensors"
+    return str(path if path.exists() else save_random_sam(sam_type, path))
+
+
 def run(args) -> dict:
     import numpy as np
     import torch
@@ -154,7 +162,8 @@ def run(args) -> dict:
     policy_dir = build_policy_folder(shape, folder, args.image_size, "cuda" if on_gpu else "cpu")
     build_s = time.perf_counter() - t0
     overrides = [f"model.lora_r={args.lora_r}", f"model.lora_alpha={2 * args.lora_r}", "model.lora_dropout=0.0",
-                 f"model.sam_type={'tiny' if args.tiny else 'vit_b'}", "model.sam_checkpoint=''",
+                 f"model.sam_type={'tiny' if args.tiny else 'vit_b'}",
+                 f"model.sam_checkpoint={'' if args.tiny else random_sam_checkpoint('vit_b', args.work_dir)}",
                  f"learner.micro_batch_size={args.micro}", f"learner.zero_stage={args.zero}",
                  f"learner.gradient_checkpointing={args.grad_ckpt}", f"rollout.max_new_tokens={args.tokens}",
                  "learner.kl_beta=0.01", "learner.mask_loss_weight=1.0",

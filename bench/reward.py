@@ -8,7 +8,7 @@ Modes (the same pool, only the sample ids differ):
   cold     one id per image, new each repeat: one encoder pass per image, shared by its G rollouts
   warm     the same ids as a previous batch (a later epoch): no encoder pass
 masks/s = scored completions / wall seconds of one `RewardPool.score` (parse + SAM + rewards), median of
---repeats. SAMs are random-init (`build_sam(type, '')`). With a GPU, each worker gets 1/N of it.
+--repeats. SAMs are random-init (`save_random_sam`, written once under --work-dir). With a GPU, each worker gets 1/N of it.
 `--record` appends the table to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -48,7 +48,13 @@ def bench_pool(sam: str, workers: int, modes, samples, args) -> list:
     from common.config import load_config
     from reward.worker import RewardPool
 
-    cfg = load_config("tiny_cpu", [f"model.sam_type={sam}", "model.sam_checkpoint=''",
+    checkpoint = ""
+    if sam != "tiny":  # a random-init checkpoint, loaded like a real one
+        from common.models.sam import save_random_sam
+
+        checkpoint = Path(args.work_dir) / f"sam-{sam}-random.safetensors"
+        checkpoint = checkpoint if checkpoint.exists() else save_random_sam(sam, checkpoint)
+    cfg = load_config("tiny_cpu", [f"model.sam_type={sam}", f"model.sam_checkpoint={checkpoint}",
                                    f"reward.cache_bytes={args.cache_mb << 20}"])
     cpus = max(1, (os.cpu_count() or 1) // workers)
     gpus = 1.0 / workers if torch.cuda.is_available() else 0.0
@@ -100,7 +106,7 @@ def table(rows, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sam", nargs="+", default=["tiny"], choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--sam", nargs="+", default=["tiny"], choices=["tiny", "vit_b", "vit_l", "vit_h", "medsam"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=["nocache", "cold", "warm"], choices=["nocache", "cold", "warm"])
     parser.add_argument("--images", type=int, default=16)
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048, help="LLM hidden size (Qwen2.5-VL-3B: 2048)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-mb", type=int, default=1024)
+    parser.add_argument("--work-dir", default=".cache/coreseg/bench", help="where random SAM checkpoints are written")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 

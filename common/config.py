@@ -92,6 +92,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError("config key 'rollout.top_p' must be in (0, 1]")
+    if cfg.model.min_pixels and cfg.model.max_pixels and cfg.model.min_pixels > cfg.model.max_pixels:
+        raise ConfigError(f"config keys 'model.min_pixels' = {cfg.model.min_pixels} > 'model.max_pixels' = "
+                          f"{cfg.model.max_pixels}")
+    if cfg.model.sam_type != "tiny" and not cfg.model.sam_checkpoint.strip():
+        raise ConfigError(f"config key 'model.sam_checkpoint' is empty but model.sam_type={cfg.model.sam_type!r} "
+                          "loads its weights from it (only 'tiny' is built in-process)")
     _check_gpus(cfg)
     _check_reward_terms(cfg)
 

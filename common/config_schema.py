@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
+from common.prompts import SYSTEM_PROMPT
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or out of range."""
@@ -17,9 +18,20 @@ class ConfigError(ValueError):
 class ModelConfig:
     # "tiny" / "small" build in-process (random weights, no download); anything else is a local folder.
     policy: str = "tiny"
-    sam_type: str = "tiny"  # tiny | vit_b | vit_l | vit_h
-    sam_checkpoint: str = ""  # local .pth (SAM or MedSAM); empty with vit_* = random init (benchmarks)
+    # tiny (in-process, random) | vit_b | vit_l | vit_h (SAM) | medsam (MedSAM vit_b); each with its own
+    # preprocessing (common/models/sam.py)
+    sam_type: str = "tiny"
+    sam_checkpoint: str = ""  # local .pth or .safetensors; required by every type but tiny
     assets_dir: str = ".cache/coreseg"  # where tiny presets are built once and reused
+    # Image budget of the policy's processor, in pixels: each image is resized (aspect kept) to at least
+    # min_pixels and at most max_pixels before the vision tower; one vision token per 28x28 px for Qwen2.5-VL.
+    # Passed identically to the vLLM engine, the transformers engine and the learner; 0 keeps the model
+    # folder's own setting (a Qwen folder's default max_pixels is 12.8 MP, ~16k tokens).
+    min_pixels: int = 0
+    max_pixels: int = 0
+    # The system turn of every prompt, rendered with the model folder's chat template (empty: no system turn,
+    # the template's own default applies)
+    system_prompt: str = SYSTEM_PROMPT
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     lora_r: int = 8
     lora_alpha: int = 16
@@ -194,7 +206,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h"),
+    "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h", "medsam"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.synth_reasoning": ("short", "detailed"),
     "rollout.engine": ("auto", "vllm", "hf"),
@@ -218,5 +230,5 @@ _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_check
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",
-                 "data.synth_samples", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
+                 "data.synth_samples", "model.min_pixels", "model.max_pixels", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
                  "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws")

@@ -17,7 +17,7 @@ from common import storage
 from common.actor_pool import StaleWeightsError
 from common.config import TrainConfig, save_config, with_absolute_paths
 from common.data import LesionDataset, LesionSample
-from common.models.family import model_family
+from common.models.family import PromptRenderer
 from common.policy_store import publish_policy
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
@@ -63,7 +63,7 @@ class Driver:
         # or `<seg>` mirror is published once under the run folder)
         self.policy_dir, self.policy_source = publish_policy(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed,
                                                              self.run.location)
-        self.family = model_family(self.policy_dir)  # renders the prompts the rollout requests carry
+        self.prompts = PromptRenderer(self.policy_dir, cfg.model.system_prompt)  # the rollout requests' prompts
         c = cfg.cluster
         self.reservation = None  # the run's placement group (Ray mode): every actor in its planned bundle
         if local:
@@ -171,7 +171,7 @@ class Driver:
         """Draws step's batch and submits its generation (returns at once)."""
         cursor = self.data.state_dict()
         samples = self.data.next_batch()
-        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.prompts(s.question), s.image) for s in samples]
         self._rollout_turn()
         futures = self.rollout.submit(requests, n=self.cfg.rollout.group_size,
                                       seed=derive_seed(self.cfg.rollout.seed, step))
@@ -217,7 +217,7 @@ class Driver:
 
     def generate(self, samples: List[LesionSample], n: int, seed: Optional[int] = None,
                   greedy: bool = False) -> List[RolloutGroup]:
-        requests = [RolloutRequest(s.id, self.family.prompt(s.question), s.image) for s in samples]
+        requests = [RolloutRequest(s.id, self.prompts(s.question), s.image) for s in samples]
         self._rollout_turn()
         return self.rollout.generate(requests, n=n, seed=seed, greedy=greedy)
 

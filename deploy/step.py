@@ -2,6 +2,7 @@
 survives the advantage filter, reward statistics, phase timers."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -12,6 +13,9 @@ import numpy as np
 
 from common.data import LesionSample
 from common.protocol import ForwardResult, RolloutGroup, Score, ScoreItem
+from rollout.engine import PROMPT_TOO_LONG
+
+logger = logging.getLogger("coreseg.rollout")
 
 
 @contextmanager
@@ -31,6 +35,10 @@ class Answered:
     forward: Optional[ForwardResult]
     scores: List[Score]
     failed: List[Tuple[LesionSample, str]]
+
+    def __post_init__(self):
+        for sample, error in self.failed:  # never a silent drop: each failed sample is named
+            logger.warning("sample %r gets no rollouts this step: %s", sample.id, error)
 
 
 @dataclass
@@ -77,7 +85,9 @@ class TrainBatch:
 
     def stats(self) -> Dict[str, float]:
         lengths = [len(c.token_ids) for g in self.groups for c in g.completions]
-        return {"rollout/errors": float(len(self.failed)), "rollout/policy_lag": float(self.lag),
+        return {"rollout/errors": float(len(self.failed)),
+                "rollout/prompt_too_long": float(sum(error.startswith(PROMPT_TOO_LONG) for _, error in self.failed)),
+                "rollout/policy_lag": float(self.lag),
                 "rollout/mean_length": float(np.mean(lengths)) if lengths else 0.0,
                 "rollout/logprob_diff": logprob_diff(self.groups, self.forward) if self.groups else 0.0,
                 "adv/dropped_groups": float(self.dropped), "adv/kept_groups": float(len(self.samples)),

@@ -17,6 +17,7 @@ from PIL import Image
 from common.data import LesionSample
 from common.images import image_key, image_keys
 from common.models.family import ModelFamily
+from common.prompts import SYSTEM_PROMPT
 
 CACHE_SIZE = 4096  # samples whose processor outputs are kept (the G rollouts of a prompt share them)
 
@@ -40,8 +41,8 @@ class PromptEncoder:
     Processor outputs are cached per image (`image_key`: sample id + pixel digest, so a duplicate id never
     gets another image's inputs) and, for rendered prompts, question."""
 
-    def __init__(self, processor, family: ModelFamily):
-        self.processor, self.family = processor, family
+    def __init__(self, processor, family: ModelFamily, system_prompt: str = SYSTEM_PROMPT):
+        self.processor, self.family, self.system_prompt = processor, family, system_prompt
         self._rendered: Dict[str, dict] = {}
         self._images: Dict[str, dict] = {}
 
@@ -58,7 +59,7 @@ class PromptEncoder:
         `image_key` when the caller has it."""
         key = key or image_key(sample.id, sample.image)
         return self._cached(self._rendered, (key, sample.question), lambda: self.family.encode_prompt(
-            self.processor, sample.question, Image.fromarray(sample.image)))
+            self.processor, sample.question, Image.fromarray(sample.image), self.system_prompt))
 
     def encode_ids(self, sample: LesionSample, prompt_ids: Sequence[int], key: Optional[str] = None) -> dict:
         """The rollout engine's prompt ids with the sample's image inputs (checked against each other)."""

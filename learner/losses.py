@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.models.sam import longest_side_size
+
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0,
                  smooth: float = 1.0, valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -43,19 +45,20 @@ def _as_mask(mask) -> torch.Tensor:
     return torch.from_numpy(m.astype(np.float32))[None, None]
 
 
-def low_res_target(mask: np.ndarray, sam_img_size: int, low_res_size: int, soft: bool = False) -> torch.Tensor:
+def low_res_target(mask: np.ndarray, sam_img_size: int, low_res_size: int, soft: bool = False,
+                   keep_aspect: bool = True) -> torch.Tensor:
     """Ground truth [low_res_size, low_res_size] aligned with SAM's low-res logits.
 
-    Those logits cover SAM's padded square input: the image resized so its longest side is S (same rounding
-    and bilinear-antialias resize as common/models/sam.py preprocess_image), then zero-padded bottom/right
-    to S x S. The mask goes through the same resize and padding, then is area-averaged down to the low-res
-    grid and thresholded at 0.5 (a low-res pixel at least half lesion counts as lesion). `soft` returns the
-    lesion fraction per low-res pixel instead.
+    Those logits cover SAM's square input. SAM (keep_aspect): the image resized so its longest side is S
+    (same rounding and bilinear-antialias resize as common/models/sam.py sam_input), then zero-padded
+    bottom/right to S x S. MedSAM (keep_aspect=False): the image stretched to S x S, no padding. The mask
+    goes through the same resize and padding, then is area-averaged down to the low-res grid and thresholded
+    at 0.5 (a low-res pixel at least half lesion counts as lesion). `soft` returns the lesion fraction per
+    low-res pixel instead.
     """
     m = _as_mask(mask)
     h, w = m.shape[-2:]
-    scale = sam_img_size / max(h, w)
-    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    nh, nw = longest_side_size(h, w, sam_img_size) if keep_aspect else (sam_img_size, sam_img_size)
     if (nh, nw) != (h, w):
         m = F.interpolate(m, (nh, nw), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
     m = F.pad(m, (0, sam_img_size - nw, 0, sam_img_size - nh))

@@ -18,7 +18,7 @@ from common.images import image_keys
 from common.models.adapter import build_adapter
 from common.models.lora import lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
-from common.models.sam import build_sam, encode_images, upscale_masks
+from common.models.sam import build_sam, encode_images, preprocessing_of, upscale_masks
 from common.models.segment import decode_masks
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
@@ -32,7 +32,7 @@ class CoreSegModule(nn.Module):
 
         self.cfg = cfg
         dtype = default_dtype(cfg.model.dtype, device)
-        base, self.processor = load_policy(policy_dir, dtype, device)
+        base, self.processor = load_policy(policy_dir, dtype, device, cfg.model.min_pixels, cfg.model.max_pixels)
         self.info = policy_info(policy_dir)
         torch.manual_seed(cfg.learner.seed)
         self.policy = get_peft_model(base, make_lora_config(cfg.model, self.info.family))
@@ -134,7 +134,9 @@ class CoreSegModule(nn.Module):
 
     def mask_targets(self, samples: Sequence[LesionSample], low_res: int) -> torch.Tensor:
         size = self.sam.image_encoder.img_size
-        return torch.stack([low_res_target(s.union_mask(), size, low_res)[None] for s in samples]).to(self.device)
+        keep_aspect = preprocessing_of(self.sam) != "medsam"  # MedSAM stretches the image to S x S
+        return torch.stack([low_res_target(s.union_mask(), size, low_res, keep_aspect=keep_aspect)[None]
+                            for s in samples]).to(self.device)
 
     # -- weights ------------------------------------------------------------------------------------
     def bundle(self, version: int) -> WeightBundle:

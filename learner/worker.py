@@ -74,7 +74,7 @@ class LearnerCore:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=ds_config)
         self.device = device
-        self.encoder = PromptEncoder(self.module.processor, self.module.info.family)
+        self.encoder = PromptEncoder(self.module.processor, self.module.info.family, cfg.model.system_prompt)
         self.pad_id = self.module.processor.tokenizer.pad_token_id
         self.version = 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -11,6 +12,10 @@ from PIL import Image
 
 from common.config import RolloutConfig, TrainConfig
 from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+
+logger = logging.getLogger("coreseg.rollout")
+# Leads the error of a request whose prompt cannot fit rollout.max_model_len (counted as rollout/prompt_too_long)
+PROMPT_TOO_LONG = "prompt_too_long"
 
 
 @dataclass
@@ -56,13 +61,11 @@ class GenerationEngine(ABC):
     version: int = 0
 
     def __init__(self, cfg: TrainConfig, policy_dir: str):
-        from transformers import AutoProcessor
-
-        from common.models.policy import policy_info
+        from common.models.policy import load_processor, policy_info
 
         self.cfg = cfg
         self.policy_dir = str(policy_dir)
-        self.processor = AutoProcessor.from_pretrained(self.policy_dir)
+        self.processor = load_processor(self.policy_dir, cfg.model.min_pixels, cfg.model.max_pixels)
         self.info = policy_info(self.policy_dir)
         self.family = self.info.family
         self.errors = 0
@@ -74,15 +77,25 @@ class GenerationEngine(ABC):
             image, err = request_image(req)
             if err is None:
                 ids = self.processor(text=[req.prompt], images=[image], return_tensors="np")["input_ids"][0]
-                limit = self.cfg.rollout.max_model_len - max_new_tokens
-                if len(ids) > limit:
-                    err = f"prompt is {len(ids)} tokens; max_model_len - max_new_tokens = {limit}"
+                err = self._length_error(req.sample_id, ids, image, max_new_tokens)
             if err is not None:
+                logger.warning("rollout request for sample %r refused: %s", req.sample_id, err)
                 self.errors += 1
                 prepared.append(err)
             else:
                 prepared.append((image, [int(i) for i in ids]))
         return prepared
+
+    def _length_error(self, sample_id: str, ids, image, max_new_tokens: int) -> Optional[str]:
+        """An error naming the sample when its prompt leaves no room for max_new_tokens in max_model_len."""
+        limit = self.cfg.rollout.max_model_len - max_new_tokens
+        if len(ids) <= limit:
+            return None
+        vision = int((ids == self.info.image_token_id).sum())
+        return (f"{PROMPT_TOO_LONG}: sample {sample_id!r}: prompt is {len(ids)} tokens ({vision} vision tokens for a "
+                f"{image.width}x{image.height} image) but rollout.max_model_len - max_new_tokens = {limit}; lower "
+                f"model.max_pixels (now {self.cfg.model.max_pixels or 'the processor default'}) or raise "
+                f"rollout.max_model_len")
 
     @abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], n: int,

@@ -88,6 +88,9 @@ class VLLMEngine(GenerationEngine):
         kwargs = dict(model=self.policy_dir, dtype=dtype, max_model_len=cfg.rollout.max_model_len,
                       seed=cfg.rollout.seed, limit_mm_per_prompt={"image": 1}, enforce_eager=not on_gpu,
                       **parallel_kwargs(tp, on_gpu, ray_bundles))
+        mm_kwargs = self.family.processor_kwargs(cfg.model.min_pixels, cfg.model.max_pixels)
+        if mm_kwargs:  # the same image budget as the processor of the other paths (GenerationEngine.processor)
+            kwargs.update(mm_processor_kwargs=mm_kwargs)
         if cfg.cluster.colocate and on_gpu:
             kwargs.update(enable_sleep_mode=True)  # sleep/wake_up around the colocated learner's work
         if self.merged:

@@ -133,16 +133,22 @@ def policy_info(path: str | Path) -> PolicyInfo:
                       end_of_turn_id=family.token_id_of(tok, family.end_of_turn))
 
 
-def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor) from a prepared folder (see `ensure_policy_dir`), with its family's model class."""
+def load_processor(path: str | Path, min_pixels: int = 0, max_pixels: int = 0):
+    """The folder's processor with the image budget (model.min_pixels / model.max_pixels; 0 keeps the folder's).
+    Every path that turns an image into vision tokens loads it here, so they agree on the token count."""
     from transformers import AutoProcessor
 
+    return model_family(path).set_image_budget(AutoProcessor.from_pretrained(str(path)), min_pixels, max_pixels)
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels: int = 0,
+                max_pixels: int = 0):
+    """(model, processor) from a prepared folder (see `ensure_policy_dir`), with its family's model class."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelPathError(f"no model folder with config.json at {path}")
     model = model_family(path).model_class().from_pretrained(str(path), dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(str(path))
-    return model, processor
+    return model, load_processor(path, min_pixels, max_pixels)
 
 
 def gather_seg_states(hidden: torch.Tensor, input_ids: torch.Tensor, seg_token_id: int,

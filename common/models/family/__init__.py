@@ -12,7 +12,8 @@ from common.models.family.qwen2_5_vl import Qwen25VL
 
 FAMILIES: Dict[str, ModelFamily] = {f.model_type: f for f in (Qwen25VL(),)}
 
-__all__ = ["FAMILIES", "ModelFamily", "PromptIdsError", "UnknownModelFamily", "family_for_type", "model_family"]
+__all__ = ["FAMILIES", "ModelFamily", "PromptIdsError", "PromptRenderer", "UnknownModelFamily", "family_for_type",
+           "model_family"]
 
 
 class UnknownModelFamily(ValueError):
@@ -36,3 +37,18 @@ def model_family(policy_dir: str | Path) -> ModelFamily:
     except (OSError, ValueError) as err:
         raise UnknownModelFamily(f"{policy_dir}: cannot read model_type from {config} ({err})") from err
     return family_for_type(model_type, str(policy_dir))
+
+
+class PromptRenderer:
+    """Renders each task prompt once, with the model folder's chat template and model.system_prompt: the rollout
+    requests carry the text, the engines tokenize it, and the learner trains on the engine's prompt ids."""
+
+    def __init__(self, policy_dir: str | Path, system_prompt: str):
+        from transformers import AutoProcessor
+
+        self.family = model_family(policy_dir)
+        self.processor = AutoProcessor.from_pretrained(str(policy_dir))  # the chat template only: no image budget
+        self.system_prompt = system_prompt
+
+    def __call__(self, question: str) -> str:
+        return self.family.render_prompt(self.processor, question, self.system_prompt)

@@ -37,12 +37,28 @@ class ModelFamily:
     lora_scope: str = ""
 
     # -- chat ---------------------------------------------------------------------------------------
+    def chat_messages(self, question: str, system: str = SYSTEM_PROMPT) -> List[dict]:
+        """The task's conversation: a system turn (none when `system` is empty: the chat template's own default
+        then applies), and a user turn with one image followed by the instruction."""
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_user_text(question)}]}
+        return ([{"role": "system", "content": system}] if system else []) + [user]
+
+    def render_prompt(self, processor, question: str, system: str = SYSTEM_PROMPT) -> str:
+        """The task prompt for one question, rendered by the processor's chat template (the model folder's), up
+        to the assistant header: the text RolloutRequest.prompt carries and SFT encodes."""
+        try:
+            return processor.apply_chat_template(self.chat_messages(question, system), tokenize=False,
+                                                 add_generation_prompt=True)
+        except ValueError as err:  # no chat template in the folder
+            raise ValueError(f"{self.model_type}: the model folder's processor cannot render the prompt ({err})") from None
+
     def render_chat(self, system: str, user_text: str) -> str:
-        """The prompt text: system turn, user turn with one image placeholder then `user_text`, assistant header."""
+        """The same text as `render_prompt` written out by hand (what `chat_template` renders), for code that has
+        no processor at hand (tests, benchmarks); the family's tests check that the two agree."""
         raise NotImplementedError
 
     def prompt(self, question: str, system: str = SYSTEM_PROMPT) -> str:
-        """The task prompt for one question (the text RolloutRequest.prompt carries)."""
+        """`render_chat` for one question (no processor); runs render the prompt with `render_prompt`."""
         return self.render_chat(system, build_user_text(question))
 
     # -- LoRA and checkpoints -----------------------------------------------------------------------
@@ -54,6 +70,17 @@ class ModelFamily:
         return [f"{module}.weight"]
 
     # -- model and processor ------------------------------------------------------------------------
+    def processor_kwargs(self, min_pixels: int = 0, max_pixels: int = 0) -> Dict[str, int]:
+        """The image budget as vLLM's mm_processor_kwargs; 0 keeps the folder's setting."""
+        if min_pixels or max_pixels:
+            raise ValueError(f"{self.model_type}: this family does not take model.min_pixels / model.max_pixels")
+        return {}
+
+    def set_image_budget(self, processor, min_pixels: int = 0, max_pixels: int = 0):
+        """The same budget set on a loaded transformers processor (returned); 0 keeps the folder's setting."""
+        self.processor_kwargs(min_pixels, max_pixels)
+        return processor
+
     def model_class(self):
         import transformers
 
@@ -65,10 +92,10 @@ class ModelFamily:
             raise ValueError(f"{self.model_type}: the tokenizer has no token {token!r}")
         return int(ids[0])
 
-    def encode_prompt(self, processor, question: str, image) -> Dict[str, torch.Tensor]:
+    def encode_prompt(self, processor, question: str, image, system: str = SYSTEM_PROMPT) -> Dict[str, torch.Tensor]:
         """Render the prompt and run the processor (SFT, which has no rollout): input_ids [1, P], the token-aligned
         inputs [1, P] and the image inputs."""
-        enc = processor(text=[self.prompt(question)], images=[image], return_tensors="pt")
+        enc = processor(text=[self.render_prompt(processor, question, system)], images=[image], return_tensors="pt")
         return {k: enc[k] for k in ("input_ids",) + self.token_input_keys + self.image_input_keys}
 
     def encode_image(self, processor, image) -> Dict[str, torch.Tensor]:

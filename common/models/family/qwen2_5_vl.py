@@ -36,6 +36,17 @@ class Qwen25VL(ModelFamily):
     tiny_min_pixels = 56 * 56
     tiny_max_pixels = 112 * 112 * 4
 
+    def processor_kwargs(self, min_pixels: int = 0, max_pixels: int = 0) -> Dict[str, int]:
+        return {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+
+    def set_image_budget(self, processor, min_pixels: int = 0, max_pixels: int = 0):
+        # the image processor's size edges are its pixel bounds (min/max_pixels as call arguments are deprecated)
+        image_processor = processor.image_processor
+        size = image_processor.size
+        image_processor.size = type(size)(shortest_edge=int(min_pixels or size["shortest_edge"]),
+                                          longest_edge=int(max_pixels or size["longest_edge"]))
+        return processor
+
     def render_chat(self, system: str, user_text: str) -> str:
         image = f"{self.vision_start}{self.image_pad}{self.vision_end}"  # vLLM and the processor expand the pad
         return (f"<|im_start|>system\n{system}{self.end_of_turn}\n"

@@ -47,15 +47,16 @@ def _local_model_source(policy: str) -> Tuple[str, Dict[str, str]]:
 
 
 def publish_folder(prepared: Path, dest: str, extra_weights: Dict[str, str]) -> str:
-    """Writes `prepared` to `dest` once (into `dest.tmp`, then moved): regular files copied; symlinks (a mirror's
-    weights) and `extra_weights` listed in the manifest instead. Returns `dest`."""
+    """Writes `prepared` to `dest` once (into `dest.tmp`, then moved): config and tokenizer files copied (a
+    mirror's links to them followed); a mirror's links to weights files and `extra_weights` listed in the manifest
+    instead. Returns `dest`."""
     if storage.exists(storage.join(dest, "config.json")):
         return dest  # published by an earlier start of this run (resume)
     weights = dict(extra_weights)
     staging = Path(tempfile.mkdtemp(prefix="policy-", dir=storage.stage_dir()))
     try:
         for f in sorted(prepared.iterdir()):
-            if f.is_symlink():
+            if f.is_symlink() and not f.name.endswith(SMALL_SUFFIXES):  # a mirror's link to a weights file
                 weights[f.name] = str(f.resolve())
             elif f.is_file():
                 shutil.copy2(f, staging / f.name)

@@ -150,7 +150,8 @@ def test_published_policy_manifest_links_or_downloads_weights(tmp_path, monkeypa
     remote_weights.write_bytes(os.urandom(64))
     mirror = tmp_path / "driver_cache" / "mirror"  # what ensure_policy_dir makes: tokenizer + symlinked weights
     mirror.mkdir(parents=True)
-    (mirror / "config.json").write_text('{"model_type": "x"}')
+    (base / "config.json").write_text('{"model_type": "x"}')
+    (mirror / "config.json").symlink_to(base / "config.json")  # a mirror links the base's config too: copied
     (mirror / "tokenizer.json").write_text('{"seg": 1}')
     (mirror / "model-1.safetensors").symlink_to(base / "model-1.safetensors")
     on_node(monkeypatch, tmp_path / "driver_node")
@@ -162,6 +163,8 @@ def test_published_policy_manifest_links_or_downloads_weights(tmp_path, monkeypa
     expected = {"config.json": b'{"model_type": "x"}', "tokenizer.json": b'{"seg": 1}',
                 "model-1.safetensors": (base / "model-1.safetensors").read_bytes(),
                 "model-2.safetensors": remote_weights.read_bytes()}
+    assert not (published / "config.json").is_symlink()
+    assert publish_folder(mirror, dest, {}) == dest and not (tmp_path / "run" / "policy.tmp").exists()  # once
     for node in ("node_a", "node_b"):
         on_node(monkeypatch, tmp_path / node)
         local = Path(stage_policy(dest))

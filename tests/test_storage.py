@@ -204,3 +204,30 @@ def test_fresh_run_dir_at_a_uri_never_reuses_a_run(tmp_path):
     assert fresh_run_dir(cfg, None) == uri(tmp_path / "runs" / "job")
     storage.write_text(uri(tmp_path / "runs" / "job" / "metrics.jsonl"), "{}\n")
     assert fresh_run_dir(cfg, None) == uri(tmp_path / "runs" / "job-2")
+
+
+def test_mirror_of_a_model_without_seg_is_published_without_its_weights(tmp_path, monkeypatch, tiny_policy_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from common.policy_store import MANIFEST, publish_policy, stage_policy
+
+    base = tmp_path / "shared" / "model"  # a user's model folder whose tokenizer lacks <seg>
+    shutil.copytree(tiny_policy_dir, base)
+    tok = json.loads((base / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<seg>"]
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    assert "<seg>" not in AutoTokenizer.from_pretrained(str(base)).get_vocab()
+    on_node(monkeypatch, tmp_path / "driver_node")
+    run = uri(tmp_path / "runs" / "r")
+    prepared, source = publish_policy(str(base), str(tmp_path / "driver_cache"), 0, run)
+    assert prepared.is_relative_to(tmp_path / "driver_cache") and source == run + "/policy"
+    published = tmp_path / "runs" / "r" / "policy"
+    assert json.loads((published / MANIFEST).read_text())["weights"] == {
+        "model.safetensors": str(base / "model.safetensors")}
+    assert not (published / "model.safetensors").exists()  # the weights stay where they are
+    on_node(monkeypatch, tmp_path / "node_b")
+    local = Path(stage_policy(source))
+    assert (local / "model.safetensors").resolve() == base / "model.safetensors"
+    assert "<seg>" in AutoTokenizer.from_pretrained(str(local)).get_vocab()

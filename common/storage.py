@@ -146,15 +146,16 @@ def fingerprint(location: str) -> str:
     this is unchanged (a run folder deleted and written again at the same URI is downloaded again)."""
     fs, path = resolve(location)
     info = fs.get_file_info(path)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory else [info]
+    infos = ([info] if info.type != pafs.FileType.Directory
+             else fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     return ";".join(f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path)
                     if i.type == pafs.FileType.File)
 
 
 def staged_copy(location: str | os.PathLike) -> Path:
     """A local file or folder with the content of `location`: a local path as it is; a URI downloaded once per
-    node into the staging folder (into a temporary sibling first, renamed when complete, so a killed download is never
-    taken for a finished one). Only immutable folders (published policies, finished checkpoints) are staged."""
+    node into the staging folder (into a temporary sibling first, renamed when complete, so a killed download is
+    never taken for a finished one), and downloaded again when its files change (`fingerprint`)."""
     location = str(location)
     if not is_uri(location):
         return Path(location)

@@ -191,7 +191,8 @@ def test_preset_policy_is_published_under_the_run_folder(tmp_path, monkeypatch, 
     assert publish_policy(str(tiny_policy_dir), str(tmp_path / "cache"), 0, run)[1] == str(tiny_policy_dir)
     model_uri = uri(tiny_policy_dir)
     prepared, source = publish_policy(model_uri, str(tmp_path / "cache"), 0, run)
-    assert source == model_uri and (prepared / "config.json").read_bytes() == (tiny_policy_dir / "config.json").read_bytes()
+    assert source == model_uri
+    assert (prepared / "config.json").read_bytes() == (tiny_policy_dir / "config.json").read_bytes()
     assert not list(prepared.glob("*.safetensors"))  # the driver read only the config and tokenizer files
     assert tree(Path(stage_policy(source))) == tree(tiny_policy_dir)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -221,3 +221,181 @@ class Plan:
     def add(self, role: str, item: str, formula: str, nbytes: float) -> None:
         self.rows.append(Row(role, item, formula, float(nbytes)))
         self.per_process[role] = self.per_process.get(role, 0.0) + float(nbytes)
+
+
+# -- what the config builds ----------------------------------------------------------------------------
+SAM_HEADS = {"vit_b": 12, "vit_l": 16, "vit_h": 16}
+
+
+def sam_counts(sam_type: str) -> Dict[str, int]:
+    """Parameters of SAM's image encoder, prompt encoder and mask decoder, the encoder's image size, width and
+    heads, built on the meta device (no memory, no checkpoint)."""
+    import torch
+
+    from common.models.sam import build_tiny_sam
+
+    if sam_type == "tiny":
+        sam = build_tiny_sam()
+        heads, width = 2, 64
+    else:
+        from segment_anything import sam_model_registry
+
+        with torch.device("meta"):
+            sam = sam_model_registry[sam_type](checkpoint=None)
+        heads, width = SAM_HEADS[sam_type], sam.image_encoder.patch_embed.proj.out_channels
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    grid = sam.prompt_encoder.image_embedding_size[0]
+    return {"encoder": count(sam.image_encoder), "prompt_encoder": count(sam.prompt_encoder),
+            "mask_decoder": count(sam.mask_decoder), "image_size": sam.image_encoder.img_size, "heads": heads,
+            "width": width, "embedding": sam.prompt_encoder.embed_dim * grid * grid}
+
+
+def adapter_params(hidden: int, queries: int, blocks: int) -> int:
+    from common.models.adapter import build_adapter
+
+    return sum(p.numel() for p in build_adapter(hidden, queries, blocks).parameters())
+
+
+def gpus_needed(c) -> Dict[str, int]:
+    """GPUs per role: whole GPUs for whole shares, fractional shares packed (ceil of the sum); colocated
+    rollout engines use the learner's GPUs."""
+    learner = math.ceil(c.learner_workers * c.learner_gpus - 1e-9)
+    rollout = 0 if c.colocate else math.ceil(c.rollout_workers * c.rollout_gpus_per_worker - 1e-9)
+    reward = math.ceil(c.reward_workers * c.reward_gpus_per_worker - 1e-9)
+    return {"learner": learner, "rollout": rollout, "reward": reward, "total": learner + rollout + reward}
+
+
+def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
+              prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> Plan:
+    """Memory per process of each role for `cfg` (a TrainConfig) on square images of `image_size` px."""
+    c, L, R, M = cfg.cluster, cfg.learner, cfg.rollout, cfg.model
+    shape, source = resolve_shape(M.policy)
+    # an image budget in the config (model.min_pixels / model.max_pixels) replaces the processor's
+    budget = {k: getattr(M, k, 0) for k in ("min_pixels", "max_pixels")}
+    shape = replace(shape, **{k: v for k, v in budget.items() if v})
+    on_gpu = c.learner_gpus > 0
+    dtype = M.dtype if M.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    b = DTYPE_BYTES[dtype]
+    p = Plan(device="gpu" if on_gpu else "cpu", shape_source=source)
+    n_lm, n_vis = lm_params(shape), vision_params(shape)
+    n_lora = lora_params(shape, M.lora_r, M.lora_target_modules)
+    sam = sam_counts(M.sam_type)
+    n_sam = sam["encoder"] + sam["prompt_encoder"] + sam["mask_decoder"]
+    n_heads = adapter_params(shape.hidden, M.adapter_queries, M.adapter_mlp_blocks) + (
+        sam["mask_decoder"] if M.train_mask_decoder else 0)
+    vis_tok = vision_tokens(image_size, image_size, shape)
+    prompt = vis_tok + prompt_text_tokens
+    seq = prompt + R.max_new_tokens
+    rows = min(L.micro_batch_size, cfg.data.batch_size * R.group_size)
+    tokens = rows * seq
+    p.facts.update(lm_params=n_lm, vision_params=n_vis, lora_params=n_lora, head_params=n_heads, sam_params=n_sam,
+                   vision_tokens=vis_tok, prompt_tokens=prompt, sequence_tokens=seq, micro_batch_rows=rows,
+                   dtype_bytes=b)
+    # learner rank
+    ranks = c.learner_workers
+    w = "/ ranks" if L.zero_stage >= 3 else ""
+    p.add("learner", "policy weights", f"({n_lm:,} LM + {n_vis:,} vision) x {b} B {w}",
+          (n_lm + n_vis) * b / (ranks if L.zero_stage >= 3 else 1))
+    state = trainable_state_bytes(n_lora + n_heads, mixed_precision=b == 2, zero_stage=L.zero_stage, ranks=ranks)
+    p.add("learner", "LoRA + adapter + decoder: weights, grads, Adam",
+          f"{n_lora:,} LoRA + {n_heads:,} heads; ZeRO-{L.zero_stage} over {ranks} rank(s), "
+          f"{'2+2+12' if b == 2 else '4+4+8'} B/param", sum(state.values()))
+    with_ckpt = learner_activation_bytes(shape, tokens, b, True)
+    without = learner_activation_bytes(shape, tokens, b, False)
+    per = activation_bytes_per_token_layer(shape, b)
+    p.facts.update(activations_with_checkpointing=with_ckpt, activations_without_checkpointing=without)
+    p.add("learner", f"LM activations, checkpointing {'on' if L.gradient_checkpointing else 'off'}",
+          f"{rows} rows x {seq} tokens; {per:,} B/token/layer x {shape.layers} layers"
+          + (" (on: layer inputs + 1 layer)" if L.gradient_checkpointing else ""),
+          with_ckpt if L.gradient_checkpointing else without)
+    window = R.max_new_tokens + 1
+    p.add("learner", "logits over the completion window", f"{rows} x {window} x {shape.vocab:,} x ({b}+4+4) B",
+          logits_bytes(shape, rows, window, b))
+    p.add("learner", "SAM (frozen encoder) + encoder peak", f"{n_sam:,} x {b} B + 1 image at {sam['image_size']} px",
+          n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"]))
+    p.add("learner", "SAM embedding cache (its bound)",
+          f"learner.embed_cache_bytes = {L.embed_cache_bytes // (sam['embedding'] * 4):,} images of "
+          f"{sam['embedding'] * 4:,} B (fp32)", L.embed_cache_bytes)
+    # rollout engine
+    kv_tok = kv_bytes_per_token(shape, b)
+    step_tokens = math.ceil(cfg.data.batch_size / max(1, c.rollout_workers)) * (prompt + R.group_size * R.max_new_tokens)
+    weights = (n_lm + n_vis) * b / R.tensor_parallel_size
+    p.facts.update(kv_bytes_per_token=kv_tok, rollout_step_tokens=step_tokens)
+    p.add("rollout", "vLLM weights", f"({n_lm:,} + {n_vis:,}) x {b} B / TP {R.tensor_parallel_size}", weights)
+    if on_gpu:
+        budget = R.gpu_memory_utilization * gpu_mem_gib * GIB
+        kv = budget - weights
+        p.add("rollout", "vLLM KV cache + activations", f"gpu_memory_utilization {R.gpu_memory_utilization} x "
+              f"{gpu_mem_gib:g} GiB - weights", kv)
+    else:
+        kv = R.cpu_kv_cache_gb * GIB
+        p.add("rollout", "vLLM KV cache", f"rollout.cpu_kv_cache_gb {R.cpu_kv_cache_gb}", kv)
+    p.facts["kv_capacity_tokens"] = kv / kv_tok
+    if kv < R.max_model_len * kv_tok:
+        p.warnings.append(f"rollout: the KV cache ({kv / GIB:.2f} GiB) cannot hold one sequence of "
+                          f"rollout.max_model_len={R.max_model_len} tokens ({kv_tok:,} B per token); vLLM will not start")
+    elif kv < step_tokens * kv_tok:
+        p.warnings.append(f"rollout: a step needs {step_tokens:,} tokens of KV cache per engine, the cache holds "
+                          f"{kv / kv_tok:,.0f}: generation runs in waves")
+    if seq > R.max_model_len:
+        p.warnings.append(f"rollout: prompt {prompt} (+{R.max_new_tokens} new) tokens exceeds rollout.max_model_len="
+                          f"{R.max_model_len} at {image_size} px")
+    # reward worker
+    p.add("reward", "SAM weights (fp32)", f"{n_sam:,} x 4 B", n_sam * 4)
+    p.add("reward", "SAM encoder peak", f"8 images x (2 x {sam['heads']} heads x N² x 4 B + 8 N x {sam['width']} x 4 B),"
+          f" N = ({sam['image_size']}/16)²", sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], 8))
+    p.add("reward", "image-embedding cache (its bound)", f"reward.cache_bytes = "
+          f"{cfg.reward.cache_bytes // (sam['embedding'] * 4):,} images", cfg.reward.cache_bytes)
+    _per_gpu(p, cfg, gpu_mem_gib)
+    return p
+
+
+def _per_gpu(p: Plan, cfg, gpu_mem_gib: float) -> None:
+    """What each kind of GPU holds and the warnings for those that do not fit."""
+    c = cfg.cluster
+    p.gpus = gpus_needed(c)
+    if p.device == "cpu":
+        total = (p.per_process["learner"] * c.learner_workers + p.per_process["rollout"] * c.rollout_workers
+                 + p.per_process["reward"] * c.reward_workers)
+        p.facts["host_total"] = total
+        return
+    learner, rollout, reward = (p.per_process[r] for r in ("learner", "rollout", "reward"))
+    if c.colocate:
+        persistent = sum(r.nbytes for r in p.rows if r.role == "learner" and not r.item.startswith(("LM act", "logits")))
+        p.per_gpu["learner + sleeping/awake vLLM"] = max(learner, persistent + rollout)
+    else:
+        p.per_gpu["learner"] = learner
+        if c.rollout_gpus_per_worker:
+            p.per_gpu["rollout"] = rollout
+    if c.reward_gpus_per_worker:
+        p.per_gpu["reward"] = reward * max(1, math.floor(1 / c.reward_gpus_per_worker + 1e-9))
+    limit = gpu_mem_gib * GIB
+    for kind, need in p.per_gpu.items():
+        if need > limit:
+            p.warnings.append(f"{kind} GPU: needs {need / GIB:.1f} GiB, above --gpu-mem-gib {gpu_mem_gib:g}")
+    if not cfg.learner.gradient_checkpointing and p.facts["activations_without_checkpointing"] > 0.5 * limit:
+        p.warnings.append("learner: activations without checkpointing take over half the GPU; set "
+                          "learner.gradient_checkpointing=true")
+
+
+def format_plan(p: Plan) -> str:
+    f = p.facts
+    lines = [f"policy shape: {p.shape_source}; {p.device}; {f['dtype_bytes']} B per weight",
+             f"prompt: {f['vision_tokens']} vision + {f['prompt_tokens'] - f['vision_tokens']} text tokens; "
+             f"sequence {f['sequence_tokens']}; learner micro-batch {f['micro_batch_rows']} rows",
+             f"activations per learner micro-batch: {f['activations_with_checkpointing'] / GIB:.2f} GiB with "
+             f"gradient checkpointing, {f['activations_without_checkpointing'] / GIB:.2f} GiB without", "",
+             f"{'role':8} {'item':48} {'GiB':>8}  formula"]
+    for r in p.rows:
+        lines.append(f"{r.role:8} {r.item:48} {r.nbytes / GIB:8.2f}  {r.formula}")
+    lines.append("")
+    for role, nbytes in p.per_process.items():
+        lines.append(f"{role} process total: {nbytes / GIB:.2f} GiB")
+    for kind, nbytes in p.per_gpu.items():
+        lines.append(f"per GPU ({kind}): {nbytes / GIB:.2f} GiB")
+    if p.device == "cpu":
+        lines.append(f"all processes on the host: {f['host_total'] / GIB:.2f} GiB (no GPU asked for)")
+    g = p.gpus
+    lines.append(f"GPUs: {g['total']} (learner {g['learner']}, rollout {g['rollout']}, reward {g['reward']})")
+    lines += [f"WARNING: {w}" for w in p.warnings]
+    return "\n".join(lines)

@@ -192,11 +192,11 @@ def kv_bytes_per_token(s: PolicyShape, dtype_bytes: int) -> int:
     return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
 
 
-def sam_encoder_peak_bytes(image_size: int, heads: int, embed_dim: int, batch: int = 1) -> float:
+def sam_encoder_peak_bytes(image_size: int, heads: int, embed_dim: int, batch: int = 1, dtype_bytes: int = 4) -> float:
     """SAM's ViT at full resolution materialises a global attention block's scores and their softmax
-    (heads x N² fp32 each, N = (size/16)² tokens) + ~8 N x embed activations, per image of the encoder batch."""
+    (heads x N² each, N = (size/16)² tokens) + ~8 N x embed activations, per image of the encoder batch."""
     n = (image_size // 16) ** 2
-    return batch * (2 * heads * n * n * 4 + 8 * n * embed_dim * 4)
+    return batch * (2 * heads * n * n + 8 * n * embed_dim) * dtype_bytes
 
 
 @dataclass
@@ -311,8 +311,10 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
     window = R.max_new_tokens + 1
     p.add("learner", "logits over the completion window", f"{rows} x {window} x {shape.vocab:,} x ({b}+4+4) B",
           logits_bytes(shape, rows, window, b))
-    p.add("learner", "SAM (frozen encoder) + encoder peak", f"{n_sam:,} x {b} B + 1 image at {sam['image_size']} px",
-          n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"]))
+    # an SFT micro-batch holds micro_batch_size distinct images; the encoder takes up to 8 at once
+    images = min(8, L.micro_batch_size)
+    p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} images at {sam['image_size']} px",
+          n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images, b))
     p.add("learner", "SAM embedding cache (its bound)",
           f"learner.embed_cache_bytes = {L.embed_cache_bytes // (sam['embedding'] * 4):,} images of "
           f"{sam['embedding'] * 4:,} B (fp32)", L.embed_cache_bytes)

@@ -137,3 +137,11 @@ def test_cli_plan_reads_a_policy_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{tmp_path}/config.json" in out and "16 vision" in out  # 112 px: 4 x 4 blocks of 28 px
     assert "GPUs: 0" in out
+
+
+def test_sam_encoder_peak_by_hand():
+    from deploy.plan import sam_encoder_peak_bytes
+
+    n = 64 * 64  # vit_b at 1024 px: 16 px patches
+    assert sam_encoder_peak_bytes(1024, 12, 768) == 2 * 12 * n * n * 4 + 8 * n * 768 * 4
+    assert sam_encoder_peak_bytes(1024, 12, 768, batch=8, dtype_bytes=2) == 8 * (2 * 12 * n * n + 8 * n * 768) * 2

@@ -65,6 +65,18 @@ def build_sam_checkpoint(work: Path) -> Path:
     return out
 
 
+def psutil_rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
+
+
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM afresh (Linux: writing 5 to clear_refs), so building the folders above does
+    not count as the driver's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 class PeakMemory:
     """Names and peak resident sets of this process and its descendants (Ray's GCS, raylet and workers)."""
 
@@ -86,9 +98,8 @@ class PeakMemory:
                     rss = p.memory_info().rss
                 except Exception:  # noqa: BLE001 - a process may exit between listing and reading
                     continue
-                if title.startswith("ray::") and "IDLE" not in title:
-                    self.titles.setdefault(p.pid, title.split()[0].split(".")[0])
-                self.titles.setdefault(p.pid, title.split()[0].rsplit("/", 1)[-1] if title else "?")
+                if title.startswith("ray::") and "IDLE" not in title:  # an actor's title: ray::Class.method
+                    self.titles[p.pid] = title.split()[0].split(".")[0]
                 self.rss_seen[p.pid] = max(self.rss_seen.get(p.pid, 0), rss)
             self._stop.wait(every_s)
 
@@ -99,23 +110,26 @@ class PeakMemory:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def snapshot(self) -> dict:
+        """{name: resident bytes now} of the named (actor) processes."""
+        out = {}
+        for pid, name in list(self.titles.items()):
+            try:
+                out[f"{name} (pid {pid})"] = psutil_rss(pid)
+            except Exception:  # noqa: BLE001 - exited (e.g. a restarted actor's old process)
+                continue
+        return out
+
     def peaks(self) -> dict:
         """{name: peak bytes} from VmHWM now (call before the processes exit); the driver is `driver`."""
         self._stop.set()
         self._thread.join()
         out = {"driver": self.hwm(self.me.pid)}
-        for p in self.me.children(recursive=True):
+        for pid, name in self.titles.items():
             try:
-                name = self.titles.get(p.pid) or " ".join(p.cmdline()).split()[0]
-                peak = self.hwm(p.pid)
-            except Exception:  # noqa: BLE001
-                continue
-            if peak < 200 * 1024 ** 2:  # helpers (log monitors, idle workers) are left out
-                continue
-            key, n = name, 2
-            while key in out:
-                key, n = f"{name}#{n}", n + 1
-            out[key] = peak
+                out[f"{name} (pid {pid})"] = self.hwm(pid)
+            except Exception:  # noqa: BLE001 - exited (e.g. killed and restarted): its largest sampled RSS
+                out[f"{name} (pid {pid}, exited; sampled)"] = self.rss_seen.get(pid, 0)
         return out
 
 
@@ -147,18 +161,25 @@ def run(args) -> dict:
                  "learner.embed_cache_bytes=67108864", *args.overrides]
     cfg = load_config("tiny_cpu", overrides)
     run_dir = work / f"run-{int(time.time())}"
+    import gc
+    gc.collect()
+    reset_peak_rss()
     memory = PeakMemory()
-    times = {}
+    times, rss = {}, {}
     t = time.perf_counter()
     driver = Driver(cfg, run_dir)
     times["start (actors, models, vLLM engine)"] = time.perf_counter() - t
+    time.sleep(2)  # one more sample names every actor
+    rss["after start"] = memory.snapshot()
     try:
         t = time.perf_counter()
         driver.sft(1)
         times["SFT step + push"] = time.perf_counter() - t
+        rss["after SFT"] = memory.snapshot()
         t = time.perf_counter()
         driver.train(1)
         times["GRPO step (incl. first push)"] = time.perf_counter() - t
+        rss["after GRPO"] = memory.snapshot()
         peaks = memory.peaks()
     finally:
         driver.close()
@@ -174,7 +195,7 @@ def run(args) -> dict:
     family = model_family(policy)
     enc = family.encode_prompt(processor, sample.question, Image.fromarray(sample.image))
     vision = family.image_token_count(processor, enc)
-    return {"overrides": overrides, "peaks": peaks, "times": times, "grpo": grpo, "build_s": build_s,
+    return {"overrides": overrides, "peaks": peaks, "rss": rss, "times": times, "grpo": grpo, "build_s": build_s,
             "prompt_tokens": int(enc["input_ids"].shape[1]), "vision_tokens": vision,
             "image": list(sample.image.shape)}
 
@@ -199,13 +220,17 @@ def report(r: dict) -> str:
              f"| {r['build_s']:.1f} |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["times"].items()]
     lines += [f"| GRPO {k[5:]} | {g[k]:.1f} |" for k in sorted(g) if k.startswith("time/")]
-    lines += ["", "| process | peak RSS (VmHWM) GiB |", "|---|---|"]
-    lines += [f"| {k} | {v / GIB:.2f} |" for k, v in sorted(r["peaks"].items(), key=lambda kv: -kv[1])]
+    marks = list(r.get("rss", {}))
+    lines += ["", "| process | peak RSS (VmHWM) GiB | " + " | ".join(f"RSS {m} GiB" for m in marks) + " |",
+              "|---|---|" + "---|" * len(marks)]
+    for k, v in sorted(r["peaks"].items(), key=lambda kv: -kv[1]):
+        now = [r["rss"][m].get(k) for m in marks]
+        lines.append(f"| {k} | {v / GIB:.2f} | " + " | ".join("-" if x is None else f"{x / GIB:.2f}" for x in now) + " |")
     plan = make_plan(r["cfg"], gpu_mem_gib=80, image_size=max(r["image"][:2]))
     lines += ["", "`coreseg plan` for this config (tensors only, no runtime overhead):", "", "```",
               format_plan(plan), "```"]
     measured = {role: max((v for k, v in r["peaks"].items() if tag in k.lower()), default=0)
-                for role, tag in (("learner", "learner"), ("rollout", "rollout"), ("reward", "reward"))}
+                for role, tag in (("learner", "learnerworker"), ("rollout", "rolloutworker"), ("reward", "rewardworker"))}
     lines += ["", "| role | plan GiB | measured peak RSS GiB | measured - plan |", "|---|---|---|---|"]
     for role, got in measured.items():
         est = plan.per_process.get(role, 0.0)

@@ -311,8 +311,8 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
     window = R.max_new_tokens + 1
     p.add("learner", "logits over the completion window", f"{rows} x {window} x {shape.vocab:,} x ({b}+4+4) B",
           logits_bytes(shape, rows, window, b))
-    # an SFT micro-batch holds micro_batch_size distinct images; the encoder takes up to 8 at once
-    images = min(8, L.micro_batch_size)
+    # an SFT micro-batch holds up to micro_batch_size distinct images; the encoder takes up to 8 at once
+    images = min(8, L.micro_batch_size, cfg.data.batch_size)
     p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} images at {sam['image_size']} px",
           n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images, b))
     p.add("learner", "SAM embedding cache (its bound)",
@@ -344,8 +344,11 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
                           f"{R.max_model_len} at {image_size} px")
     # reward worker
     p.add("reward", "SAM weights (fp32)", f"{n_sam:,} x 4 B", n_sam * 4)
-    p.add("reward", "SAM encoder peak", f"8 images x (2 x {sam['heads']} heads x N² x 4 B + 8 N x {sam['width']} x 4 B),"
-          f" N = ({sam['image_size']}/16)²", sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], 8))
+    # a worker scores whole groups: ceil(batch / workers) images a step, up to 8 per encoder batch
+    images = min(8, math.ceil(cfg.data.batch_size / c.reward_workers))
+    p.add("reward", "SAM encoder peak", f"{images} images x (2 x {sam['heads']} heads x N² x 4 B + 8 N x "
+          f"{sam['width']} x 4 B), N = ({sam['image_size']}/16)²",
+          sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images))
     p.add("reward", "image-embedding cache (its bound)", f"reward.cache_bytes = "
           f"{cfg.reward.cache_bytes // (sam['embedding'] * 4):,} images", cfg.reward.cache_bytes)
     _per_gpu(p, cfg, gpu_mem_gib)

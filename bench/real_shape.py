@@ -206,7 +206,8 @@ def report(r: dict) -> str:
 
     g = r["grpo"]
     r = dict(r, cfg=load_config("tiny_cpu", r["overrides"]))
-    lines = [f"Policy: Qwen2.5-VL-3B shape (hidden 2048, 16/2 heads, MLP 11008, 151,936 rows, tied), 2 decoder "
+    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]) + "`", "",
+             f"Policy: Qwen2.5-VL-3B shape (hidden 2048, 16/2 heads, MLP 11008, 151,936 rows, tied), 2 decoder "
              f"layers, vision tower 1280 wide with 2 blocks; random init, loaded from its HF folder through "
              f"model.policy. SAM vit_b at 1024 px, random weights loaded through model.sam_checkpoint. "
              f"LoRA r=64. All float32 (CPU: no fast bf16 matmul; model.dtype=auto picks fp32 on CPU).",
@@ -251,10 +252,15 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
+        finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(Path(args.from_json).stat().st_mtime))
+        result.setdefault("started", f"(finished {finished})")
     else:
         if args.clean:
             shutil.rmtree(args.work_dir, ignore_errors=True)
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result = run(args)
+        result["command"] = " ".join([".venv/bin/python", "bench/real_shape.py", *(argv or sys.argv[1:])])
+        result["started"] = started
         saved = Path(args.work_dir) / "result.json"
         saved.write_text(json.dumps(result, indent=1))
         print(f"measurements saved to {saved}")
@@ -262,7 +268,9 @@ def main(argv=None) -> dict:
     print(text)
     if args.record:
         record("Real-shape end-to-end run on CPU (Qwen2.5-VL-3B shape, 2 layers; SAM vit_b 1024 px)",
-               "Machine note: 2-core CPU, shared with other jobs.\n\n" + text)
+               f"Machine note: 2-core CPU, shared with other jobs (the load average was far above 2 during the run, so "
+               f"the times are inflated).  \nMeasured by `{result.get('command', 'bench/real_shape.py')}` started "
+               f"{result.get('started', '(see the result file)')}; rendered from its saved result.\n\n" + text)
     return result
 
 

@@ -146,6 +146,9 @@ class LearnerConfig:
     sft_lr: float = 1e-3
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
+    # LRU bound of the learner's SAM image embeddings (kept on the learner's device; a vit_b embedding of a 1024 px
+    # image is 4 MiB in fp32): 1 GiB keeps 256 images, so a step's images are encoded once, not once per pass
+    embed_cache_bytes: int = 1 << 30
     # With several learner ranks, compare a digest of every rank's trainable weights after every N-th step and stop
     # with an error when they differ (a desync); 0 = never. Skipped under ZeRO-3 (ranks hold different partitions)
     sync_check_every: int = 1
@@ -221,7 +224,7 @@ _CHOICES = {
 _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "rollout.max_new_tokens",
              "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
              "learner.adapter_lr", "learner.adam_eps", "learner.collective_timeout_s", "cluster.learner_workers", "cluster.rollout_workers",
-             "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes",
+             "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes", "learner.embed_cache_bytes",
              "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)

@@ -227,6 +227,14 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     print(f"\ndemo finished in {time.time() - start:.0f}s\nreport: {report}")
 
 
+def cmd_plan(args, cfg: TrainConfig) -> None:
+    from deploy.plan import format_plan, make_plan
+
+    plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
+                     prompt_text_tokens=args.prompt_text_tokens)
+    print(format_plan(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -285,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("plan", help="memory per GPU by role and the GPUs a config needs (arithmetic, nothing loaded)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU; roles above it are warned")
+    p.add_argument("--image-size", type=int, default=1024, help="side of the (square) training images, px")
+    p.add_argument("--prompt-text-tokens", type=int, default=100, help="text tokens of a prompt besides the image")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="synthetic data -> SFT -> GRPO -> eval -> report (tiny preset)")
     p.add_argument("--run-dir")
     _common(p)

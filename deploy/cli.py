@@ -96,6 +96,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     run_dir = Path(args.resume).resolve() if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -112,6 +113,8 @@ def cmd_train(args, cfg: TrainConfig) -> None:
             driver.step["grpo"] = 0
         if cfg.run.sft_steps and driver.step["sft"] == 0 and not args.no_sft:
             driver.sft(cfg.run.sft_steps)
+        if args.eval or cfg.run.eval_every:  # the start (step 0), for start -> end deltas in the report
+            evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
         driver.train(max(0, remaining))
         driver.save()
@@ -185,6 +188,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     import time
 
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     start = time.time()
@@ -193,6 +197,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         driver.sft(cfg.run.sft_steps)
+        evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)  # the SFT result: GRPO's start
         driver.train(cfg.run.steps)
         driver.save()
         driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)

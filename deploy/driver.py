@@ -22,6 +22,7 @@ from common.models.policy import ensure_policy_dir
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
 from deploy.checkpoints import save_atomic
+from deploy.learning_metrics import dump_rollouts
 from deploy.metrics_log import MetricsLogger
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
@@ -88,7 +89,7 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = None if read_only else MetricsLogger(self.run_dir)
+        self.logger = None if read_only else MetricsLogger(self.run_dir, config=cfg)
         if not read_only:
             self._record_placement()
         self.step = {"sft": 0, "grpo": 0}
@@ -292,6 +293,7 @@ class Driver:
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
         self.logger.log("grpo", step, record)
+        dump_rollouts(self.logger, cfg.run.dump_rollouts, step, batch)
         return record
 
     def train(self, steps: int) -> None:

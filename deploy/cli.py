@@ -113,7 +113,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
             driver.step["grpo"] = 0
         if cfg.run.sft_steps and driver.step["sft"] == 0 and not args.no_sft:
             driver.sft(cfg.run.sft_steps)
-        if args.eval or cfg.run.eval_every:  # the start (step 0), for start -> end deltas in the report
+        if (args.eval or cfg.run.eval_every) and not args.no_start_eval:  # step 0, for start -> end deltas
             evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
         driver.train(max(0, remaining))
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint folder (e.g. an SFT run's)")
     p.add_argument("--no-sft", action="store_true")
     p.add_argument("--eval", action="store_true", help="evaluate on data.eval_splits at the end")
+    p.add_argument("--no-start-eval", action="store_true",
+                   help="skip the eval of the starting checkpoint (step 0) that --eval or run.eval_every > 0 adds")
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="mDice, mIoU and failure rate on val/test_id/test_ood (+ per modality)")

@@ -148,3 +148,15 @@ def test_eval_draws_predicted_masks(trained):
     drawn = sorted((run / "eval" / "step0_masks").glob("*/*.png"))
     found = sum(1 for r in start["val"]["records"] + start["test_id"]["records"] if r["format_ok"])
     assert len(drawn) <= 4 and (len(drawn) > 0 or found == 0)
+
+
+def test_report_shows_start_end_and_paired_deltas(trained):
+    from deploy.report import write_report
+
+    run, start, final = trained
+    text = write_report(run).read_text()
+    assert "## Evaluation at the start of GRPO (step 0)" in text and "## Evaluation at the end" in text
+    before = {r["id"]: r["dice"] for r in start["val"]["records"]}
+    delta = np.mean([r["dice"] - before[r["id"]] for r in final["val"]["records"]])
+    assert f"| val | 3 | {delta:+.4f} [" in text
+    assert (run / "plots" / "learning.png").exists()

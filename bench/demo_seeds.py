@@ -5,7 +5,8 @@
 Each seed runs the demo exactly as `make demo` does (the preset's settings) with run.seed (the tiny policy's
 random init), learner.seed, rollout.seed and data.shuffle_seed set to the seed, in runs/demo-seed<s>. A seed whose
 folder holds eval/final.json is not rerun. Reported per seed and split: mDice at step 0 and at the end with their
-95% bootstrap intervals, the paired delta with its interval, the failure rate at both ends; per seed the mean
+95% bootstrap intervals, the paired delta with its interval, the std of the per-sample differences and the
+paired samples a ±0.02 interval needs at that std, the failure rate at both ends; per seed the mean
 total and box reward over the first and last third of the GRPO steps, and the demo's wall time.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
 
 from common.metrics import paired_deltas  # noqa: E402
 from deploy.metrics_log import read_metrics  # noqa: E402
@@ -64,15 +67,23 @@ def _ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} [{m[key + '_lo']:.3f}, {m[key + '_hi']:.3f}]" if key + "_lo" in m else f"{m[key]:.3f}"
 
 
+def needed_for(sd: float, half_width: float = 0.02) -> str:
+    """Paired samples for a 95% interval of ±half_width on the mean delta: (1.96 sd / half_width)^2 (normal
+    approximation); a delta of that size is then resolved (its interval excludes 0)."""
+    return "–" if not np.isfinite(sd) else str(int(np.ceil((1.959964 * sd / half_width) ** 2)))
+
+
 def summary_table(summaries: dict) -> str:
-    lines = ["| seed | split | n | mDice step 0 | mDice end | Δ mDice [95% CI] | failure step 0 → end |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| seed | split | n | mDice step 0 | mDice end | Δ mDice [95% CI] | sd of per-sample Δ | n for ±0.02 "
+             "| failure step 0 → end |", "|---|---|---|---|---|---|---|---|---|"]
     for seed, s in summaries.items():
         for split, v in s["splits"].items():
             d = v["delta"]
             delta = f"{d['d_mDice']:+.3f} [{d['d_mDice_lo']:+.3f}, {d['d_mDice_hi']:+.3f}]" if d.get("n") else "–"
+            sd = d.get("sd_mDice", float("nan"))
             lines.append(f"| {seed} | {split} | {v['end']['n']} | {_ci(v['start'], 'mDice')} | {_ci(v['end'], 'mDice')}"
-                         f" | {delta} | {v['start']['failure_rate']:.3f} → {v['end']['failure_rate']:.3f} |")
+                         f" | {delta} | {sd:.3f} | {needed_for(sd)} | {v['start']['failure_rate']:.3f} → "
+                         f"{v['end']['failure_rate']:.3f} |")
     lines += ["", "| seed | GRPO steps | total reward first → last third | box reward first → last third | wall s |",
               "|---|---|---|---|---|"]
     for seed, s in summaries.items():

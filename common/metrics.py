@@ -114,8 +114,9 @@ def summarize_ci(records: Iterable[dict], confidence: float = 0.95, n_boot: int 
 
 def paired_deltas(before: Iterable[dict], after: Iterable[dict], confidence: float = 0.95, n_boot: int = 4000,
                   seed: int = 0) -> Dict[str, float]:
-    """after - before on the samples both evaluated (matched by id): per metric the mean delta and its paired
-    bootstrap interval (`d_<metric>`, `d_<metric>_lo`, `d_<metric>_hi`), and `n` the samples paired."""
+    """after - before on the samples both evaluated (matched by id): per metric the mean delta, its paired
+    bootstrap interval and the std of the per-sample differences (`d_<metric>`, `d_<metric>_lo`, `d_<metric>_hi`,
+    `sd_<metric>`), and `n` the samples paired."""
     first = {r["id"]: r for r in before}
     pairs = [(first[r["id"]], r) for r in after if r["id"] in first]
     out: Dict[str, float] = {"n": len(pairs)}
@@ -124,6 +125,7 @@ def paired_deltas(before: Iterable[dict], after: Iterable[dict], confidence: flo
     a, b = per_sample(p[0] for p in pairs), per_sample(p[1] for p in pairs)
     for j, m in enumerate(METRICS):
         out[f"d_{m}"], out[f"d_{m}_lo"], out[f"d_{m}_hi"] = paired_delta_ci(a[m], b[m], confidence, n_boot, seed + j)
+        out[f"sd_{m}"] = float(np.std(b[m] - a[m], ddof=1)) if len(pairs) > 1 else float("nan")
     return out
 
 

@@ -30,6 +30,9 @@ def test_seed_summary_and_table(tmp_path):
     d = s["splits"]["val"]["delta"]
     assert np.isclose(d["d_mDice"], np.mean([0.1, 0.4, 0.0, -0.1])) and np.isclose(d["d_failure_rate"], -0.25)
     table = demo_seeds.summary_table({0: s})
+    sd = np.std([0.1, 0.4, 0.0, -0.1], ddof=1)
+    assert np.isclose(d["sd_mDice"], sd)
     assert "| 0 | val | 4 | 0.300 | 0.400 | +0.100 [" in table
+    assert f"| {sd:.3f} | {int(np.ceil((1.959964 * sd / 0.02) ** 2))} |" in table  # (1.96 * 0.216 / 0.02)^2 -> 449
     assert "0.250 → 0.000" in table and "| 0 | 6 | 1.500 → 5.500 | 0.150 → 0.550 | 321 |" in table
     assert "val 1/1" in table

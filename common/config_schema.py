@@ -193,7 +193,11 @@ class RunConfig:
     # checkpoint before it gives up
     max_failures: int = 3
     eval_every: int = 5
-    eval_samples: int = 32
+    eval_samples: int = 32  # per split; 0 = the whole split
+    # sampled completions written per GRPO step (with their rewards) to rollouts.jsonl and TensorBoard; 0 = none
+    dump_rollouts: int = 4
+    # samples per split whose predicted mask is drawn over the image at each eval (eval/<tag>_masks/, TensorBoard)
+    eval_mask_images: int = 4
     seed: int = 0
 
 
@@ -229,7 +233,7 @@ _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
 _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.max_failures", "run.eval_every",
-                 "run.eval_samples",
+                 "run.eval_samples", "run.dump_rollouts", "run.eval_mask_images",
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",

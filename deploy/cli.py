@@ -118,6 +118,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -134,6 +135,8 @@ def cmd_train(args, cfg: TrainConfig) -> None:
             driver.step["grpo"] = 0
         if cfg.run.sft_steps and driver.step["sft"] == 0 and not args.no_sft:
             driver.sft(cfg.run.sft_steps)
+        if (args.eval or cfg.run.eval_every) and not args.no_start_eval:  # step 0, for start -> end deltas
+            evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
         driver.train(max(0, remaining))
         driver.save()
@@ -209,6 +212,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     import time
 
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     start = time.time()
@@ -217,6 +221,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         driver.sft(cfg.run.sft_steps)
+        evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)  # the SFT result: GRPO's start
         driver.train(cfg.run.steps)
         driver.save()
         driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
@@ -271,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint folder (e.g. an SFT run's)")
     p.add_argument("--no-sft", action="store_true")
     p.add_argument("--eval", action="store_true", help="evaluate on data.eval_splits at the end")
+    p.add_argument("--no-start-eval", action="store_true",
+                   help="skip the eval of the starting checkpoint (step 0) that --eval or run.eval_every > 0 adds")
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="mDice, mIoU and failure rate on val/test_id/test_ood (+ per modality)")

@@ -21,6 +21,7 @@ from common.models.family import PromptRenderer
 from common.policy_store import publish_policy
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
+from deploy.learning_metrics import dump_rollouts
 from deploy.metrics_log import MetricsLogger
 from deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
@@ -90,7 +91,7 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = None if read_only else MetricsLogger(self.run_dir, on_write=lambda: self.run.publish(
+        self.logger = None if read_only else MetricsLogger(self.run_dir, config=cfg, on_write=lambda: self.run.publish(
             "metrics.jsonl", "tb"))
         if not read_only:
             record_placement(self.run, {"learner": self.learner, "reward": self.reward, "rollout": self.rollout})
@@ -288,6 +289,7 @@ class Driver:
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
         self.logger.log("grpo", step, record)
+        dump_rollouts(self.logger, cfg.run.dump_rollouts, step, batch)
         return record
 
     def train(self, steps: int) -> None:

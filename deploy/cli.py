@@ -1,7 +1,9 @@
 """`coreseg`: data preparation, SFT, GRPO training, evaluation, prediction and cluster submission.
 
-Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu) and dotted overrides such as
-`learner.lr=1e-5 rollout.group_size=8`.
+Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
+YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
+`coreseg config show` prints the tree they resolve to. `eval`, `predict` and `train --resume` read the run's own
+config.yaml and take overrides only.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ import sys
 from pathlib import Path
 
 from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
-                           with_absolute_paths)
+                           to_yaml, with_absolute_paths)
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_PRESET, help="preset name in deploy/configs or a YAML path")
+    p.add_argument("--config", action="append", metavar="PRESET_OR_YAML",
+                   help=f"preset name in deploy/configs or a YAML path (default: {DEFAULT_PRESET}); repeat to layer "
+                        "them, later ones win")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
 
 
@@ -149,11 +153,26 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
     print(f"mask: {out['mask_path']}\noverlay: {out['overlay_path']}")
 
 
+def cmd_config_show(args, cfg: TrainConfig) -> None:
+    print(to_yaml(cfg), end="")
+
+
+def refuse_config_for_run_commands(args) -> None:
+    """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
+    `--config` there would be silently ignored, so it is refused."""
+    run_bound = args.command in ("eval", "predict") or getattr(args, "resume", None)
+    if run_bound and args.config:
+        what = "train --resume" if args.command == "train" else args.command
+        sys.exit(f"coreseg: `{what}` reads the run's own config.yaml; --config does not apply (change single keys "
+                 f"with dotted overrides, e.g. data.path=/other/data)")
+
+
 def cmd_submit(args, cfg: TrainConfig) -> None:
     _require_data(cfg)
     print(f"[coreseg] the run folder will be {Path(cfg.run.output_dir) / cfg.run.name} (or NAME-2, ... if it holds a "
           f"run); it must be on storage the cluster's nodes share")
-    cmd = submit_command(args.address, train_entrypoint(args.config, args.overrides, cfg), no_wait=args.no_wait)
+    cmd = submit_command(args.address, train_entrypoint(args.config or [DEFAULT_PRESET], args.overrides, cfg),
+                         no_wait=args.no_wait)
     print("+ " + " ".join(shlex.quote(c) for c in cmd))
     sys.exit(subprocess.call(cmd))
 
@@ -161,9 +180,12 @@ def cmd_submit(args, cfg: TrainConfig) -> None:
 def train_entrypoint(config: str, overrides: list, cfg: TrainConfig) -> list:
     """`coreseg train` for the cluster: the user's overrides, then every path key as an absolute path (resolved
     here, where the user runs `coreseg submit`; a job runs in a copy of the code elsewhere)."""
-    preset = absolute_path(config, Path.cwd()) if Path(config).suffix in (".yaml", ".yml") else config
+    configs = [config] if isinstance(config, str) else list(config)
+    presets = []
+    for name in configs:
+        presets += ["--config", absolute_path(name, Path.cwd()) if Path(name).suffix in (".yaml", ".yml") else name]
     paths = [f"{key}={get_value(cfg, key)}" for key in PATH_KEYS if get_value(cfg, key)]
-    return ["coreseg", "train", "--config", preset, *overrides, "cluster.mode=cluster", *paths]
+    return ["coreseg", "train", *presets, *overrides, "cluster.mode=cluster", *paths]
 
 
 def submit_command(address: str | None, entrypoint: list, no_wait: bool = False) -> list:
@@ -206,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+    config = sub.add_parser("config", help="inspect the config tree").add_subparsers(dest="config_command",
+                                                                                       required=True)
+    p = config.add_parser("show", help="print the resolved config tree (presets, their defaults, overrides)")
+    _common(p)
+    p.set_defaults(func=cmd_config_show)
     data = sub.add_parser("data", help="prepare data sets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the deterministic synthetic lesion set (Parquet)")
     p.add_argument("--out", help="output folder (default: data.path)")
@@ -271,8 +298,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
+    refuse_config_for_run_commands(args)
     try:
-        cfg = with_absolute_paths(load_config(args.config, args.overrides))
+        cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     from common.data import DataError

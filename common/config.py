@@ -127,6 +127,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learner.dynamic_sampling_max_draws > 0 and not cfg.learner.drop_zero_variance:
         raise ConfigError("config key 'learner.dynamic_sampling_max_draws' > 0 needs learner.drop_zero_variance=true "
                           "(dynamic sampling refills the groups that filter drops)")
+    if not 0 <= cfg.learner.lr_min_ratio <= 1:
+        raise ConfigError("config key 'learner.lr_min_ratio' must be in [0, 1] (the decayed fraction of the base lr)")
     if cfg.learner.kl_beta < 0:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:

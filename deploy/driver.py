@@ -165,7 +165,7 @@ class Driver:
                 samples = self.data.next_batch()
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.sft_step(samples)
+                    stats = self.learner.sft_step(samples, step=self.step["sft"])
                 self.step["sft"] += 1
             self.logger.log("sft", self.step["sft"], {**stats, **timings, "batch_ids": ",".join(s.id for s in samples)})
         self.logger.log("sft", self.step["sft"], self.push_weights())
@@ -284,7 +284,7 @@ class Driver:
             if batch.samples:  # every group dropped (no reward variance anywhere): nothing to learn from
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward)
+                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward, step - 1)
                 push = self.push_weights()
         self.step["grpo"] = step
         record = {**reward_stats(batch.scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,

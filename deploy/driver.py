@@ -1,4 +1,4 @@
-"""The driver: the only place that knows the order of a training step (DESIGN.md §2).
+"""The driver: the only place that knows the order of a training step (docs/architecture.md).
 
 GRPO step: rollout -> learner forward (old/ref log-probs, `<seg>` states) -> reward -> advantages ->
 update -> weight push. SFT runs through the same driver (learner step + push). Every phase is timed.

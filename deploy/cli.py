@@ -54,11 +54,22 @@ def cmd_data_synth(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_import(args, cfg: TrainConfig) -> None:
-    from common.importer import import_folder
+    from common.importer import ImportOptions, import_folder, import_parquet
 
-    out = import_folder(args.images, args.masks, args.out, category=args.category, modality=args.modality,
-                        source=args.source, mask_suffix=args.mask_suffix, split=args.split, seed=cfg.data.synth_seed,
-                        max_image_pixels=cfg.data.max_image_pixels)
+    opts = ImportOptions(category=args.category, modality=args.modality, source=args.source, split=args.split,
+                         seed=cfg.data.synth_seed, mask_threshold=args.mask_threshold,
+                         min_lesion_fraction=args.min_lesion_fraction, reasoning=args.reasoning,
+                         max_image_pixels=cfg.data.max_image_pixels)
+    if bool(args.parquet) == bool(args.images or args.masks):
+        sys.exit("coreseg: data import takes either --images DIR --masks DIR or --parquet FILE")
+    if args.parquet:
+        out, stats = import_parquet(args.parquet, args.out, image_column=args.image_column,
+                                    mask_column=args.mask_column, id_column=args.id_column, opts=opts)
+    else:
+        if not (args.images and args.masks):
+            sys.exit("coreseg: data import needs both --images and --masks")
+        out, stats = import_folder(args.images, args.masks, args.out, mask_suffix=args.mask_suffix, opts=opts)
+    print(stats.summary(opts))
     print(f"wrote {out}")
 
 
@@ -238,15 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: data.path)")
     _common(p)
     p.set_defaults(func=cmd_data_synth)
-    p = data.add_parser("import", help="turn an image folder + mask folder (matched by stem) into Parquet")
-    p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
+    p = data.add_parser("import", help="image + mask files (folders matched by stem, or a Parquet file such as HF "
+                                       "datasets writes) to the lesion Parquet format")
+    p.add_argument("--images", help="folder of images (with --masks)")
+    p.add_argument("--masks", help="folder of masks, matched to the images by file stem")
+    p.add_argument("--mask-suffix", default="", help="e.g. _segmentation for ISIC masks")
+    p.add_argument("--parquet", help="a Parquet file with an image and a mask column (binary or HF Image structs)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--mask-column", default="mask")
+    p.add_argument("--id-column", default="", help="column of sample ids (default: FILESTEM-ROW)")
     p.add_argument("--out", required=True, help="output .parquet file")
     p.add_argument("--category", default="lesion")
     p.add_argument("--modality", default="unknown")
     p.add_argument("--source", default="")
-    p.add_argument("--mask-suffix", default="", help="e.g. _segmentation for ISIC masks")
     p.add_argument("--split", default="auto", help="a split for every row, or auto (80/10/10 train/val/test_id)")
+    p.add_argument("--mask-threshold", type=float, default=0.5,
+                   help="lesion pixels are above this fraction of the mask's brightest value (default 0.5)")
+    p.add_argument("--min-lesion-fraction", type=float, default=0.001,
+                   help="drop (and count) mask components smaller than this fraction of the image (default 0.001)")
+    p.add_argument("--reasoning", choices=("none", "template"), default="none",
+                   help="none: empty reasoning; template: one sentence per image from its masks (as the "
+                        "synthetic set's short style)")
     _common(p)
     p.set_defaults(func=cmd_data_import)
     p = data.add_parser("embed", help="precompute SAM image embeddings of a split (warms the reward cache)")

@@ -171,11 +171,22 @@ def cmd_config_show(args, cfg: TrainConfig) -> None:
 def refuse_config_for_run_commands(args) -> None:
     """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
     `--config` there would be silently ignored, so it is refused."""
-    run_bound = args.command in ("eval", "predict") or getattr(args, "resume", None)
+    run_bound = args.command in ("eval", "predict", "export") or getattr(args, "resume", None)
     if run_bound and args.config:
         what = "train --resume" if args.command == "train" else args.command
         sys.exit(f"coreseg: `{what}` reads the run's own config.yaml; --config does not apply (change single keys "
                  f"with dotted overrides, e.g. data.path=/other/data)")
+
+
+def cmd_export(args, cfg: TrainConfig) -> None:
+    from deploy.export import ExportError, export_run
+
+    try:
+        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint)
+    except ExportError as err:
+        sys.exit(f"coreseg: {err}")
+    print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "
+          f"adapter and mask decoder; coreseg_segmenter/: their loader)")
 
 
 def cmd_submit(args, cfg: TrainConfig) -> None:
@@ -305,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="prediction")
     _common(p)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="a run's checkpoint as a folder that transformers + peft + segment-anything "
+                                      "load without coreseg")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--checkpoint", help="checkpoint folder or name (default: the run's latest)")
+    p.add_argument("--base", required=True, help="the base model's local folder or hub id (written into the "
+                                                 "adapter config)")
+    p.add_argument("--out", required=True, help="new output folder")
+    _common(p)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true")

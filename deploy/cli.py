@@ -155,13 +155,27 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
 
 
 def cmd_predict(args, cfg: TrainConfig) -> None:
-    from deploy.predict import predict
+    """In-process (no Ray, DeepSpeed or vLLM), from a run folder's checkpoint or an export; writes only --out."""
+    from deploy.infer import Predictor
+    from deploy.predict import image_paths, predict_files, read_image_file
 
-    run_dir = Path(args.run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
-    out = predict(cfg, run_dir, args.image, args.question, args.out, checkpoint=args.checkpoint)
-    print(out["text"])
-    print(f"mask: {out['mask_path']}\noverlay: {out['overlay_path']}")
+    if bool(args.run_dir) == bool(args.export):
+        sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
+    if args.run_dir:
+        cfg = load_config(str(Path(args.run_dir) / "config.yaml"), args.overrides)
+    for path in image_paths(args.image):  # a bad file is named before any model loads
+        read_image_file(str(path), cfg.data.max_image_pixels)
+    from deploy.export import ExportError
+
+    try:
+        if args.run_dir:
+            predictor = Predictor.from_run(cfg, args.run_dir, args.checkpoint)
+        else:
+            predictor = Predictor.from_export(args.export, sam_checkpoint=args.sam_checkpoint)
+    except ExportError as err:
+        sys.exit(f"coreseg: {err}")
+    for record in predict_files(predictor, args.image, args.question, args.out, cfg.data.max_image_pixels):
+        print(f"{record['image']}: {record['text']}\n  mask: {record['mask_path']} overlay: {record['overlay_path']}")
 
 
 def cmd_config_show(args, cfg: TrainConfig) -> None:
@@ -308,10 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     _common(p)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("predict", help="reason about one image, write a mask PNG and an overlay PNG")
-    p.add_argument("--run-dir", required=True)
+    p = sub.add_parser("predict", help="answer for an image (or each image of a folder): text, mask PNG, overlay "
+                                       "PNG; in-process, from a run folder or an export")
+    p.add_argument("--run-dir", help="run folder (its latest checkpoint, or --checkpoint)")
     p.add_argument("--checkpoint")
-    p.add_argument("--image", required=True)
+    p.add_argument("--export", help="a `coreseg export` folder (instead of --run-dir)")
+    p.add_argument("--sam-checkpoint", default="", help="with --export: the SAM .pth a vit_* segmenter was trained on")
+    p.add_argument("--image", required=True, help="an image file or a folder of images")
     p.add_argument("--question", required=True)
     p.add_argument("--out", default="prediction")
     _common(p)

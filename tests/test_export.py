@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,47 +56,65 @@ np.savez(job["out"], prompt=np.array(text), logits=out.logits[0].numpy(), state=
 '''
 
 
-def test_export_loads_without_coreseg_and_matches_the_learner(tiny_policy_dir, synth_samples, tmp_path):
-    from PIL import Image
-
-    from common.prompts import build_completion
+@pytest.fixture(scope="module")
+def trained(tiny_policy_dir, synth_samples, tmp_path_factory):
+    """A run folder with one checkpoint of the tiny model after two SFT steps, its export, and the learner."""
     from deploy.cli import main
-    from reward.worker import LocalRewardWorker
     from tests.test_learner import make_core
 
+    tmp = tmp_path_factory.mktemp("trained")
     core = make_core(tiny_policy_dir)
     batch = synth_samples[:4]
     for k in range(2):  # weights away from their initial values
         core.sft_step(batch, core.sft_norm(batch), step=k)
-    run = tmp_path / "run"
+    run = tmp / "run"
     ckpt = run / "checkpoints" / "grpo_000000_sft_000002"
     core.save_checkpoint(str(ckpt / "learner"))
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     cfg = with_absolute_paths(core.cfg)
     cfg.model.assets_dir = str(tiny_policy_dir.parent)
     save_config(cfg, run / "config.yaml")
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    main(["export", str(run), "--base", str(tiny_policy_dir), "--out", str(tmp_path / "export")])
-    export = tmp_path / "export"
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run folder is only read
-    adapter_config = json.loads((export / "policy" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(tiny_policy_dir.resolve())
+    before = _stamps(run)
+    main(["export", str(run), "--base", str(tiny_policy_dir), "--out", str(tmp / "export")])
+    assert _stamps(run) == before  # the run folder is only read
+    return {"core": core, "run": run, "export": tmp / "export", "cfg": cfg}
 
-    sample = synth_samples[0]
-    (tmp_path / "image.png").write_bytes(encode_png(sample.image))
-    completion = build_completion(sample.reasoning, sample.category, sample.boxes)
+
+def _stamps(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def _learner_reference(core, sample, completion):
+    """The learner's in-memory model on the processor's encoding of prompt + completion: its inputs, output, the
+    `<seg>` state and the reward worker's mask for it."""
+    from PIL import Image
+
+    from reward.worker import LocalRewardWorker
+
     family = core.module.info.family
-    # the learner's view of the same text: its in-memory peft model on the processor's inputs
     inputs = core.module.processor(text=[family.prompt(sample.question) + completion],
                                    images=[Image.fromarray(sample.image)], return_tensors="pt")
     with torch.no_grad():
         ref = core.module.policy(**inputs, output_hidden_states=True)
     pos = (inputs["input_ids"][0] == core.module.info.seg_token_id).nonzero()[-1].item()
-    ref_state = ref.hidden_states[-1][0, pos].float()
-    np.save(tmp_path / "state.npy", ref_state.numpy())
-    worker = LocalRewardWorker(core.cfg, ref_state.shape[0])
+    state = ref.hidden_states[-1][0, pos].float()
+    worker = LocalRewardWorker(core.cfg, state.shape[0])
     worker.load_weights(core.export_weights())
-    ref_mask = worker.masks_for([sample.id], [sample.image], ref_state[None])[0]
+    return inputs, ref, state, worker.masks_for([sample.id], [sample.image], state[None])[0]
+
+
+def test_export_loads_without_coreseg_and_matches_the_learner(trained, tiny_policy_dir, synth_samples, tmp_path):
+    from common.prompts import build_completion
+
+    core, export = trained["core"], trained["export"]
+    adapter_config = json.loads((export / "policy" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_policy_dir.resolve())
+    sample = synth_samples[0]
+    (tmp_path / "image.png").write_bytes(encode_png(sample.image))
+    completion = build_completion(sample.reasoning, sample.category, sample.boxes)
+    family = core.module.info.family
+    inputs, ref, ref_state, ref_mask = _learner_reference(core, sample, completion)
+    np.save(tmp_path / "state.npy", ref_state.numpy())
 
     job = {"image": str(tmp_path / "image.png"), "question": sample.question, "completion": completion,
            "learner_state": str(tmp_path / "state.npy"), "out": str(tmp_path / "out.npz")}
@@ -128,3 +147,45 @@ def test_export_refuses_what_it_cannot_export(tmp_path, tiny_policy_dir):
     with pytest.raises(ExportError, match="already exists"):
         export_run(tmp_path / "run", tmp_path / "run", str(tiny_policy_dir))
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_in_process_from_an_export_and_a_run_touches_nothing(trained, synth_samples, tmp_path):
+    from PIL import Image
+
+    from common.prompts import build_completion
+    from deploy.cli import main
+    from deploy.infer import Predictor
+
+    run, export = trained["run"], trained["export"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for s in synth_samples[:2]:
+        (images / f"{s.id}.png").write_bytes(encode_png(s.image))
+    before = _stamps(run), _stamps(export)
+    main(["predict", "--export", str(export), "--image", str(images), "--question", synth_samples[0].question,
+          "--out", str(tmp_path / "from_export")])
+    main(["predict", "--run-dir", str(run), "--image", str(images / f"{synth_samples[0].id}.png"),
+          "--question", synth_samples[0].question, "--out", str(tmp_path / "from_run")])
+    assert (_stamps(run), _stamps(export)) == before
+    from_export = [json.loads(line) for line in (tmp_path / "from_export" / "predictions.jsonl").open()]
+    (from_run,) = [json.loads(line) for line in (tmp_path / "from_run" / "predictions.jsonl").open()]
+    assert [Path(r["image"]).stem for r in from_export] == [s.id for s in synth_samples[:2]]
+    for r, s in zip(from_export, synth_samples[:2]):
+        assert np.asarray(Image.open(r["mask_path"])).shape == s.image.shape[:2]
+        assert Path(r["mask_path"]).parent.name == s.id
+    assert (tmp_path / "from_run" / "mask.png").exists() and (tmp_path / "from_run" / "overlay.png").exists()
+    # greedy answers: the run folder and its export give the same one
+    assert from_run["text"] == from_export[0]["text"] and from_run["mask_pixels"] == from_export[0]["mask_pixels"]
+
+    # the `<seg>` path on an answer that has one: the learner's state and the reward worker's mask
+    core, sample = trained["core"], synth_samples[1]
+    completion = build_completion(sample.reasoning, sample.category, sample.boxes)
+    inputs, _, _, ref_mask = _learner_reference(core, sample, completion)
+    predictor = Predictor.from_run(trained["cfg"], run)
+    enc = predictor.processor(text=[predictor.prompt(sample.question)], images=[Image.fromarray(sample.image)],
+                              return_tensors="pt")
+    prompt_len = enc["input_ids"].shape[1]
+    assert torch.equal(inputs["input_ids"][:, :prompt_len], enc["input_ids"])  # the chat template's prompt
+    mask = predictor.seg_mask(sample.image, enc, inputs["input_ids"])
+    np.testing.assert_array_equal(mask, ref_mask)
+    assert predictor.seg_mask(sample.image, enc, inputs["input_ids"][:, :prompt_len + 3]) is None  # no <seg>

@@ -3,7 +3,8 @@ peft and segment-anything load from anywhere, without coreseg.
 
     DIR/policy/            PEFT LoRA adapter (adapter_config.json's base_model_name_or_path = MODEL, the base
                            model's local path or hub id) + the tokenizer and processor with `<seg>` +
-                           coreseg_prompt.json (the system turn and the user text the policy was trained on)
+                           coreseg_prompt.json (the system turn and the user text the policy was trained on,
+                           the run's answer length and the token ids it never samples)
     DIR/segmenter/         prompt_adapter.safetensors, mask_decoder.safetensors (when trained), sam.safetensors
                            (only for a SAM without a checkpoint file: tiny or random init), segmenter.json
     DIR/coreseg_segmenter/ the loader (common/models/segmenter_loader.py) and the three modules it needs
@@ -46,7 +47,7 @@ def checkpoint_folder(run_dir: Path, checkpoint: Optional[str]) -> Path:
     return path
 
 
-def _write_policy(learner: Path, policy_dir: Path, base: str, out: Path) -> None:
+def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) -> None:
     from transformers import AutoProcessor
 
     shutil.copytree(learner / "peft", out)
@@ -56,10 +57,14 @@ def _write_policy(learner: Path, policy_dir: Path, base: str, out: Path) -> None
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     # the tokenizer (with `<seg>` and its chat template) and the image processor the run trained with
     AutoProcessor.from_pretrained(str(policy_dir)).save_pretrained(str(out))
-    # the prompt the policy was trained on: the system turn, and the user text around the question (after the image)
+    # the prompt the policy was trained on (the system turn, the user text around the question, after the image)
+    # and how the run generated: its answer length and the vision tokens that are never sampled
+    from common.models.policy import policy_info
     from common.prompts import SYSTEM_PROMPT, USER_INSTRUCTION
 
-    (out / PROMPT_FILE).write_text(json.dumps({"system": SYSTEM_PROMPT, "user": USER_INSTRUCTION}, indent=2))
+    prompt = {"system": SYSTEM_PROMPT, "user": USER_INSTRUCTION, "max_new_tokens": cfg.rollout.max_new_tokens,
+              "suppress_tokens": list(policy_info(policy_dir).vision_token_ids)}
+    (out / PROMPT_FILE).write_text(json.dumps(prompt, indent=2))
 
 
 def _write_segmenter(cfg, learner: Path, out: Path) -> None:
@@ -120,7 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base: str, checkpoint: 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_policy(learner, trained_on, base, tmp / "policy")
+        _write_policy(cfg, learner, trained_on, base, tmp / "policy")
         _write_segmenter(cfg, learner, tmp / "segmenter")
         _write_loader(tmp / "coreseg_segmenter")
         driver = ckpt / "driver.json"

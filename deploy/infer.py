@@ -35,8 +35,7 @@ class Predictor:
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_export(cls, export_dir: str | Path, sam_checkpoint: str = "", base: str = "",
-                    max_new_tokens: int = 512) -> "Predictor":
+    def from_export(cls, export_dir: str | Path, sam_checkpoint: str = "", base: str = "") -> "Predictor":
         """An export folder; `base` overrides the adapter's base_model_name_or_path (e.g. another local copy)."""
         from peft import PeftModel
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -50,7 +49,8 @@ class Predictor:
                                           str(policy))
         prompt = json.loads((policy / "coreseg_prompt.json").read_text())
         segmenter = load_segmenter(Path(export_dir) / "segmenter", sam_checkpoint)
-        return cls(model, processor, segmenter, prompt["system"], prompt["user"], max_new_tokens)
+        return cls(model, processor, segmenter, prompt["system"], prompt["user"], prompt["max_new_tokens"],
+                   prompt["suppress_tokens"])
 
     @classmethod
     def from_run(cls, cfg, run_dir: str | Path, checkpoint: Optional[str] = None) -> "Predictor":

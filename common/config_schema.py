@@ -144,6 +144,14 @@ class LearnerConfig:
     micro_batch_size: int = 8
     zero_stage: int = 2
     sft_lr: float = 1e-3
+    # Learning-rate schedules (learner/schedule.py), over run.steps (GRPO) and run.sft_steps (SFT): constant |
+    # linear | cosine after a linear warmup of N steps, decaying to lr_min_ratio x the base rate; the factor
+    # scales both optimizer groups (LoRA and adapter/mask decoder)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    sft_lr_schedule: str = "constant"
+    sft_lr_warmup_steps: int = 0
+    lr_min_ratio: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
     # LRU bound of the learner's SAM image embeddings (kept on the learner's device; a vit_b embedding of a 1024 px
@@ -222,6 +230,8 @@ _CHOICES = {
     "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "learner.mask_loss_resolution": ("low", "full"),
+    "learner.lr_schedule": ("constant", "linear", "cosine"),
+    "learner.sft_lr_schedule": ("constant", "linear", "cosine"),
     "cluster.mode": ("local", "cluster"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -238,4 +248,5 @@ _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_check
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",
                  "data.synth_samples", "model.min_pixels", "model.max_pixels", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
-                 "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws")
+                 "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws",
+                 "learner.lr_warmup_steps", "learner.sft_lr_warmup_steps")

@@ -1,4 +1,4 @@
-"""The driver: the only place that knows the order of a training step (DESIGN.md §2).
+"""The driver: the only place that knows the order of a training step (docs/architecture.md).
 
 GRPO step: rollout -> learner forward (old/ref log-probs, `<seg>` states) -> reward -> advantages ->
 update -> weight push. SFT runs through the same driver (learner step + push). Every phase is timed.
@@ -162,7 +162,7 @@ class Driver:
                 samples = self.data.next_batch()
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.sft_step(samples)
+                    stats = self.learner.sft_step(samples, step=self.step["sft"])
                 self.step["sft"] += 1
             self.logger.log("sft", self.step["sft"], {**stats, **timings, "batch_ids": ",".join(s.id for s in samples)})
         self.logger.log("sft", self.step["sft"], self.push_weights())
@@ -281,7 +281,7 @@ class Driver:
             if batch.samples:  # every group dropped (no reward variance anywhere): nothing to learn from
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward)
+                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward, step - 1)
                 push = self.push_weights()
         self.step["grpo"] = step
         record = {**reward_stats(batch.scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,

@@ -240,9 +240,12 @@ def sam_counts(sam_type: str) -> Dict[str, int]:
     else:
         from segment_anything import sam_model_registry
 
+        from common.models.sam import SAM_TYPES
+
+        arch = SAM_TYPES[sam_type][0]  # medsam is a vit_b
         with torch.device("meta"):
-            sam = sam_model_registry[sam_type](checkpoint=None)
-        heads, width = SAM_HEADS[sam_type], sam.image_encoder.patch_embed.proj.out_channels
+            sam = sam_model_registry[arch](checkpoint=None)
+        heads, width = SAM_HEADS[arch], sam.image_encoder.patch_embed.proj.out_channels
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     grid = sam.prompt_encoder.image_embedding_size[0]
     return {"encoder": count(sam.image_encoder), "prompt_encoder": count(sam.prompt_encoder),

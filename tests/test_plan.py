@@ -109,7 +109,8 @@ def test_plan_of_the_3b_preset_by_hand():
     plan = make_plan(cfg, gpu_mem_gib=80, image_size=1024, prompt_text_tokens=100)
     rows = {(r.role, r.item.split(",")[0]): r.nbytes for r in plan.rows}
     assert rows[("learner", "policy weights")] == (3_085_938_688 + 668_684_288) * 2
-    seq = 1369 + 100 + 512
+    # the preset's max_pixels (1024^2) resizes a 1024^2 image to 1008^2 px: 36 x 36 = 1296 vision tokens
+    seq = 1296 + 100 + 512
     # micro-batch 4 rows; checkpointing: 36 layer inputs of 2048 bf16 values + one layer's activations
     per = 2 * (10 * 2048 + 4 * 256 + 4 * 11008) + 8 * 2048
     assert rows[("learner", "LM activations")] == 4 * seq * (36 * 2048 * 2 + per)

@@ -1,7 +1,13 @@
 """One typed config tree: dataclasses + OmegaConf structured configs.
 
-`load_config(preset, overrides)` merges defaults <- YAML preset <- dotted overrides; unknown keys and
-wrong types fail at start with a `ConfigError` naming the key.
+`load_config(presets, overrides)` merges dataclass defaults <- YAML presets (in order; later wins) <- dotted
+overrides; unknown keys and wrong types fail at start with a `ConfigError` naming the key and the file.
+
+A YAML may extend others with a top-level `defaults:` (a preset name or a path relative to that YAML, or a list of
+them): its parents are merged first, so a user file can hold only what it changes, e.g.
+
+    defaults: qwen25vl_3b
+    data: {path: /data/kvasir}
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config_schema import (  # noqa: F401  (re-exported: the config API is common.config)
@@ -20,9 +26,12 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "configs"
 DEFAULT_PRESET = "tiny_cpu"
 
 
-def resolve_preset(preset: str) -> Path:
-    """A preset name (`tiny_cpu`) or a path to a YAML file."""
-    path = Path(preset)
+def resolve_preset(preset: str, relative_to: Path | None = None) -> Path:
+    """A preset name (`tiny_cpu`) or a path to a YAML file (relative paths against `relative_to`, default the
+    current directory)."""
+    path = Path(preset).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
     named = PRESET_DIR / f"{preset}.yaml"
@@ -37,12 +46,41 @@ def _error_key(err: OmegaConfBaseException) -> str:
     return str(key)
 
 
-def load_config(preset: str | None = DEFAULT_PRESET, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults <- preset YAML <- `a.b=value` overrides, validated."""
-    merged = OmegaConf.structured(TrainConfig)
+def preset_layers(preset: str, relative_to: Path | None = None, chain: tuple = ()) -> list:
+    """[(path, tree)] of `preset` and, first, every YAML its `defaults:` names (depth first, in order); each
+    tree without its `defaults` key. A cycle is a ConfigError naming the files."""
+    path = resolve_preset(preset, relative_to).resolve()
+    if path in chain:
+        raise ConfigError("config 'defaults' cycle: " + " -> ".join(str(p) for p in (*chain, path)))
     try:
-        if preset:
-            merged = OmegaConf.merge(merged, OmegaConf.load(resolve_preset(preset)))
+        tree = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: name the file
+        raise ConfigError(f"config file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, DictConfig):
+        raise ConfigError(f"config file {path}: must hold a mapping of sections (model:, data:, ...)")
+    parents = tree.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, ListConfig | list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"config file {path}: 'defaults' must be a preset name, a YAML path or a list of them")
+    layers = []
+    for parent in parents:
+        layers += preset_layers(parent, path.parent, (*chain, path))
+    return layers + [(path, tree)]
+
+
+def load_config(preset: str | Sequence[str] | None = DEFAULT_PRESET, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- preset YAML(s) (each after the presets its `defaults:` names; later ones win) <- `a.b=value`
+    overrides, validated."""
+    presets = [preset] if isinstance(preset, str) else list(preset or [])
+    merged = OmegaConf.structured(TrainConfig)
+    source = "override"
+    try:
+        for name in presets:
+            for path, tree in preset_layers(name):
+                source = str(path)
+                merged = OmegaConf.merge(merged, tree)
+        source = "override"
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} must look like section.key=value")
@@ -51,7 +89,8 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: Sequence[str] = 
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"config key '{_error_key(err)}': {reason}") from None
+        where = "" if source == "override" else f" (in {source})"
+        raise ConfigError(f"config key '{_error_key(err)}'{where}: {reason}") from None
     validate(cfg)
     return cfg
 
@@ -88,6 +127,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.learner.dynamic_sampling_max_draws > 0 and not cfg.learner.drop_zero_variance:
         raise ConfigError("config key 'learner.dynamic_sampling_max_draws' > 0 needs learner.drop_zero_variance=true "
                           "(dynamic sampling refills the groups that filter drops)")
+    if not 0 <= cfg.learner.lr_min_ratio <= 1:
+        raise ConfigError("config key 'learner.lr_min_ratio' must be in [0, 1] (the decayed fraction of the base lr)")
     if cfg.learner.kl_beta < 0:
         raise ConfigError("config key 'learner.kl_beta' must be >= 0 (0 skips the reference pass)")
     if not 0 < cfg.rollout.top_p <= 1:

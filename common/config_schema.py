@@ -144,8 +144,19 @@ class LearnerConfig:
     micro_batch_size: int = 8
     zero_stage: int = 2
     sft_lr: float = 1e-3
+    # Learning-rate schedules (learner/schedule.py), over run.steps (GRPO) and run.sft_steps (SFT): constant |
+    # linear | cosine after a linear warmup of N steps, decaying to lr_min_ratio x the base rate; the factor
+    # scales both optimizer groups (LoRA and adapter/mask decoder)
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    sft_lr_schedule: str = "constant"
+    sft_lr_warmup_steps: int = 0
+    lr_min_ratio: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
+    # LRU bound of the learner's SAM image embeddings (kept on the learner's device; a vit_b embedding of a 1024 px
+    # image is 4 MiB in fp32): 1 GiB keeps 256 images, so a step's images are encoded once, not once per pass
+    embed_cache_bytes: int = 1 << 30
     # With several learner ranks, compare a digest of every rank's trainable weights after every N-th step and stop
     # with an error when they differ (a desync); 0 = never. Skipped under ZeRO-3 (ranks hold different partitions)
     sync_check_every: int = 1
@@ -190,7 +201,11 @@ class RunConfig:
     # checkpoint before it gives up
     max_failures: int = 3
     eval_every: int = 5
-    eval_samples: int = 32
+    eval_samples: int = 32  # per split; 0 = the whole split
+    # sampled completions written per GRPO step (with their rewards) to rollouts.jsonl and TensorBoard; 0 = none
+    dump_rollouts: int = 4
+    # samples per split whose predicted mask is drawn over the image at each eval (eval/<tag>_masks/, TensorBoard)
+    eval_mask_images: int = 4
     seed: int = 0
 
 
@@ -215,20 +230,23 @@ _CHOICES = {
     "learner.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "learner.mask_loss_resolution": ("low", "full"),
+    "learner.lr_schedule": ("constant", "linear", "cosine"),
+    "learner.sft_lr_schedule": ("constant", "linear", "cosine"),
     "cluster.mode": ("local", "cluster"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "rollout.max_new_tokens",
              "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
              "learner.adapter_lr", "learner.adam_eps", "learner.collective_timeout_s", "cluster.learner_workers", "cluster.rollout_workers",
-             "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes",
+             "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes", "learner.embed_cache_bytes",
              "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
 _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.max_failures", "run.eval_every",
-                 "run.eval_samples",
+                 "run.eval_samples", "run.dump_rollouts", "run.eval_mask_images",
                  "rollout.temperature", "rollout.cpu_threads", "rollout.cpu_reserved_cores", "rollout.block_size",
                  "rollout.cpu_kv_cache_gb", "learner.weight_decay", "learner.grad_clip", "learner.mask_loss_weight",
                  "learner.dice_weight", "learner.bce_weight", "cluster.learner_cpu_threads",
                  "data.synth_samples", "model.min_pixels", "model.max_pixels", "run.seed", "learner.seed", "rollout.seed", "data.shuffle_seed",
-                 "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws")
+                 "data.synth_seed", "learner.sync_check_every", "learner.dynamic_sampling_max_draws",
+                 "learner.lr_warmup_steps", "learner.sft_lr_warmup_steps")

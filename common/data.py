@@ -109,6 +109,9 @@ def row_to_sample(row: dict, file: str, max_image_pixels: Optional[int] = DEFAUL
     for col in REQUIRED_COLUMNS:
         if row.get(col) is None and col not in ("reasoning",):
             fail(col, "missing value")
+    if isinstance(row["image"], dict):  # e.g. an HF `datasets` Image struct {bytes, path}
+        fail("image", "a struct, not encoded image bytes (a Parquet file written by HF datasets?); convert it "
+                      "with `coreseg data import --parquet FILE`")
     try:
         image = decode_image(row["image"], max_image_pixels)
     except ImageError as err:
@@ -177,7 +180,11 @@ def _file_problem(frag) -> Optional[str]:
         return f"unreadable Parquet file ({_first_line(err)})"
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        return f"missing column '{missing[0]}' (required: {', '.join(REQUIRED_COLUMNS)})"
+        hint = ""
+        if "image" in names and pa.types.is_struct(frag.physical_schema.field("image").type):
+            hint = ("; its 'image' column is a struct, as HF datasets writes images: convert the file with "
+                    "`coreseg data import --parquet FILE`")
+        return f"missing column '{missing[0]}' (required: {', '.join(REQUIRED_COLUMNS)}){hint}"
     return None
 
 

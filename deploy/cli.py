@@ -1,7 +1,9 @@
 """`coreseg`: data preparation, SFT, GRPO training, evaluation, prediction and cluster submission.
 
-Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu) and dotted overrides such as
-`learner.lr=1e-5 rollout.group_size=8`.
+Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
+YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
+`coreseg config show` prints the tree they resolve to. `eval`, `predict` and `train --resume` read the run's own
+config.yaml and take overrides only.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ from pathlib import Path
 
 from common import storage
 from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
-                           with_absolute_paths)
+                           to_yaml, with_absolute_paths)
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_PRESET, help="preset name in deploy/configs or a YAML path")
+    p.add_argument("--config", action="append", metavar="PRESET_OR_YAML",
+                   help=f"preset name in deploy/configs or a YAML path (default: {DEFAULT_PRESET}); repeat to layer "
+                        "them, later ones win")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
 
 
@@ -55,11 +59,22 @@ def cmd_data_synth(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_import(args, cfg: TrainConfig) -> None:
-    from common.importer import import_folder
+    from common.importer import ImportOptions, import_folder, import_parquet
 
-    out = import_folder(args.images, args.masks, args.out, category=args.category, modality=args.modality,
-                        source=args.source, mask_suffix=args.mask_suffix, split=args.split, seed=cfg.data.synth_seed,
-                        max_image_pixels=cfg.data.max_image_pixels)
+    opts = ImportOptions(category=args.category, modality=args.modality, source=args.source, split=args.split,
+                         seed=cfg.data.synth_seed, mask_threshold=args.mask_threshold,
+                         min_lesion_fraction=args.min_lesion_fraction, reasoning=args.reasoning,
+                         max_image_pixels=cfg.data.max_image_pixels)
+    if bool(args.parquet) == bool(args.images or args.masks):
+        sys.exit("coreseg: data import takes either --images DIR --masks DIR or --parquet FILE")
+    if args.parquet:
+        out, stats = import_parquet(args.parquet, args.out, image_column=args.image_column,
+                                    mask_column=args.mask_column, id_column=args.id_column, opts=opts)
+    else:
+        if not (args.images and args.masks):
+            sys.exit("coreseg: data import needs both --images and --masks")
+        out, stats = import_folder(args.images, args.masks, args.out, mask_suffix=args.mask_suffix, opts=opts)
+    print(stats.summary(opts))
     print(f"wrote {out}")
 
 
@@ -118,6 +133,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -134,6 +150,8 @@ def cmd_train(args, cfg: TrainConfig) -> None:
             driver.step["grpo"] = 0
         if cfg.run.sft_steps and driver.step["sft"] == 0 and not args.no_sft:
             driver.sft(cfg.run.sft_steps)
+        if (args.eval or cfg.run.eval_every) and not args.no_start_eval:  # step 0, for start -> end deltas
+            evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
         driver.train(max(0, remaining))
         driver.save()
@@ -164,20 +182,61 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
 
 
 def cmd_predict(args, cfg: TrainConfig) -> None:
-    from deploy.predict import predict
+    """In-process (no Ray, DeepSpeed or vLLM), from a run folder's checkpoint or an export; writes only --out."""
+    from deploy.infer import Predictor
+    from deploy.predict import image_paths, predict_files, read_image_file
 
-    run_dir = absolute_path(args.run_dir, Path.cwd())
-    cfg = load_config(str(_saved_config(run_dir)), args.overrides)
-    out = predict(cfg, run_dir, args.image, args.question, args.out, checkpoint=args.checkpoint)
-    print(out["text"])
-    print(f"mask: {out['mask_path']}\noverlay: {out['overlay_path']}")
+    if bool(args.run_dir) == bool(args.export):
+        sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
+    run_dir = absolute_path(args.run_dir, Path.cwd()) if args.run_dir else None
+    if run_dir:
+        cfg = load_config(str(_saved_config(run_dir)), args.overrides)
+    for path in image_paths(args.image):  # a bad file is named before any model loads
+        read_image_file(str(path), cfg.data.max_image_pixels)
+    from deploy.export import ExportError
+
+    try:
+        if args.run_dir:
+            predictor = Predictor.from_run(cfg, run_dir, args.checkpoint)
+        else:
+            predictor = Predictor.from_export(args.export, sam_checkpoint=args.sam_checkpoint)
+    except ExportError as err:
+        sys.exit(f"coreseg: {err}")
+    for record in predict_files(predictor, args.image, args.question, args.out, cfg.data.max_image_pixels):
+        print(f"{record['image']}: {record['text']}\n  mask: {record['mask_path']} overlay: {record['overlay_path']}")
+
+
+def cmd_config_show(args, cfg: TrainConfig) -> None:
+    print(to_yaml(cfg), end="")
+
+
+def refuse_config_for_run_commands(args) -> None:
+    """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
+    `--config` there would be silently ignored, so it is refused."""
+    run_bound = args.command in ("eval", "predict", "export") or getattr(args, "resume", None)
+    if run_bound and args.config:
+        what = "train --resume" if args.command == "train" else args.command
+        sys.exit(f"coreseg: `{what}` reads the run's own config.yaml; --config does not apply (change single keys "
+                 f"with dotted overrides, e.g. data.path=/other/data)")
+
+
+def cmd_export(args, cfg: TrainConfig) -> None:
+    from deploy.export import ExportError, export_run
+
+    try:
+        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint)
+    except ExportError as err:
+        sys.exit(f"coreseg: {err}")
+    print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "
+          f"adapter and mask decoder; coreseg_segmenter/: their loader)")
 
 
 def cmd_submit(args, cfg: TrainConfig) -> None:
     _require_data(cfg)
     print(f"[coreseg] the run folder will be {storage.join(cfg.run.output_dir, cfg.run.name)} (or NAME-2, ... if it "
           f"holds a run); it must be a URI or a path on storage the cluster's nodes share")
-    cmd = submit_command(args.address, train_entrypoint(args.config, args.overrides, cfg), no_wait=args.no_wait)
+    cmd = submit_command(args.address, train_entrypoint(args.config or [DEFAULT_PRESET], args.overrides, cfg),
+                         no_wait=args.no_wait)
     print("+ " + " ".join(shlex.quote(c) for c in cmd))
     sys.exit(subprocess.call(cmd))
 
@@ -185,9 +244,12 @@ def cmd_submit(args, cfg: TrainConfig) -> None:
 def train_entrypoint(config: str, overrides: list, cfg: TrainConfig) -> list:
     """`coreseg train` for the cluster: the user's overrides, then every path key as an absolute path (resolved
     here, where the user runs `coreseg submit`; a job runs in a copy of the code elsewhere)."""
-    preset = absolute_path(config, Path.cwd()) if Path(config).suffix in (".yaml", ".yml") else config
+    configs = [config] if isinstance(config, str) else list(config)
+    presets = []
+    for name in configs:
+        presets += ["--config", absolute_path(name, Path.cwd()) if Path(name).suffix in (".yaml", ".yml") else name]
     paths = [f"{key}={get_value(cfg, key)}" for key in PATH_KEYS if get_value(cfg, key)]
-    return ["coreseg", "train", "--config", preset, *overrides, "cluster.mode=cluster", *paths]
+    return ["coreseg", "train", *presets, *overrides, "cluster.mode=cluster", *paths]
 
 
 def submit_command(address: str | None, entrypoint: list, no_wait: bool = False) -> list:
@@ -209,6 +271,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     import time
 
     from deploy.driver import Driver
+    from deploy.evaluation import evaluate_start
     from deploy.report import write_report
 
     start = time.time()
@@ -217,6 +280,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         driver.sft(cfg.run.sft_steps)
+        evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)  # the SFT result: GRPO's start
         driver.train(cfg.run.steps)
         driver.save()
         driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
@@ -227,24 +291,49 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     print(f"\ndemo finished in {time.time() - start:.0f}s\nreport: {report}")
 
 
+def cmd_plan(args, cfg: TrainConfig) -> None:
+    from deploy.plan import format_plan, make_plan
+
+    plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
+                     prompt_text_tokens=args.prompt_text_tokens)
+    print(format_plan(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+    config = sub.add_parser("config", help="inspect the config tree").add_subparsers(dest="config_command",
+                                                                                       required=True)
+    p = config.add_parser("show", help="print the resolved config tree (presets, their defaults, overrides)")
+    _common(p)
+    p.set_defaults(func=cmd_config_show)
     data = sub.add_parser("data", help="prepare data sets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the deterministic synthetic lesion set (Parquet)")
     p.add_argument("--out", help="output folder (default: data.path)")
     _common(p)
     p.set_defaults(func=cmd_data_synth)
-    p = data.add_parser("import", help="turn an image folder + mask folder (matched by stem) into Parquet")
-    p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
+    p = data.add_parser("import", help="image + mask files (folders matched by stem, or a Parquet file such as HF "
+                                       "datasets writes) to the lesion Parquet format")
+    p.add_argument("--images", help="folder of images (with --masks)")
+    p.add_argument("--masks", help="folder of masks, matched to the images by file stem")
+    p.add_argument("--mask-suffix", default="", help="e.g. _segmentation for ISIC masks")
+    p.add_argument("--parquet", help="a Parquet file with an image and a mask column (binary or HF Image structs)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--mask-column", default="mask")
+    p.add_argument("--id-column", default="", help="column of sample ids (default: FILESTEM-ROW)")
     p.add_argument("--out", required=True, help="output .parquet file")
     p.add_argument("--category", default="lesion")
     p.add_argument("--modality", default="unknown")
     p.add_argument("--source", default="")
-    p.add_argument("--mask-suffix", default="", help="e.g. _segmentation for ISIC masks")
     p.add_argument("--split", default="auto", help="a split for every row, or auto (80/10/10 train/val/test_id)")
+    p.add_argument("--mask-threshold", type=float, default=0.5,
+                   help="lesion pixels are above this fraction of the mask's brightest value (default 0.5)")
+    p.add_argument("--min-lesion-fraction", type=float, default=0.001,
+                   help="drop (and count) mask components smaller than this fraction of the image (default 0.001)")
+    p.add_argument("--reasoning", choices=("none", "template"), default="none",
+                   help="none: empty reasoning; template: one sentence per image from its masks (as the "
+                        "synthetic set's short style)")
     _common(p)
     p.set_defaults(func=cmd_data_import)
     p = data.add_parser("embed", help="precompute SAM image embeddings of a split (warms the reward cache)")
@@ -263,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CHECKPOINT", help="start from a checkpoint folder (e.g. an SFT run's)")
     p.add_argument("--no-sft", action="store_true")
     p.add_argument("--eval", action="store_true", help="evaluate on data.eval_splits at the end")
+    p.add_argument("--no-start-eval", action="store_true",
+                   help="skip the eval of the starting checkpoint (step 0) that --eval or run.eval_every > 0 adds")
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="mDice, mIoU and failure rate on val/test_id/test_ood (+ per modality)")
@@ -272,19 +363,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     _common(p)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("predict", help="reason about one image, write a mask PNG and an overlay PNG")
-    p.add_argument("--run-dir", required=True)
+    p = sub.add_parser("predict", help="answer for an image (or each image of a folder): text, mask PNG, overlay "
+                                       "PNG; in-process, from a run folder or an export")
+    p.add_argument("--run-dir", help="run folder (its latest checkpoint, or --checkpoint)")
     p.add_argument("--checkpoint")
-    p.add_argument("--image", required=True)
+    p.add_argument("--export", help="a `coreseg export` folder (instead of --run-dir)")
+    p.add_argument("--sam-checkpoint", default="", help="with --export: the SAM .pth a vit_* segmenter was trained on")
+    p.add_argument("--image", required=True, help="an image file or a folder of images")
     p.add_argument("--question", required=True)
     p.add_argument("--out", default="prediction")
     _common(p)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="a run's checkpoint as a folder that transformers + peft + segment-anything "
+                                      "load without coreseg")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--checkpoint", help="checkpoint folder or name (default: the run's latest)")
+    p.add_argument("--base", required=True, help="the base model's local folder or hub id (written into the "
+                                                 "adapter config)")
+    p.add_argument("--out", required=True, help="new output folder")
+    _common(p)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("plan", help="memory per GPU by role and the GPUs a config needs (arithmetic, nothing loaded)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU; roles above it are warned")
+    p.add_argument("--image-size", type=int, default=1024, help="side of the (square) training images, px")
+    p.add_argument("--prompt-text-tokens", type=int, default=100, help="text tokens of a prompt besides the image")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="synthetic data -> SFT -> GRPO -> eval -> report (tiny preset)")
     p.add_argument("--run-dir")
     _common(p)
@@ -296,8 +405,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
+    refuse_config_for_run_commands(args)
     try:
-        cfg = with_absolute_paths(load_config(args.config, args.overrides))
+        cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     from common.data import DataError

@@ -1,4 +1,4 @@
-"""The driver: the only place that knows the order of a training step (DESIGN.md §2).
+"""The driver: the only place that knows the order of a training step (docs/architecture.md).
 
 GRPO step: rollout -> learner forward (old/ref log-probs, `<seg>` states) -> reward -> advantages ->
 update -> weight push. SFT runs through the same driver (learner step + push). Every phase is timed.
@@ -21,6 +21,7 @@ from common.models.family import PromptRenderer
 from common.policy_store import publish_policy
 from common.protocol import RolloutGroup, RolloutRequest, Score
 from common.seeding import derive_seed
+from deploy.learning_metrics import dump_rollouts
 from deploy.metrics_log import MetricsLogger
 from deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
@@ -90,7 +91,7 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = None if read_only else MetricsLogger(self.run_dir, on_write=lambda: self.run.publish(
+        self.logger = None if read_only else MetricsLogger(self.run_dir, config=cfg, on_write=lambda: self.run.publish(
             "metrics.jsonl", "tb"))
         if not read_only:
             record_placement(self.run, {"learner": self.learner, "reward": self.reward, "rollout": self.rollout})
@@ -161,7 +162,7 @@ class Driver:
                 samples = self.data.next_batch()
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.sft_step(samples)
+                    stats = self.learner.sft_step(samples, step=self.step["sft"])
                 self.step["sft"] += 1
             self.logger.log("sft", self.step["sft"], {**stats, **timings, "batch_ids": ",".join(s.id for s in samples)})
         self.logger.log("sft", self.step["sft"], self.push_weights())
@@ -280,7 +281,7 @@ class Driver:
             if batch.samples:  # every group dropped (no reward variance anywhere): nothing to learn from
                 self._learner_turn()
                 with timed(timings, "update"):
-                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward)
+                    stats = self.learner.update(batch.groups, batch.samples, batch.advantages, batch.forward, step - 1)
                 push = self.push_weights()
         self.step["grpo"] = step
         record = {**reward_stats(batch.scores), **{f"learner/{k}": v for k, v in stats.items()}, **timings, **push,
@@ -288,6 +289,7 @@ class Driver:
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
         self.logger.log("grpo", step, record)
+        dump_rollouts(self.logger, cfg.run.dump_rollouts, step, batch)
         return record
 
     def train(self, steps: int) -> None:

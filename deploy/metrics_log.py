@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl (one JSON object per record) + TensorBoard scalars."""
+"""Run logging: metrics.jsonl (one JSON object per record) + TensorBoard scalars, text (sampled completions),
+images (predicted masks at eval) and the run's hyperparameters."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ from deploy.checkpoints import write_text_atomic
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, on_write: Optional[Callable[[], None]] = None):
-        """on_write: called after every write (a URI run folder uploads its working copy)."""
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, config=None,
+                 on_write: Optional[Callable[[], None]] = None):
+        """config: the run's TrainConfig; its flattened keys go to TensorBoard's HParams tab.
+        on_write: called after every write (a URI run folder uploads its working copy)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._on_write = on_write or (lambda: None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +26,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is a declared dependency; keep logging if it is absent
                 self._tb = None
+        if config is not None and self._tb is not None:
+            self._hparams(flat_hparams(config))
 
     def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
         record = {"phase": phase, "step": int(step)}
@@ -37,6 +42,29 @@ class MetricsLogger:
             self._tb.flush()
         self._on_write()
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+            self._tb.flush()
+            self._on_write()
+
+    def image(self, tag: str, image, step: int) -> None:
+        """image: HxWx3 uint8."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+            self._on_write()
+
+    def _hparams(self, values: Dict[str, object]) -> None:
+        """Writes the HParams summary into this run's own event file (SummaryWriter.add_hparams would open a
+        second run folder), with the eval metrics as the tab's metric columns."""
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"eval/{split}/{m}": 0.0 for split in ("val", "test_id", "test_ood")
+                   for m in ("mDice", "failure_rate")}
+        for summary in hparams(values, metrics):
+            self._tb.file_writer.add_summary(summary)
+
     def truncate_after(self, phase: str, step: int) -> None:
         """On resume: drop records of `phase` beyond the checkpointed step (they will be redone)."""
         if not self.path.exists():
@@ -48,6 +76,25 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def flat_hparams(config) -> Dict[str, object]:
+    """A config dataclass tree as dotted keys -> int/float/str/bool (lists and dicts as text)."""
+    from dataclasses import asdict
+
+    out: Dict[str, object] = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and prefix == "":
+                walk(name + ".", value)
+            elif isinstance(value, (bool, int, float, str)):
+                out[name] = value
+            else:
+                out[name] = json.dumps(value)
+    walk("", asdict(config))
+    return out
 
 
 def _clean(value):

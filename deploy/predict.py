@@ -1,12 +1,13 @@
-"""`coreseg predict`: one image + question -> reasoning text, mask PNG and overlay PNG."""
+"""`coreseg predict`: an image (or a folder of images) + a question -> the answer, a mask PNG and an overlay PNG,
+in-process (deploy/infer.py); `predict_with` answers through a Driver's pools (the path evaluation uses)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 import numpy as np
 from PIL import Image
 
-from common.config import TrainConfig
 from common.images import ImageError, decode_image, encode_png
 from common.prompts import parse_completion
 
@@ -17,21 +18,50 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: fl
     return out.clip(0, 255).astype(np.uint8)
 
 
-def predict(cfg: TrainConfig, run_dir: Path, image_path: str, question: str, out_dir: str,
-            checkpoint: str | None = None) -> dict:
-    """Builds the run's pools in this process (no Ray), restores its latest checkpoint (or `checkpoint`) and
-    predicts one image."""
-    from deploy.driver import Driver
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-    read_image_file(image_path, cfg.data.max_image_pixels)  # a bad file fails here, before the models load
-    cfg.cluster.reward_workers = 1
-    driver = Driver(cfg, run_dir, local=True, read_only=True)  # the run's config and metrics stay as they are
-    try:
-        if driver.run.latest_checkpoint() is not None or checkpoint:
-            driver.restore(checkpoint)
-        return predict_with(driver, image_path, question, out_dir)
-    finally:
-        driver.close()
+
+def image_paths(image: str) -> List[Path]:
+    """The image file, or the images of a folder (sorted); DataError when there is none."""
+    from common.data import DataError
+
+    path = Path(image)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        return found
+    return [path]
+
+
+def predict_files(predictor, image: str, question: str, out_dir: str, max_pixels: int) -> List[dict]:
+    """`predictor` (deploy/infer.py) on an image file or every image of a folder. Every file is read and checked
+    first (a bad one is named before any prediction). One image: OUT/mask.png and OUT/overlay.png; a folder:
+    OUT/STEM/mask.png and overlay.png per image. OUT/predictions.jsonl holds one record per image."""
+    import json
+
+    paths = image_paths(image)
+    images = [read_image_file(str(p), max_pixels) for p in paths]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path, pixels in zip(paths, images):
+        pred = predictor.predict(pixels, question)
+        folder = out if len(paths) == 1 and not Path(image).is_dir() else out / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        mask_path, overlay_path = folder / "mask.png", folder / "overlay.png"
+        mask_path.write_bytes(encode_png(pred.mask))
+        Image.fromarray(overlay(pixels, pred.mask)).save(overlay_path)
+        parsed = parse_completion(pred.text)
+        records.append({"image": str(path), "text": pred.text, "seg_found": pred.seg_found,
+                        "format_ok": parsed.ok, "format_reason": parsed.reason,
+                        "boxes": parsed.boxes if parsed.boxes_ok else None,
+                        "mask_pixels": int(pred.mask.sum()), "mask_path": str(mask_path),
+                        "overlay_path": str(overlay_path)})
+    with open(out / "predictions.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return records
 
 
 def read_image_file(image_path: str, max_pixels: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
+from common.metrics import markdown_deltas, paired_deltas
 from deploy.metrics_log import read_metrics
 
 
@@ -48,6 +49,8 @@ def write_report(run_dir: str | Path) -> Path:
         ("timings.png", "Phase timings (s)", "grpo", ["time/rollout", "time/forward", "time/reward",
                                                       "time/update", "time/push", "time/step"]),
         ("policy.png", "Clip fraction and KL", "grpo", ["learner/clip_frac", "learner/kl"]),
+        ("learning.png", "Learning signals", "grpo", ["policy/entropy", "rollout/truncation_ratio",
+                                                      "adv/group_reward_std", "adv/zero_variance_share"]),
         ("sft.png", "SFT loss", "sft", ["loss", "ce", "dice_ce"]),
     ]
     for name, title, phase, keys in specs:
@@ -65,11 +68,26 @@ def write_report(run_dir: str | Path) -> Path:
         timing = {k: sum(r.get(k, 0) for r in grpo) / len(grpo) for k in
                   ("time/rollout", "time/forward", "time/reward", "time/update", "time/push", "time/step")}
         summary.append("- Mean phase time per step: " + ", ".join(f"{k[5:]} {v:.2f}s" for k, v in timing.items()))
-    evals = sorted((run_dir / "eval").glob("*.md")) if (run_dir / "eval").exists() else []
-    for md in evals:
-        if md.stem == "final":
-            sections.append(md.read_text().replace("# Evaluation", "## Evaluation", 1))
+    sections += eval_sections(run_dir / "eval")
     text = "# CORE-Seg run report\n\n" + f"Run: `{run_dir}`\n\n" + "\n".join(summary) + "\n\n" + "\n".join(sections)
     out = run_dir / "report.md"
     out.write_text(text)
+    return out
+
+
+def eval_sections(folder: Path) -> List[str]:
+    """The start (step 0: the SFT result) and final eval tables with their intervals, and the paired
+    start -> final deltas per split."""
+    import json
+
+    out = []
+    for tag, title in (("step0", "Evaluation at the start of GRPO (step 0)"), ("final", "Evaluation at the end")):
+        md = folder / f"{tag}.md"
+        if md.exists():
+            out.append(md.read_text().replace(f"# Evaluation ({tag})", f"## {title}", 1).replace("\n## ", "\n### "))
+    if (folder / "step0.json").exists() and (folder / "final.json").exists():
+        start, end = (json.loads((folder / f"{t}.json").read_text()) for t in ("step0", "final"))
+        deltas = {split: paired_deltas(start[split]["records"], end[split]["records"])
+                  for split in end if split in start}
+        out.append("## Start -> end of GRPO\n\n" + markdown_deltas(deltas, "step 0", "final") + "\n")
     return out

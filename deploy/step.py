@@ -16,6 +16,7 @@ from common.protocol import ForwardResult, RolloutGroup, Score, ScoreItem
 from rollout.engine import PROMPT_TOO_LONG
 
 logger = logging.getLogger("coreseg.rollout")
+from deploy.learning_metrics import sampled_stats
 
 
 @contextmanager
@@ -51,6 +52,9 @@ class TrainBatch:
     forwards: List[ForwardResult] = field(default_factory=list)
     scores: List[Score] = field(default_factory=list)
     failed: List[Tuple[LesionSample, str]] = field(default_factory=list)
+    # every answered group of the step, kept or dropped, aligned with `scores` (for the learning signals)
+    sampled_samples: List[LesionSample] = field(default_factory=list)
+    sampled: List[RolloutGroup] = field(default_factory=list)
     dropped: int = 0
     extra_draws: int = 0
     lag: int = 0
@@ -59,6 +63,8 @@ class TrainBatch:
         """Keeps groups `keep` (indices into answered) with their advantage rows."""
         G = len(answered.groups[0].completions)
         rows = [k * G + j for k in keep for j in range(G)]
+        self.sampled_samples += answered.samples
+        self.sampled += answered.groups
         self.samples += [answered.samples[k] for k in keep]
         self.groups += [answered.groups[k] for k in keep]
         self.advantage_rows += [np.asarray(advantages[k], np.float64) for k in keep]
@@ -91,7 +97,7 @@ class TrainBatch:
                 "rollout/mean_length": float(np.mean(lengths)) if lengths else 0.0,
                 "rollout/logprob_diff": logprob_diff(self.groups, self.forward) if self.groups else 0.0,
                 "adv/dropped_groups": float(self.dropped), "adv/kept_groups": float(len(self.samples)),
-                "adv/extra_draws": float(self.extra_draws)}
+                "adv/extra_draws": float(self.extra_draws), **sampled_stats(self.sampled, self.scores)}
 
 
 def logprob_diff(groups: List[RolloutGroup], forward: ForwardResult) -> float:

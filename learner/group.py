@@ -61,10 +61,11 @@ class LearnerGroup:
                                         drop_zero_variance=L.drop_zero_variance)
         return Advantages(adv.numpy(), keep.numpy())
 
-    def update(self, groups, samples, advantages: np.ndarray, forward: ForwardResult) -> Dict[str, float]:
+    def update(self, groups, samples, advantages: np.ndarray, forward: ForwardResult,
+               step: int = 0) -> Dict[str, float]:
         """One step on the batch. Its completions are balanced over the ranks by tokens, every rank running as many
         micro-batches (`rank_layouts`; padding rows have loss weight 0); the normalisers come from the whole batch,
-        so N ranks make the same step as one."""
+        so N ranks make the same step as one. `step`: the 0-based GRPO step (the lr schedule's)."""
         rows, comps = flatten_rows(groups, samples)
         if len(advantages) != len(comps):
             raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
@@ -77,16 +78,16 @@ class LearnerGroup:
             pick = list(lay.rows)
             futures.append(self.pool.submit(rank, "update_rows", [rows[i] for i in pick], [comps[i] for i in pick],
                                             np.where(lay.real, advantages[pick], 0.0),
-                                            [ref[i] for i in pick] if len(ref) else [], lay, norm))
+                                            [ref[i] for i in pick] if len(ref) else [], lay, norm, step))
         return _combine_ranks(self.pool.gather(futures))
 
-    def sft_step(self, samples: List[LesionSample]) -> Dict[str, float]:
-        """One SFT step, balanced over the ranks like `update`."""
+    def sft_step(self, samples: List[LesionSample], step: int = 0) -> Dict[str, float]:
+        """One SFT step at 0-based SFT `step` (the lr schedule's), balanced over the ranks like `update`."""
         lengths = self.pool.call(0, "sft_lengths", samples)
         norm = loss_norm([target for _, target in lengths], len(samples), "token_mean")
         layouts = self._layouts([prompt + target for prompt, target in lengths])
         return _combine_ranks(self.pool.gather([self.pool.submit(rank, "sft_rows", [samples[i] for i in lay.rows],
-                                                                 lay, norm)
+                                                                 lay, norm, step)
                                                 for rank, lay in enumerate(layouts)]))
 
     def healthy(self, timeout_s: float = 30.0) -> bool:

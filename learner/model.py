@@ -23,6 +23,7 @@ from common.models.segment import decode_masks
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
 from learner.losses import low_res_target
+from reward.segmenter import EmbeddingCache
 
 
 class CoreSegModule(nn.Module):
@@ -50,7 +51,7 @@ class CoreSegModule(nn.Module):
         self.adapter.to(device)
         self.sam.to(device)
         self.device = device
-        self._embeddings: Dict[str, torch.Tensor] = {}
+        self._embeddings = EmbeddingCache(cfg.learner.embed_cache_bytes)
         self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference
 
     # -- policy -------------------------------------------------------------------------------------
@@ -94,13 +95,13 @@ class CoreSegModule(nn.Module):
         """[N, C, g, g], cached by `image_key` (id + pixel digest: a duplicate id never gets another image's
         embedding); keys: the samples' image keys when the caller has them."""
         keys = list(keys) if keys is not None else image_keys([s.id for s in samples], [s.image for s in samples])
-        missing = {k: s for k, s in zip(keys, samples) if k not in self._embeddings}
+        found = {k: self._embeddings.get(k) for k in dict.fromkeys(keys)}
+        missing = {k: s for k, s in zip(keys, samples) if found[k] is None}
         if missing:
             for k, e in zip(missing, encode_images(self.sam, [s.image for s in missing.values()])):
-                self._embeddings[k] = e
-            while len(self._embeddings) > 2048:
-                self._embeddings.pop(next(iter(self._embeddings)))
-        return torch.stack([self._embeddings[k] for k in keys]).to(self.device)
+                found[k] = e
+                self._embeddings.put(k, e)  # bounded by learner.embed_cache_bytes (least recently used go)
+        return torch.stack([found[k] for k in keys]).to(self.device)
 
     def mask_logits(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
         """Low-res mask logits [M, 1, l, l]; one sample (image) per state."""

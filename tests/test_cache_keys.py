@@ -14,7 +14,7 @@ from common.images import image_key, image_keys
 from common.models.adapter import build_adapter
 from common.models.sam import encode_images
 from common.protocol import ScoreItem
-from reward.segmenter import Segmenter
+from reward.segmenter import EmbeddingCache, Segmenter
 
 HIDDEN = 128
 
@@ -65,12 +65,29 @@ def test_learner_embedding_cache_keys_on_content(tiny_sam):
     from learner.model import CoreSegModule
 
     a, b = _two_images_one_id()
-    module = types.SimpleNamespace(sam=tiny_sam, _embeddings={}, device="cpu")  # the method's only state
+    module = types.SimpleNamespace(sam=tiny_sam, _embeddings=EmbeddingCache(1 << 20), device="cpu")  # its only state
     samples = [LesionSample(id="dup", image=img, masks=[], boxes=np.zeros((0, 4)), question="q") for img in (a, b)]
     first = CoreSegModule.image_embeddings(module, samples[:1])
     second = CoreSegModule.image_embeddings(module, samples[1:])
     want = encode_images(tiny_sam, [a, b])
     assert torch.allclose(first[0], want[0], atol=1e-5) and torch.allclose(second[0], want[1], atol=1e-5)
+
+
+def test_learner_embedding_cache_is_bounded_by_bytes(tiny_sam):
+    """learner.embed_cache_bytes bounds the learner's cache: room for one tiny embedding (256 x 8 x 8 fp32 =
+    65,536 B) keeps only the latest image, and an evicted image is encoded again with the same result."""
+    from learner.model import CoreSegModule
+
+    a, b = _two_images_one_id()
+    one = 256 * 8 * 8 * 4
+    module = types.SimpleNamespace(sam=tiny_sam, _embeddings=EmbeddingCache(one), device="cpu")
+    samples = [LesionSample(id=f"s{i}", image=img, masks=[], boxes=np.zeros((0, 4)), question="q")
+               for i, img in enumerate((a, b))]
+    first = CoreSegModule.image_embeddings(module, samples[:1])
+    CoreSegModule.image_embeddings(module, samples[1:])
+    assert len(module._embeddings) == 1 and module._embeddings.bytes == one
+    again = CoreSegModule.image_embeddings(module, samples[:1])
+    assert module._embeddings.evictions == 2 and torch.allclose(again, first)
 
 
 def test_prompt_encoder_keys_on_content_and_question(tiny_policy_dir):

@@ -114,7 +114,7 @@ def test_import_folder(tmp_path):
     Image.fromarray(image).save(tmp_path / "img" / "case1.jpg")
     Image.fromarray(mask).save(tmp_path / "msk" / "case1_segmentation.png")
     Image.fromarray(image).save(tmp_path / "img" / "nomask.png")
-    out = import_folder(tmp_path / "img", tmp_path / "msk", tmp_path / "out.parquet", category="polyp",
+    out, _ = import_folder(tmp_path / "img", tmp_path / "msk", tmp_path / "out.parquet", category="polyp",
                         modality="endoscopy", mask_suffix="_segmentation", split="train")
     ds = LesionDataset(str(out), split="train", batch_size=4, shuffle=False)
     (s,) = next(ds.iter_all())

@@ -51,9 +51,10 @@ def spy_update(driver, monkeypatch):
     calls = []
     real = driver.learner.update
 
-    def update(groups, samples, advantages, forward):
+    def update(groups, samples, advantages, forward, step):
         calls.append((list(samples), np.array(advantages), forward))
-        return real(groups, samples, advantages, forward)
+        assert step == driver.step["grpo"]  # the 0-based GRPO step the lr schedule is evaluated at
+        return real(groups, samples, advantages, forward, step)
     monkeypatch.setattr(driver.learner, "update", update)
     return calls
 

@@ -261,3 +261,35 @@ def test_a_crafted_pickle_in_a_checkpoint_does_not_execute(tiny_policy_dir, tmp_
         core.load_checkpoint(str(tmp_path / "ckpt"))
     assert not marker.exists()
     assert torch.load is not None and torch.load.__module__.startswith("torch")  # the real torch.load is back
+
+
+def test_optimizer_learning_rates_follow_the_schedule(tiny_policy_dir, synth_samples):
+    """Both optimizer groups carry base lr x the schedule's factor at every step, and Adam's first step moves the
+    weights by that rate (|update| = lr * |g| / (|g| + eps) ~ lr for the largest gradients)."""
+    core = make_core(tiny_policy_dir, ["run.sft_steps=4", "learner.sft_lr_schedule=cosine",
+                                       "learner.sft_lr_warmup_steps=2", "learner.lr_min_ratio=0.1", "run.steps=4",
+                                       "learner.lr_schedule=linear"])
+    L = core.cfg.learner
+    groups = core.optimizer.param_groups  # DeepSpeed's ZeRO optimizer exposes the wrapped AdamW's groups
+    lora_b = {n: p.detach().clone() for n, p in core.module.named_parameters() if "lora_B" in n and p.requires_grad}
+    heads = [p.detach().clone() for p in core.module.param_groups()[1]]
+    batch = synth_samples[:4]
+    # hand values: warmup (k+1)/2 for k < 2, then 0.1 + 0.9 * 0.5 * (1 + cos(pi * (k - 2) / 2))
+    want = [0.5, 1.0, 1.0, 0.55]
+    for k, factor in enumerate(want):
+        stats = core.sft_step(batch, core.sft_norm(batch), step=k)
+        assert stats["lr"] == pytest.approx(1e-2 * factor)
+        assert [g["lr"] for g in groups] == pytest.approx([L.sft_lr * factor, L.adapter_lr * factor])
+        if k == 0:
+            moved = max(float((p.detach() - lora_b[n]).abs().max()) for n, p in core.module.named_parameters()
+                        if n in lora_b)
+            assert moved == pytest.approx(1e-2 * 0.5, rel=1e-3)
+            moved = max(float((p.detach() - h).abs().max()) for p, h in zip(core.module.param_groups()[1], heads))
+            assert moved == pytest.approx(1e-3 * 0.5, rel=1e-3)
+    # GRPO: linear from 1 at step 0 to 0.1 at step 4: step 2 -> 0.1 + 0.9 * 0.5
+    samples = synth_samples[:2]
+    g = _groups(core, samples)
+    lengths = [len(c.token_ids) for gr in g for c in gr.completions]
+    stats = core.update(g, samples, np.array([1.0, -1.0, 1.0, -1.0]), [], loss_norm(lengths, 2, "token_mean"), step=2)
+    assert stats["lr"] == pytest.approx(5e-3 * 0.55)
+    assert [gr["lr"] for gr in groups] == pytest.approx([L.lr * 0.55, L.adapter_lr * 0.55])

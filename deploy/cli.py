@@ -96,6 +96,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
+    from deploy.recovery import resume
     from deploy.report import write_report
 
     run_dir = Path(args.resume).resolve() if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -106,15 +107,15 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         if args.resume:
-            driver.restore()
+            resume(driver)
         elif args.init:
             driver.restore(args.init)
             driver.step["grpo"] = 0
         if cfg.run.sft_steps and driver.step["sft"] == 0 and not args.no_sft:
             driver.sft(cfg.run.sft_steps)
         remaining = cfg.run.steps - driver.step["grpo"]
-        driver.train(max(0, remaining))
-        driver.save()
+        driver.train(max(0, remaining), save_at_end=True)
+        driver.save()  # after SFT alone (a step already saved is not saved again)
         if args.eval:
             driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
     finally:

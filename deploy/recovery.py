@@ -16,8 +16,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from deploy.driver import Driver
 
 RETRY_PAUSE_S = 2.0
-# a rebuild that hits these is retried (the lost node's bundles may still be moving to another node)
-REBUILD_RETRIED = (*ACTOR_GONE, ActorPoolError, TimeoutError)
+
+
+def _retried(err: Exception) -> bool:
+    """Whether a rebuild that failed with `err` is tried again: a lost actor or node, an actor killed by Ray's
+    memory monitor, bundles still being placed; not an error raised by the learner's own code."""
+    from ray.exceptions import RayError, RayTaskError
+
+    if isinstance(err, (ActorPoolError, TimeoutError, *ACTOR_GONE)):
+        return True
+    return isinstance(err, RayError) and not isinstance(err, RayTaskError)
 
 
 def restart_counts(driver: "Driver") -> Dict[str, float]:
@@ -72,7 +80,9 @@ def recover_learner(driver: "Driver", err: Exception) -> None:
             driver.learner = LearnerGroup(cfg, driver.policy_dir, **driver._learner_args)
             driver.restore(version_after=driver.version)
             break
-        except REBUILD_RETRIED as again:
+        except Exception as again:  # noqa: BLE001 - retried while Ray brings resources back, else re-raised
+            if not _retried(again):
+                raise
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"learner could not be rebuilt within cluster.placement_timeout_s="
                                    f"{cfg.cluster.placement_timeout_s:g} s: {again}") from again

@@ -15,8 +15,9 @@ Every fault is a SIGKILL of real processes by PID (deploy/fault_injection.py) at
 Reported per fault, from each run's metrics.jsonl: runs that completed their planned steps; samples lost (planned
 prompts that no step record accounts for: missing steps, failed generations, prompts neither kept nor dropped by
 the advantage filter); steps duplicated (step records beyond one per step); time to recover: seconds from the kill
-until a step newer than any logged before the kill is logged (for the driver kill: from the kill to the end of
-the resumed run's first new step, restart of the process included).
+until the run logs a step beyond the last one logged before the kill, so it includes the rest of the interrupted
+step (and, for the learner, the steps redone from its checkpoint); for the driver kill: until the resumed process
+logs the redone last step again (its start, Ray's and the actors' included).
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ class StepWatch:
             time.sleep(0.05)
 
     def recovered_after(self, kill_at: float, done_before: int) -> float | None:
-        """Seconds from the kill to the first step newer than `done_before` (None if none came)."""
-        later = [t for s, t in self.first_seen.items() if s > done_before and t >= kill_at]
+        """Seconds from the kill to the first step newer than `done_before`, the last step logged when the kill
+        came (None if none came)."""
+        later = [t for s, t in self.first_seen.items() if s > done_before]
         return min(later) - kill_at if later else None
 
     def stop(self) -> None:
@@ -103,16 +105,24 @@ def in_process(data: Path, out: Path, name: str, kills: list, extra: list) -> di
     cfg = load_config("tiny_cpu", [f"data.path={data}", f"run.output_dir={out}", f"run.name={name}", *TINY, *extra])
     run = out / name
     driver = Driver(cfg, run)
-    watch = StepWatch(run)
+    logged = {}  # step -> when its record was first written (exact: the logger is in this process)
+    original_log = driver.logger.log
+
+    def log(phase, step, values):
+        original_log(phase, step, values)
+        if phase == "grpo" and "reward/total" in values:
+            logged.setdefault(step, time.monotonic())
+
+    driver.logger.log = log
     try:
         with kill_on_call(*kills):
             driver.train(STEPS, save_at_end=True)
     finally:
         driver.close()
-        watch.stop()
     kill_at = kills[0].at[0]
-    done_at_kill = max([s for s, t in watch.first_seen.items() if t < kill_at], default=0)
-    return {**account(run, STEPS), "recover_s": watch.recovered_after(kill_at, done_at_kill)}
+    done = max([s for s, t in logged.items() if t < kill_at], default=0)
+    later = [t for s, t in logged.items() if s > done]
+    return {**account(run, STEPS), "recover_s": min(later) - kill_at if later else None}
 
 
 def driver_final_save(data: Path, out: Path, name: str) -> dict:
@@ -124,7 +134,6 @@ def driver_final_save(data: Path, out: Path, name: str) -> dict:
     cmd = [sys.executable, "-m", "deploy.cli", "train", "--config", "tiny_cpu", f"data.path={data}",
            f"run.output_dir={out}", f"run.name={name}", "run.save_every=2", "cluster.reward_workers=1", *TINY]
     partial = run / "checkpoints" / f"grpo_{STEPS:06d}_sft_000000.tmp"
-    watch = StepWatch(run)
     with (out / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     while not (partial.is_dir() and any(p.is_file() for p in partial.rglob("*"))):
@@ -136,12 +145,20 @@ def driver_final_save(data: Path, out: Path, name: str) -> dict:
     if (run / "checkpoints" / f"grpo_{STEPS:06d}_sft_000000").exists():
         raise RuntimeError("the kill came after the final save had finished")
     with (out / f"{name}.resume.log").open("w") as log:
-        subprocess.run([sys.executable, "-m", "deploy.cli", "train", "--resume", str(run)], cwd=ROOT, env=env,
-                       stdout=log, stderr=subprocess.STDOUT, check=True)
-    watch.stop()
-    # the resume redoes the steps after checkpoint 2: the first step logged after the kill is the recovery
-    later = [t for s, t in watch.first_seen.items() if t >= kill_at]
-    return {**account(run, STEPS), "recover_s": (min(later) - kill_at) if later else None}
+        resumed = subprocess.Popen([sys.executable, "-m", "deploy.cli", "train", "--resume", str(run)], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    # every step was logged before the kill; the resume truncates the metrics to its checkpoint (step 2) and
+    # redoes the last step: recovered when that step is logged again
+    truncated, back = False, None
+    while resumed.poll() is None:
+        has_last = any(r["step"] == STEPS for r in step_records(run))
+        truncated = truncated or not has_last
+        if truncated and has_last and back is None:
+            back = time.monotonic() - kill_at
+        time.sleep(0.05)
+    if resumed.returncode != 0:
+        raise RuntimeError(f"the resumed run failed: {(out / f'{name}.resume.log').read_text()[-2000:]}")
+    return {**account(run, STEPS), "recover_s": back}
 
 
 def worker_node(data: Path, out: Path, name: str) -> dict:
@@ -255,8 +272,10 @@ def main() -> None:
         record("Faults: SIGKILL of each role, the driver and a node in tiny runs",
                "Machine: 2-core CPU, shared with other jobs (times include waiting for the cores)  \n"
                f"Tiny runs of {STEPS} GRPO steps (the node run: 4) of {BATCH} prompts x 3 completions; samples lost "
-               "and steps duplicated are summed over the runs. Time to recover: from the kill to the first step "
-               "newer than any logged before it (the learner redoes the steps after its checkpoint).\n\n" + body,
+               "and steps duplicated are summed over the runs. Time to recover: from the kill until the run logs a "
+               "step beyond the last one logged before the kill (the rest of the interrupted step included; the "
+               "learner also redoes the steps after its checkpoint; the driver: until the resumed process logs the "
+               "redone last step).\n\n" + body,
                machine_line=None)
 
 

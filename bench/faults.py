@@ -99,11 +99,20 @@ def account(run: Path, steps: int) -> dict:
 def in_process(data: Path, out: Path, name: str, kills: list, extra: list) -> dict:
     """A driver in this process on the local Ray, the `kills` armed from the start."""
     from common.config import load_config
-    from deploy.driver import Driver
-    from deploy.fault_injection import kill_on_call
+    from deploy.cluster import shutdown_ray
 
     cfg = load_config("tiny_cpu", [f"data.path={data}", f"run.output_dir={out}", f"run.name={name}", *TINY, *extra])
     run = out / name
+    try:
+        return _in_process(cfg, run, kills)
+    finally:
+        shutdown_ray()  # each run on a Ray of its own: nothing a failed run left behind holds the next one
+
+
+def _in_process(cfg, run: Path, kills: list) -> dict:
+    from deploy.driver import Driver
+    from deploy.fault_injection import kill_on_call
+
     driver = Driver(cfg, run)
     logged = {}  # step -> when its record was first written (exact: the logger is in this process)
     original_log = driver.logger.log

@@ -101,6 +101,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
     from deploy.evaluation import evaluate_start
+    from deploy.recovery import resume
     from deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -111,7 +112,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         if args.resume:
-            driver.restore()
+            resume(driver)
         elif args.init:
             driver.restore(args.init)
             driver.step["grpo"] = 0
@@ -120,8 +121,8 @@ def cmd_train(args, cfg: TrainConfig) -> None:
         if (args.eval or cfg.run.eval_every) and not args.no_start_eval:  # step 0, for start -> end deltas
             evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
-        driver.train(max(0, remaining))
-        driver.save()
+        driver.train(max(0, remaining), save_at_end=True)
+        driver.save()  # after SFT alone (a step already saved is not saved again)
         if args.eval:
             driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
     finally:

@@ -2,6 +2,7 @@
 images (predicted masks at eval) and the run's hyperparameters."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import warnings
@@ -32,9 +33,17 @@ class MetricsLogger:
     def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
         record = {"phase": phase, "step": int(step)}
         record.update({k: _clean(v) for k, v in values.items()})
-        with self.path.open("a") as f:  # one write of a whole line; a torn tail (full disk, kill) is dropped on read
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            # one write of a whole line; a torn tail (full disk, kill) is dropped on read
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on device while appending a {phase} record (step "
+                                            f"{step}) to {self.path}; a torn last line is dropped on --resume",
+                              str(self.path)) from err
+            raise
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -72,6 +81,11 @@ class MetricsLogger:
         kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._on_write()
+
+    def clear(self) -> None:
+        """On a resume that starts over (no complete checkpoint): every record goes, as every step is redone."""
+        if self.path.exists():
+            write_text_atomic(self.path, "")
 
     def close(self) -> None:
         if self._tb is not None:

@@ -29,6 +29,9 @@ class ModelConfig:
     adapter_queries: int = 4
     adapter_mlp_blocks: int = 2
     train_mask_decoder: bool = True
+    # Train the embedding rows (input and output) of the tokens the project adds (`<seg>`): a real model keeps
+    # them in spare rows pretraining never trained, which LoRA cannot move (common/models/token_rows.py).
+    train_token_rows: bool = True
 
 
 @dataclass

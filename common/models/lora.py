@@ -30,7 +30,8 @@ def peft_config_dict(config) -> dict:
 
 
 def lora_state(peft_model) -> Dict[str, torch.Tensor]:
-    """LoRA tensors with PEFT names (as in adapter_model.safetensors), CPU float32, contiguous."""
+    """LoRA tensors with PEFT names (as in adapter_model.safetensors) in the learner's dtype (bf16 on GPU, float32
+    on CPU), one contiguous CPU copy each (the learner keeps training the originals)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}

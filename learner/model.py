@@ -6,7 +6,7 @@ The SAM image encoder and prompt encoder are frozen; image embeddings are comput
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -18,8 +18,8 @@ from common.images import image_keys
 from common.models.adapter import build_adapter
 from common.models.lora import lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
-from common.models.sam import build_sam
-from common.models.token_rows import attach_token_rows, rows_disabled, encode_images, upscale_masks
+from common.models.sam import build_sam, encode_images, upscale_masks
+from common.models.token_rows import attach_token_rows, rows_disabled
 from common.models.segment import decode_masks
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
@@ -56,6 +56,9 @@ class CoreSegModule(nn.Module):
         self.device = device
         self._embeddings: Dict[str, torch.Tensor] = {}
         self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference
+        # entered around mask decoding: ZeRO-3 sets it to gather the SAM prompt encoder's weights, which
+        # `decode_masks` reads outside any forward (learner/worker.py)
+        self.decode_params = nullcontext
 
     # -- policy -------------------------------------------------------------------------------------
     def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
@@ -119,7 +122,8 @@ class CoreSegModule(nn.Module):
                 unique_keys.append(key)
             index.append(len(unique) - 1)
         emb = self.image_embeddings(unique, unique_keys)
-        low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
+        with self.decode_params():
+            low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
         return low
 
     def mask_loss_pair(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]):

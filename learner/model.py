@@ -16,7 +16,7 @@ from common.config import TrainConfig
 from common.data import LesionSample
 from common.images import image_keys
 from common.models.adapter import build_adapter
-from common.models.lora import lora_state, make_lora_config, peft_config_dict
+from common.models.lora import cpu_copies, lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
 from common.models.sam import build_sam, encode_images, upscale_masks
 from common.models.token_rows import attach_token_rows, rows_disabled
@@ -148,11 +148,11 @@ class CoreSegModule(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
     def bundle(self, version: int) -> WeightBundle:
         """The weights every engine serves, in the learner's dtype (bf16 on GPU): one CPU copy of each tensor."""
-        cpu = lambda sd: {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # noqa: E731
         return WeightBundle(version=version, lora=lora_state(self.policy),
                             peft_config=peft_config_dict(self.policy.peft_config["default"]),
-                            adapter=cpu(self.adapter.state_dict()),
-                            mask_decoder=cpu(self.sam.mask_decoder.state_dict()) if self.cfg.model.train_mask_decoder else None,
+                            adapter=cpu_copies(self.adapter.state_dict()),
+                            mask_decoder=(cpu_copies(self.sam.mask_decoder.state_dict())
+                                          if self.cfg.model.train_mask_decoder else None),
                             token_rows=self.token_rows.export() if self.token_rows is not None else None)
 
     def param_groups(self):

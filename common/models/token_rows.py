@@ -57,10 +57,10 @@ class TokenRows(nn.Module):
 
     @torch.no_grad()
     def export(self) -> Dict[str, torch.Tensor]:
-        """The rows' full values in the learner's dtype (what engines write into their weights), one CPU copy."""
-        out = {"ids": self.ids.to("cpu", copy=True), "input": self.rows("input").detach().to("cpu", copy=True)}
+        """The rows' full values in the learner's dtype (what engines write into their weights), new CPU tensors."""
+        out = {"ids": self.ids.to("cpu", copy=True), "input": self.rows("input").detach().cpu()}
         if not self.tied:
-            out["output"] = self.rows("output").detach().to("cpu", copy=True)
+            out["output"] = self.rows("output").detach().cpu()
         return out
 
 

@@ -133,7 +133,7 @@ class LearnerConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 8
-    zero_stage: int = 2
+    zero_stage: int = 2  # 0, 1 or 2 (ZeRO-3 is refused: see common/config.py)
     sft_lr: float = 1e-3
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)

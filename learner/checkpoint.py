@@ -17,19 +17,18 @@ def save_learner(core, path: str) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     core.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-    with core.gathered():  # ZeRO-3: whole parameters, gathered by every rank together; rank 0 writes them
-        if core.rank == 0:
-            module = core.module
-            module.policy.save_pretrained(str(path / "peft"))
-            bundle = module.bundle(core.version)
-            save_file(bundle.adapter, str(path / "adapter.safetensors"))
-            if bundle.mask_decoder is not None:
-                save_file(bundle.mask_decoder, str(path / "mask_decoder.safetensors"))
-            if bundle.token_rows is not None:
-                save_file(bundle.token_rows, str(path / "token_rows.safetensors"))
-            if module.reference_lora is not None:
-                save_file({n: t.cpu().contiguous() for n, t in module.reference_lora.items()},
-                          str(path / "reference_lora.safetensors"))
+    if core.rank == 0:
+        module = core.module
+        module.policy.save_pretrained(str(path / "peft"))
+        bundle = module.bundle(core.version)
+        save_file(bundle.adapter, str(path / "adapter.safetensors"))
+        if bundle.mask_decoder is not None:
+            save_file(bundle.mask_decoder, str(path / "mask_decoder.safetensors"))
+        if bundle.token_rows is not None:
+            save_file(bundle.token_rows, str(path / "token_rows.safetensors"))
+        if module.reference_lora is not None:
+            save_file({n: t.cpu().contiguous() for n, t in module.reference_lora.items()},
+                      str(path / "reference_lora.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(path / f"rng_rank{core.rank}.safetensors"))
     np_state = np.random.get_state()
     meta = {"version": core.version, "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -103,23 +103,13 @@ class LearnerGroup:
             return False
         return True
 
-    def _zero3(self) -> bool:
-        """ZeRO-3 partitions the parameters: an export gathers them, a collective every rank must join."""
-        return self.cfg.learner.zero_stage == 3 and len(self.pool) > 1
-
     def export_weights(self) -> WeightBundle:
-        if self._zero3():
-            return self.pool.call_all("export_weights")[0]
         return self.pool.call(0, "export_weights")
 
     def export_refs(self):
         """(sizes dict, ObjectRef of the rollout part, ObjectRef of the reward part); see `export_parts`.
-        In-process: the parts themselves. Under ZeRO-3 every rank exports (the gather is collective); rank 0's
-        parts are used."""
-        calls = [self.pool.raw(i, "export_parts") for i in range(len(self.pool) if self._zero3() else 1)]
-        sizes, rollout, reward = calls[0]
-        if len(calls) > 1:
-            self.pool.fetch([c[0] for c in calls])  # every rank's gather has finished
+        In-process: the parts themselves."""
+        sizes, rollout, reward = self.pool.raw(0, "export_parts")
         return self.pool.fetch(sizes), rollout, reward
 
     def save_checkpoint(self, path: str) -> None:

@@ -6,7 +6,7 @@ The SAM image encoder and prompt encoder are frozen; image embeddings are comput
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -56,9 +56,6 @@ class CoreSegModule(nn.Module):
         self.device = device
         self._embeddings: Dict[str, torch.Tensor] = {}
         self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference
-        # entered around mask decoding: ZeRO-3 sets it to gather the SAM prompt encoder's weights, which
-        # `decode_masks` reads outside any forward (learner/worker.py)
-        self.decode_params = nullcontext
 
     # -- policy -------------------------------------------------------------------------------------
     def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
@@ -122,8 +119,7 @@ class CoreSegModule(nn.Module):
                 unique_keys.append(key)
             index.append(len(unique) - 1)
         emb = self.image_embeddings(unique, unique_keys)
-        with self.decode_params():
-            low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
+        low, _ = decode_masks(self.sam, self.adapter, emb, seg_states, torch.tensor(index, device=self.device))
         return low
 
     def mask_loss_pair(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]):

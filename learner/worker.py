@@ -9,7 +9,6 @@ import importlib
 import os
 import socket
 import zlib
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Dict, List, Sequence, Tuple
 
@@ -73,10 +72,6 @@ class LearnerCore:
                      "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=ds_config)
-        if L.zero_stage == 3:
-            _register_zero3_external_params(self.module)
-            prompt_encoder = list(self.module.sam.prompt_encoder.parameters())
-            self.module.decode_params = lambda: deepspeed.zero.GatheredParameters(prompt_encoder, modifier_rank=None)
         self.device = device
         self.encoder = PromptEncoder(self.module.processor, self.module.info.family)
         self.pad_id = self.module.processor.tokenizer.pad_token_id
@@ -260,24 +255,8 @@ class LearnerCore:
                          "token_mean")
 
     # -- weights / checkpoints ----------------------------------------------------------------------
-    @contextmanager
-    def gathered(self):
-        """Inside, every trainable parameter is whole on this rank. Under ZeRO-3 each rank holds only a partition
-        (the rest are empty tensors), so the full values are gathered, a collective that every rank must enter;
-        ZeRO <= 2 keeps whole parameters on every rank and nothing happens."""
-        if self.cfg.learner.zero_stage < 3:
-            yield
-            return
-        import deepspeed
-
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-
     def export_weights(self) -> WeightBundle:
-        """The weight bundle; under ZeRO-3 every rank must call it (see `gathered`)."""
-        with self.gathered():
-            return self.module.bundle(self.version)
+        return self.module.bundle(self.version)
 
     def set_version(self, version: int) -> int:
         """Renumber the current weights (after a recovery, so versions keep increasing for the workers)."""
@@ -322,20 +301,6 @@ class LearnerWorker(LearnerCore):
         rollout, reward = bundle.rollout_part(), bundle.reward_part()
         return ({"version": bundle.version, "rollout_bytes": rollout.num_bytes(), "reward_bytes": reward.num_bytes()},
                 rollout, reward)
-
-
-def _register_zero3_external_params(module: torch.nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters when that module's forward runs. Some modules read a child's weight
-    without calling the child: nn.MultiheadAttention its out_proj (the prompt adapter), SAM's mask decoder and
-    prompt encoder their token embeddings (`iou_token.weight`, ...). Those weights are declared as the parent's."""
-    import deepspeed
-
-    for parent in module.modules():
-        for child in parent.children():
-            if isinstance(child, torch.nn.Embedding) or (
-                    isinstance(parent, torch.nn.MultiheadAttention) and child is parent.out_proj):
-                for p in child.parameters(recurse=False):
-                    deepspeed.zero.register_external_parameter(parent, p)
 
 
 def free_port() -> int:

@@ -124,8 +124,7 @@ class VLLMEngine(GenerationEngine):
         self._lora = None  # current LoRARequest (adapter mode)
         self._merged_deltas = None  # current LoRA deltas (merged mode), installed again after a wake-up
         self._token_rows = None  # current token rows, written again after a wake-up
-        if not self.merged:
-            sweep_stale_adapter_folders()  # left by killed engines (no cleanup runs on ray.kill)
+        sweep_stale_adapter_folders()  # adapter folders left by killed engines (no cleanup runs on ray.kill)
         # The family's vision tokens must never be sampled: bad_words masks them to -inf (each is one token on its
         # own); logit_bias (clamped by vLLM to -100) is the fallback for a tokenizer that splits one. Not both:
         # each is one more pass over the logits per decode step.

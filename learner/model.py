@@ -19,8 +19,8 @@ from common.models.adapter import build_adapter
 from common.models.lora import cpu_copies, lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
 from common.models.sam import build_sam, encode_images, upscale_masks
-from common.models.token_rows import attach_token_rows, rows_disabled
 from common.models.segment import decode_masks
+from common.models.token_rows import attach_token_rows, rows_disabled
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
 from learner.losses import low_res_target

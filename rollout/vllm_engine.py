@@ -20,10 +20,10 @@ from typing import List, Sequence
 import torch
 
 from common.devices import check_device
+from common.models.token_rows import write_rows_vllm
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
-from common.models.token_rows import write_rows_vllm
 from rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders, write_peft_folder
 from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
 

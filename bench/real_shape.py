@@ -206,7 +206,7 @@ def report(r: dict) -> str:
 
     g = r["grpo"]
     r = dict(r, cfg=load_config("tiny_cpu", r["overrides"]))
-    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]) + "`", "",
+    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]).replace(str(ROOT) + "/", "") + "`", "",
              f"Policy: Qwen2.5-VL-3B shape (hidden 2048, 16/2 heads, MLP 11008, 151,936 rows, tied), 2 decoder "
              f"layers, vision tower 1280 wide with 2 blocks; random init, loaded from its HF folder through "
              f"model.policy. SAM vit_b at 1024 px, random weights loaded through model.sam_checkpoint. "

@@ -202,7 +202,6 @@ def run(args) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in records if r.get("phase") == "grpo" and "time/step" in r][-1]
     sample = LesionDataset(str(data), "train", 1).next_batch()[0]
-    from common.models.policy import load_policy  # noqa: F401 - processor only
     from transformers import AutoProcessor
 
     from common.models.family import model_family

@@ -253,6 +253,12 @@ def report(r: dict) -> str:
         lines += ["", f"Ray's memory monitor stopped {r.get('memory_kills', '?')} worker(s) during the run (the machine, "
                   f"shared with other jobs, neared 95% of its RAM); Ray restarted the actor and the run went on. "
                   f"Exited processes: {', '.join(exited) or 'none'} (row: the largest RSS sampled every 0.5 s)."]
+    no_seg = g.get("reason/mask:no_seg_token", 0)
+    lines += ["", f"GRPO completions without `<seg>` (random policy): {no_seg:g} of {r['cfg'].rollout.group_size}; "
+              + ("so the reward worker's SAM encoder never ran and its plan row 'SAM encoder peak' was not exercised. "
+                 if no_seg >= r["cfg"].rollout.group_size else "")
+              + "The plan counts tensors only; a measured RSS adds the runtime (Python, torch, Ray, DeepSpeed, vLLM "
+                "and oneDNN buffers, the processor's pixel arrays) and the allocator's retained transients."]
     lines += ["", "| role | plan GiB | measured peak RSS GiB | measured - plan |", "|---|---|---|---|"]
     for role, got in measured.items():
         est = plan.per_process.get(role, 0.0)

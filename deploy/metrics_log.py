@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional
 
 from deploy.checkpoints import write_text_atomic
 
+ROLLOUTS = "rollouts.jsonl"  # run.dump_rollouts: sampled completions with their rewards, one JSON object per line
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, config=None,
@@ -75,7 +77,12 @@ class MetricsLogger:
             self._tb.file_writer.add_summary(summary)
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """On resume: drop records of `phase` beyond the checkpointed step (they will be redone)."""
+        """On resume: drop records of `phase` beyond the checkpointed step (they will be redone), and for GRPO the
+        dumped rollouts of those steps (rollouts.jsonl)."""
+        dump = self.path.parent / ROLLOUTS
+        if phase == "grpo" and dump.exists():
+            rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
+            write_text_atomic(dump, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]

@@ -2,8 +2,8 @@
 
 Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
 YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
-`coreseg config show` prints the tree they resolve to. `eval`, `predict` and `train --resume` read the run's own
-config.yaml and take overrides only.
+`coreseg config show` prints the tree they resolve to. `eval`, `predict`, `export` and `train --resume` read the
+run's own config.yaml and take overrides only.
 """
 from __future__ import annotations
 
@@ -183,8 +183,8 @@ def cmd_config_show(args, cfg: TrainConfig) -> None:
 
 
 def refuse_config_for_run_commands(args) -> None:
-    """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
-    `--config` there would be silently ignored, so it is refused."""
+    """`eval`, `predict`, `export` and `train --resume` use the run's saved config.yaml (the tree it was trained
+    with; an export carries what it needs); a `--config` there would be silently ignored, so it is refused."""
     run_bound = args.command in ("eval", "predict", "export") or getattr(args, "resume", None)
     if run_bound and args.config:
         what = "train --resume" if args.command == "train" else args.command

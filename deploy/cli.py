@@ -196,7 +196,7 @@ def cmd_export(args, cfg: TrainConfig) -> None:
     from deploy.export import ExportError, export_run
 
     try:
-        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint)
+        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint, merged=args.merged)
     except ExportError as err:
         sys.exit(f"coreseg: {err}")
     print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "
@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base model's local folder or hub id (written into the "
                                                  "adapter config)")
     p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--merged", action="store_true", help="also write the policy with the LoRA merged (merged/)")
     _common(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")

@@ -2,8 +2,8 @@
 
 Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
 YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
-`coreseg config show` prints the tree they resolve to. `eval`, `predict` and `train --resume` read the run's own
-config.yaml and take overrides only.
+`coreseg config show` prints the tree they resolve to. `eval`, `predict`, `export` and `train --resume` read the
+run's own config.yaml and take overrides only.
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ def cmd_config_show(args, cfg: TrainConfig) -> None:
 
 
 def refuse_config_for_run_commands(args) -> None:
-    """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
-    `--config` there would be silently ignored, so it is refused."""
+    """`eval`, `predict`, `export` and `train --resume` use the run's saved config.yaml (the tree it was trained
+    with; an export carries what it needs); a `--config` there would be silently ignored, so it is refused."""
     run_bound = args.command in ("eval", "predict", "export") or getattr(args, "resume", None)
     if run_bound and args.config:
         what = "train --resume" if args.command == "train" else args.command
@@ -192,7 +192,7 @@ def cmd_export(args, cfg: TrainConfig) -> None:
     from deploy.export import ExportError, export_run
 
     try:
-        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint)
+        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint, merged=args.merged)
     except ExportError as err:
         sys.exit(f"coreseg: {err}")
     print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base model's local folder or hub id (written into the "
                                                  "adapter config)")
     p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--merged", action="store_true", help="also write the policy with the LoRA merged (merged/)")
     _common(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")

@@ -121,6 +121,7 @@ def test_a_resume_without_a_complete_checkpoint_starts_over(tmp_path, capsys):
     from types import SimpleNamespace
 
     from deploy.recovery import resume
+    from deploy.run_folder import RunFolder
 
     log = MetricsLogger(tmp_path, tensorboard=False)
     for step in (0, 1, 2):
@@ -130,6 +131,6 @@ def test_a_resume_without_a_complete_checkpoint_starts_over(tmp_path, capsys):
     def restore():
         raise AssertionError("nothing to restore")
 
-    resume(SimpleNamespace(run_dir=tmp_path, logger=log, restore=restore))
+    resume(SimpleNamespace(run=RunFolder(str(tmp_path)), run_dir=tmp_path, logger=log, restore=restore))
     assert "starts over from step 0" in capsys.readouterr().out
     assert read_metrics(tmp_path) == []

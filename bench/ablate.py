@@ -2,6 +2,7 @@
 with the coarse-to-fine switch; the mask as plain Dice (no coarse stage); + DiceCE; density-aware on.
 
     .venv/bin/python bench/ablate.py --seeds 0 1 2 --record [--steps 20 --sft-steps 400 --eval-samples 0]
+    .venv/bin/python bench/ablate.py rollout.group_size=4 --seeds 0 1 2   # config overrides go before --seeds
 
 Every run goes through the real CLI. Per seed, one SFT run (`coreseg sft`) is shared by all rows: the SFT-only row
 is `coreseg eval` of it, every GRPO row is `coreseg train --init <that SFT checkpoint> --no-sft --eval`. Seed s

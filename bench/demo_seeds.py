@@ -1,6 +1,7 @@
 """`coreseg demo` over seeds: the SFT start (step 0) against the GRPO end on val / test_id / test_ood, per seed.
 
     .venv/bin/python bench/demo_seeds.py --seeds 0 1 2 --record
+    .venv/bin/python bench/demo_seeds.py run.sft_steps=100 --seeds 0      # config overrides go before --seeds
 
 Each seed runs the demo exactly as `make demo` does (the preset's settings) with run.seed (the tiny policy's
 random init), learner.seed, rollout.seed and data.shuffle_seed set to the seed, in runs/demo-seed<s>. A seed whose

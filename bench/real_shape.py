@@ -77,6 +77,21 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def ray_session_log() -> str:
+    """This driver's raylet log (Ray's memory monitor reports the workers it stops there)."""
+    import ray
+
+    return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "raylet.out")
+
+
+def memory_kills(raylet_log: str) -> int:
+    """Workers Ray's memory monitor stopped (it acts when the whole machine nears 95% of its RAM)."""
+    import re
+
+    text = Path(raylet_log).read_text(errors="replace") if Path(raylet_log).exists() else ""
+    return sum(int(n) for n in re.findall(r"(\d+) Workers \(tasks / actors\) killed due to memory pressure", text))
+
+
 class PeakMemory:
     """Names and peak resident sets of this process and its descendants (Ray's GCS, raylet and workers)."""
 
@@ -181,12 +196,12 @@ def run(args) -> dict:
         times["GRPO step (incl. first push)"] = time.perf_counter() - t
         rss["after GRPO"] = memory.snapshot()
         peaks = memory.peaks()
+        raylet_log = ray_session_log()
     finally:
         driver.close()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in records if r.get("phase") == "grpo" and "time/step" in r][-1]
     sample = LesionDataset(str(data), "train", 1).next_batch()[0]
-    from common.models.policy import load_policy  # noqa: F401 - processor only
     from transformers import AutoProcessor
 
     from common.models.family import model_family
@@ -195,7 +210,8 @@ def run(args) -> dict:
     family = model_family(policy)
     enc = family.encode_prompt(processor, sample.question, Image.fromarray(sample.image))
     vision = family.image_token_count(processor, enc)
-    return {"overrides": overrides, "peaks": peaks, "rss": rss, "times": times, "grpo": grpo, "build_s": build_s,
+    return {"overrides": overrides, "peaks": peaks, "rss": rss, "times": times,
+            "memory_kills": memory_kills(raylet_log), "grpo": grpo, "build_s": build_s,
             "prompt_tokens": int(enc["input_ids"].shape[1]), "vision_tokens": vision,
             "image": list(sample.image.shape)}
 
@@ -206,7 +222,7 @@ def report(r: dict) -> str:
 
     g = r["grpo"]
     r = dict(r, cfg=load_config("tiny_cpu", r["overrides"]))
-    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]) + "`", "",
+    lines = ["Config overrides on tiny_cpu: `" + " ".join(r["overrides"]).replace(str(ROOT) + "/", "") + "`", "",
              f"Policy: Qwen2.5-VL-3B shape (hidden 2048, 16/2 heads, MLP 11008, 151,936 rows, tied), 2 decoder "
              f"layers, vision tower 1280 wide with 2 blocks; random init, loaded from its HF folder through "
              f"model.policy. SAM vit_b at 1024 px, random weights loaded through model.sam_checkpoint. "
@@ -232,6 +248,17 @@ def report(r: dict) -> str:
               format_plan(plan), "```"]
     measured = {role: max((v for k, v in r["peaks"].items() if tag in k.lower()), default=0)
                 for role, tag in (("learner", "learnerworker"), ("rollout", "rolloutworker"), ("reward", "rewardworker"))}
+    exited = [k for k in r["peaks"] if "exited" in k]
+    if exited or r.get("memory_kills"):
+        lines += ["", f"Ray's memory monitor stopped {r.get('memory_kills', '?')} worker(s) during the run (the machine, "
+                  f"shared with other jobs, neared 95% of its RAM); Ray restarted the actor and the run went on. "
+                  f"Exited processes: {', '.join(exited) or 'none'} (row: the largest RSS sampled every 0.5 s)."]
+    no_seg = g.get("reason/mask:no_seg_token", 0)
+    lines += ["", f"GRPO completions without `<seg>` (random policy): {no_seg:g} of {r['cfg'].rollout.group_size}; "
+              + ("so the reward worker's SAM encoder never ran and its plan row 'SAM encoder peak' was not exercised. "
+                 if no_seg >= r["cfg"].rollout.group_size else "")
+              + "The plan counts tensors only; a measured RSS adds the runtime (Python, torch, Ray, DeepSpeed, vLLM "
+                "and oneDNN buffers, the processor's pixel arrays) and the allocator's retained transients."]
     lines += ["", "| role | plan GiB | measured peak RSS GiB | measured - plan |", "|---|---|---|---|"]
     for role, got in measured.items():
         est = plan.per_process.get(role, 0.0)
@@ -248,10 +275,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--clean", action="store_true", help="rebuild the policy folder, checkpoint and data")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--from-json", help="report (and record) a result this script saved, without running")
+    ap.add_argument("--raylet-log", help="with --from-json: the run's raylet.out, to count memory-monitor kills")
     ap.add_argument("overrides", nargs="*", help="further config overrides")
     args = ap.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
+        if args.raylet_log:  # a result saved before the script counted them
+            result.setdefault("memory_kills", memory_kills(args.raylet_log))
         finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(Path(args.from_json).stat().st_mtime))
         result.setdefault("started", f"(finished {finished})")
     else:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
 
-ACTOR_GONE = (RayActorError, ActorUnavailableError)
+# a call fails with these when its actor's process is gone: died, restarting, or killed by Ray's memory monitor
+ACTOR_GONE = (RayActorError, ActorUnavailableError, OutOfMemoryError)
 MAX_RETRIES = 3  # re-sends of one call before the pool gives up
 RECOVER_WAIT_S = 60.0  # how long a restarting actor may take to come back
 

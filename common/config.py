@@ -112,11 +112,15 @@ def validate(cfg: TrainConfig) -> None:
                           "set run.steps=0 for SFT only")
     if not 0 <= cfg.learner.clip_low < 1 or cfg.learner.clip_high < 0:
         raise ConfigError("config keys 'learner.clip_low' in [0, 1) and 'learner.clip_high' >= 0")
-    if cfg.learner.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError("config key 'learner.zero_stage' must be 0, 1, 2 or 3")
-    if cfg.learner.zero_stage == 3 and cfg.learner.reference == "grpo_start" and cfg.learner.kl_beta > 0:
-        raise ConfigError("config key 'learner.reference' = 'grpo_start' needs whole LoRA tensors on each rank "
-                          "(learner.zero_stage <= 2); use learner.reference=base with ZeRO-3")
+    if cfg.learner.zero_stage == 3:
+        raise ConfigError(
+            "config key 'learner.zero_stage' = 3 is not supported: ZeRO-3 gathers each module's partitioned weights "
+            "with collectives when the module runs, so every rank must run the same modules in the same order, but "
+            "ranks run SAM's image encoder only for images missing from their embedding cache and the mask decoder "
+            "once per distinct image (a 2-rank run fails with a gloo size mismatch; NCCL would hang), and "
+            "exports read whole weights; use learner.zero_stage=2 (the LoRA model's frozen base is replicated)")
+    if cfg.learner.zero_stage not in (0, 1, 2):
+        raise ConfigError("config key 'learner.zero_stage' must be 0, 1 or 2")
     from learner.registry import resolve  # here, not at the top: the registries import torch
 
     for kind, dotted in (("advantage", "learner.advantage"), ("policy_loss", "learner.policy_loss")):

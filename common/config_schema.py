@@ -41,6 +41,9 @@ class ModelConfig:
     adapter_queries: int = 4
     adapter_mlp_blocks: int = 2
     train_mask_decoder: bool = True
+    # Train the embedding rows (input and output) of the tokens the project adds (`<seg>`): a real model keeps
+    # them in spare rows pretraining never trained, which LoRA cannot move (common/models/token_rows.py).
+    train_token_rows: bool = True
 
 
 @dataclass
@@ -142,7 +145,7 @@ class LearnerConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 8
-    zero_stage: int = 2
+    zero_stage: int = 2  # 0, 1 or 2 (ZeRO-3 is refused: see common/config.py)
     sft_lr: float = 1e-3
     # Learning-rate schedules (learner/schedule.py), over run.steps (GRPO) and run.sft_steps (SFT): constant |
     # linear | cosine after a linear warmup of N steps, decaying to lr_min_ratio x the base rate; the factor

@@ -1,5 +1,6 @@
 """The task's prompt words and completion template, and the strict completion parser. The chat format the
-words are wrapped in belongs to the model family (`common.models.family`, `ModelFamily.prompt`).
+words are wrapped in is the model folder's chat template, applied through the model family
+(`common.models.family`, `ModelFamily.render_prompt`); `SYSTEM_PROMPT` is `model.system_prompt`'s default.
 
 Completion format (the paper's):
   <think> reasoning </think> <answer> The <category> is located at [[x1, y1, x2, y2], ...]. The mask is <seg>. </answer>

@@ -42,14 +42,18 @@ class WeightBundle:
     peft_config: dict  # LoraConfig.to_dict() (JSON-able)
     adapter: Dict[str, torch.Tensor]  # PromptAdapter state dict
     mask_decoder: Optional[Dict[str, torch.Tensor]] = None  # SAM mask decoder state dict when trained
+    # the added tokens' embedding rows when trained (common/models/token_rows.py): ids, input, output if untied
+    token_rows: Optional[Dict[str, torch.Tensor]] = None
 
     def num_bytes(self) -> int:
-        tensors = list(self.lora.values()) + list(self.adapter.values()) + list((self.mask_decoder or {}).values())
+        tensors = (list(self.lora.values()) + list(self.adapter.values()) + list((self.mask_decoder or {}).values())
+                   + list((self.token_rows or {}).values()))
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
     def rollout_part(self) -> "WeightBundle":
-        """What a rollout worker serves: the LoRA only (the adapter and mask decoder live in reward workers)."""
-        return WeightBundle(self.version, self.lora, self.peft_config, {}, None)
+        """What a rollout worker serves: the LoRA and token rows (the adapter and mask decoder live in reward
+        workers)."""
+        return WeightBundle(self.version, self.lora, self.peft_config, {}, None, self.token_rows)
 
     def reward_part(self) -> "WeightBundle":
         """What a reward worker needs: the adapter and the mask decoder, no LoRA."""
@@ -59,7 +63,8 @@ class WeightBundle:
         # Tensors travel as numpy arrays: Ray hands numpy buffers out of its object store without pickling
         # them (a 14 MB bundle reaches an actor in ~5 ms, copy included, instead of ~21 ms as torch tensors).
         return _unpack_bundle, (self.version, _pack(self.lora), self.peft_config, _pack(self.adapter),
-                                None if self.mask_decoder is None else _pack(self.mask_decoder))
+                                None if self.mask_decoder is None else _pack(self.mask_decoder),
+                                None if self.token_rows is None else _pack(self.token_rows))
 
 
 _VIEW_AS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as same-width integers
@@ -84,9 +89,10 @@ def _unpack(packed: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _unpack_bundle(version, lora, peft_config, adapter, mask_decoder) -> WeightBundle:
+def _unpack_bundle(version, lora, peft_config, adapter, mask_decoder, token_rows=None) -> WeightBundle:
     return WeightBundle(version, _unpack(lora), peft_config, _unpack(adapter),
-                        None if mask_decoder is None else _unpack(mask_decoder))
+                        None if mask_decoder is None else _unpack(mask_decoder),
+                        None if token_rows is None else _unpack(token_rows))
 
 
 @dataclass

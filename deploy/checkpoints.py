@@ -3,6 +3,7 @@ then renamed to NAME; `latest` is replaced atomically only after; a step already
 only the newest `keep` are kept."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,18 @@ def _sync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _no_space(err: BaseException) -> bool:
+    """Whether an OSError with errno ENOSPC is in the chain of `err` (torch's writer reports a full disk as
+    "basic_ios::clear: iostream error", so the free space is checked too)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def complete_checkpoints(root: Path) -> List[Path]:
     """Finished checkpoints (renamed from their .tmp folder), oldest first by name (names sort by step)."""
     if not root.exists():
@@ -39,11 +52,16 @@ def complete_checkpoints(root: Path) -> List[Path]:
 
 def save_atomic(root: Path, name: str, write: Callable[[Path], None], keep: int = 0) -> Path:
     """`write(folder)` fills a new checkpoint `root/name`; returns its path. Skipped when `root/name` exists (that
-    step is saved). A failure leaves `latest` and earlier checkpoints as they were; a full disk is reported as such,
-    naming the folder. keep > 0: afterwards only the newest `keep` checkpoints remain."""
+    step is saved; `latest` is moved to it if it named an older one). A failure leaves `latest` and earlier
+    checkpoints as they were; a full disk is reported as such, naming the folder. keep > 0: afterwards only the
+    newest `keep` checkpoints remain."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     if final.exists():
+        latest = root / LATEST
+        current = latest.read_text().strip() if latest.exists() else ""
+        if name > current:  # a save killed between its rename and `latest`: the folder is complete
+            write_text_atomic(latest, name)
         return final
     tmp = root / (name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
@@ -52,9 +70,9 @@ def save_atomic(root: Path, name: str, write: Callable[[Path], None], keep: int 
         write(tmp)
         _sync_tree(tmp)
     except BaseException as err:
+        free = shutil.disk_usage(root).free  # before the partial checkpoint is removed and frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
-        if isinstance(err, Exception) and free < LOW_SPACE_BYTES:
+        if isinstance(err, Exception) and (free < LOW_SPACE_BYTES or _no_space(err)):
             raise OSError(f"no space left on device while writing checkpoint {final} ({free} bytes free on "
                           f"{root}); the previous checkpoints and `latest` are intact") from err
         raise

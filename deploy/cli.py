@@ -2,8 +2,8 @@
 
 Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
 YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
-`coreseg config show` prints the tree they resolve to. `eval`, `predict` and `train --resume` read the run's own
-config.yaml and take overrides only.
+`coreseg config show` prints the tree they resolve to. `eval`, `predict`, `export` and `train --resume` read the
+run's own config.yaml and take overrides only.
 """
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 def cmd_train(args, cfg: TrainConfig) -> None:
     from deploy.driver import Driver
     from deploy.evaluation import evaluate_start
+    from deploy.recovery import resume
     from deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
@@ -111,7 +112,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
     driver = Driver(cfg, run_dir)
     try:
         if args.resume:
-            driver.restore()
+            resume(driver)
         elif args.init:
             driver.restore(args.init)
             driver.step["grpo"] = 0
@@ -120,8 +121,8 @@ def cmd_train(args, cfg: TrainConfig) -> None:
         if (args.eval or cfg.run.eval_every) and not args.no_start_eval:  # step 0, for start -> end deltas
             evaluate_start(driver, cfg.data.eval_splits, cfg.run.eval_samples)
         remaining = cfg.run.steps - driver.step["grpo"]
-        driver.train(max(0, remaining))
-        driver.save()
+        driver.train(max(0, remaining), save_at_end=True)
+        driver.save()  # after SFT alone (a step already saved is not saved again)
         if args.eval:
             driver.evaluate(cfg.data.eval_splits, cfg.run.eval_samples)
     finally:
@@ -179,8 +180,8 @@ def cmd_config_show(args, cfg: TrainConfig) -> None:
 
 
 def refuse_config_for_run_commands(args) -> None:
-    """`eval`, `predict` and `train --resume` use the run's saved config.yaml (the tree it was trained with); a
-    `--config` there would be silently ignored, so it is refused."""
+    """`eval`, `predict`, `export` and `train --resume` use the run's saved config.yaml (the tree it was trained
+    with; an export carries what it needs); a `--config` there would be silently ignored, so it is refused."""
     run_bound = args.command in ("eval", "predict", "export") or getattr(args, "resume", None)
     if run_bound and args.config:
         what = "train --resume" if args.command == "train" else args.command
@@ -193,7 +194,7 @@ def cmd_export(args, cfg: TrainConfig) -> None:
 
     try:
         run_dir, checkpoint = local_run_copy(absolute_path(args.run, Path.cwd()), args.checkpoint)
-        out = export_run(run_dir, args.out, args.base, checkpoint=checkpoint)
+        out = export_run(run_dir, args.out, args.base, checkpoint=checkpoint, merged=args.merged)
     except ExportError as err:
         sys.exit(f"coreseg: {err}")
     print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "
@@ -350,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base model's local folder or hub id (written into the "
                                                  "adapter config)")
     p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--merged", action="store_true", help="also write the policy with the LoRA merged (merged/)")
     _common(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")

@@ -24,6 +24,7 @@ from common.seeding import derive_seed
 from deploy.learning_metrics import dump_rollouts
 from deploy.metrics_log import MetricsLogger
 from deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
+from deploy.recovery import recover_learner, restart_counts
 from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
 
@@ -288,11 +289,14 @@ class Driver:
                   **batch.stats(), "batch_ids": ",".join(s.id for s in batch.samples)}
         record.update({f"reward_pool/{k}": float(v) for k, v in self.reward.stats().items()
                        if isinstance(v, (int, float))})
+        record.update(restart_counts(self))
         self.logger.log("grpo", step, record)
         dump_rollouts(self.logger, cfg.run.dump_rollouts, step, batch)
         return record
 
-    def train(self, steps: int) -> None:
+    def train(self, steps: int, save_at_end: bool = False) -> None:
+        """`steps` GRPO steps, saving every `run.save_every` (and after the last with `save_at_end`). A learner
+        lost in a step, a save or an evaluation is rebuilt from the latest checkpoint (deploy/recovery.py)."""
         if self.read_only:
             raise RuntimeError("this driver is read-only (eval, predict): it does not train")
         if self.rollout is None:
@@ -304,40 +308,20 @@ class Driver:
         while self.step["grpo"] < target:
             try:
                 rec = self.grpo_step(prefetch_next=self.step["grpo"] + 1 < target)
+                step = self.step["grpo"]
+                if (save_at_end and step == target) or (self.cfg.run.save_every and
+                                                        step % self.cfg.run.save_every == 0):
+                    self.save()
+                if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0:
+                    self.evaluate([self.cfg.data.eval_splits[0]], self.cfg.run.eval_samples, tag=f"step{step}")
             except Exception as err:  # noqa: BLE001 - a lost learner rank is recovered, anything else re-raised
                 if self.learner.healthy():
                     raise
-                self._recover_learner(err)
+                recover_learner(self, err)
                 bar.n = self.step["grpo"] - (target - steps)
                 continue
             bar.update(1)
             bar.set_postfix(reward=f"{rec['reward/total']:.3f}", t=f"{rec['time/step']:.1f}s")
-            step = self.step["grpo"]
-            if self.cfg.run.save_every and step % self.cfg.run.save_every == 0:
-                self.save()
-            if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0:
-                self.evaluate([self.cfg.data.eval_splits[0]], self.cfg.run.eval_samples, tag=f"step{step}")
-
-    def _recover_learner(self, err: Exception) -> None:
-        """A learner rank (or its node) is lost: rebuild the group in its bundles, load the latest checkpoint, push
-        its weights and go on from there (the steps after it are redone and logged once), at most
-        `run.max_failures` times."""
-        from learner.group import LearnerGroup
-
-        self.learner_restarts += 1
-        if self.learner_restarts > self.cfg.run.max_failures:
-            raise RuntimeError(f"learner lost {self.learner_restarts} times (run.max_failures="
-                               f"{self.cfg.run.max_failures}); last failure: {err}") from err
-        latest = self.run.latest_checkpoint()
-        if latest is None:
-            raise RuntimeError(f"learner lost before the first checkpoint ({err}); nothing to resume from") from err
-        print(f"[coreseg] learner lost ({type(err).__name__}: {str(err).splitlines()[0][:200]}); rebuilding it "
-              f"from {latest} (restart {self.learner_restarts}/{self.cfg.run.max_failures})")
-        self.learner.shutdown()
-        self.learner = LearnerGroup(self.cfg, self.policy_source, **self._learner_args)
-        self.restore(version_after=self.version)
-        self.logger.log("fault", self.step["grpo"], {"learner_restarts": float(self.learner_restarts),
-                                                     "error": f"{type(err).__name__}: {str(err)[:500]}"})
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:

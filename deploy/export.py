@@ -8,6 +8,8 @@ peft and segment-anything load from anywhere, without coreseg.
     DIR/segmenter/         prompt_adapter.safetensors, mask_decoder.safetensors (when trained), sam.safetensors
                            (only for a SAM without a checkpoint file: tiny or random init), segmenter.json
     DIR/coreseg_segmenter/ the loader (common/models/segmenter_loader.py) and the three modules it needs
+    DIR/merged/            with --merged: the base model with the LoRA merged in (a plain transformers model
+                           folder, in the base's dtype) + the tokenizer and processor
     DIR/export.json        where it came from: run, checkpoint, steps, base
 
 The run folder is only read.
@@ -93,6 +95,19 @@ def _write_segmenter(cfg, learner: Path, out: Path) -> None:
     (out / loader.CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
+def _write_merged(learner: Path, policy_dir: Path, out: Path) -> None:
+    """Base + LoRA merged into one transformers model folder (loaded and saved in the base's own dtype)."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from common.models.policy import load_policy
+
+    base, _ = load_policy(policy_dir, "auto")
+    merged = PeftModel.from_pretrained(base, str(learner / "peft")).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    AutoProcessor.from_pretrained(str(policy_dir)).save_pretrained(str(out))
+
+
 def _write_loader(out: Path) -> None:
     models = Path(__file__).resolve().parent.parent / "common" / "models"
     out.mkdir()
@@ -100,8 +115,10 @@ def _write_loader(out: Path) -> None:
         shutil.copyfile(models / source, out / target)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, base: str, checkpoint: Optional[str] = None) -> Path:
-    """Writes the export of `run_dir`'s checkpoint into `out_dir` (a new folder; built as OUT.tmp and renamed)."""
+def export_run(run_dir: str | Path, out_dir: str | Path, base: str, checkpoint: Optional[str] = None,
+               merged: bool = False) -> Path:
+    """Writes the export of `run_dir`'s checkpoint into `out_dir` (a new folder; built as OUT.tmp and renamed);
+    `merged`: also the merged policy."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -128,6 +145,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base: str, checkpoint: 
         _write_policy(cfg, learner, trained_on, base, tmp / "policy")
         _write_segmenter(cfg, learner, tmp / "segmenter")
         _write_loader(tmp / "coreseg_segmenter")
+        if merged:
+            _write_merged(learner, trained_on, tmp / "merged")
         driver = ckpt / "driver.json"
         steps = json.loads(driver.read_text()).get("step", {}) if driver.is_file() else {}
         (tmp / "export.json").write_text(json.dumps({"run": str(run_dir), "checkpoint": ckpt.name, "steps": steps,

@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from common.protocol import RolloutGroup, Score
+from deploy.metrics_log import ROLLOUTS
 
 
 def token_entropy_estimate(groups: Sequence[RolloutGroup]) -> float:
@@ -72,7 +73,7 @@ def dump_rollouts(logger, count: int, step: int, batch) -> None:
     if logger is None or count <= 0:
         return
     records = rollout_records(step, [s.id for s in batch.sampled_samples], batch.sampled, batch.scores, count)
-    path = Path(logger.path).parent / "rollouts.jsonl"
+    path = Path(logger.path).parent / ROLLOUTS
     with path.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
     text = "\n\n".join(f"**{r['sample_id']}#{r['completion']}** reward {r['reward']:.3f} "

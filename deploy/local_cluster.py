@@ -61,6 +61,31 @@ class LocalCluster:
         """Each node's local staging folder (CORESEG_STAGE_DIR of its processes): its stand-in local disk."""
         return [Path(d) / "stage" for d in self.temp_dirs]
 
+    def node_ids(self) -> Dict[str, str]:
+        """Ray node id -> the node's temp dir (read from each node's raylet command line)."""
+        out = {}
+        for d in self.temp_dirs:
+            for p in _own_processes(d):
+                try:
+                    flags = [a for a in p.cmdline() if a.startswith("--node_id=")]
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if flags:
+                    out[flags[0].split("=", 1)[1]] = d
+        return out
+
+    def kill_node(self, temp_dir: str) -> List[int]:
+        """SIGKILL every process of the node rooted at `temp_dir` (its raylet, agents and workers), as a host
+        that loses power; returns their PIDs. Its temp dir stays for `stop` to remove."""
+        procs = _own_processes(temp_dir)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        return [p.pid for p in procs]
+
     def stop(self) -> None:
         """Terminate this cluster's processes by PID, then remove its temp dirs."""
         procs = [p for d in self.temp_dirs for p in _own_processes(d)]

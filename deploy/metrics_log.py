@@ -2,6 +2,7 @@
 images (predicted masks at eval) and the run's hyperparameters."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import warnings
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from deploy.checkpoints import write_text_atomic
+
+ROLLOUTS = "rollouts.jsonl"  # run.dump_rollouts: sampled completions with their rewards, one JSON object per line
 
 
 class MetricsLogger:
@@ -32,9 +35,17 @@ class MetricsLogger:
     def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
         record = {"phase": phase, "step": int(step)}
         record.update({k: _clean(v) for k, v in values.items()})
-        with self.path.open("a") as f:  # one write of a whole line; a torn tail (full disk, kill) is dropped on read
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            # one write of a whole line; a torn tail (full disk, kill) is dropped on read
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on device while appending a {phase} record (step "
+                                            f"{step}) to {self.path}; a torn last line is dropped on --resume",
+                              str(self.path)) from err
+            raise
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -66,12 +77,22 @@ class MetricsLogger:
             self._tb.file_writer.add_summary(summary)
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """On resume: drop records of `phase` beyond the checkpointed step (they will be redone)."""
+        """On resume: drop records of `phase` beyond the checkpointed step (they will be redone), and for GRPO the
+        dumped rollouts of those steps (rollouts.jsonl)."""
+        dump = self.path.parent / ROLLOUTS
+        if phase == "grpo" and dump.exists():
+            rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
+            write_text_atomic(dump, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if not (r["phase"] == phase and r["step"] > step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._on_write()
+
+    def clear(self) -> None:
+        """On a resume that starts over (no complete checkpoint): every record goes, as every step is redone."""
+        if self.path.exists():
+            write_text_atomic(self.path, "")
 
     def close(self) -> None:
         if self._tb is not None:

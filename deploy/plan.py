@@ -333,6 +333,10 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
         p.add("rollout", "vLLM KV cache + activations", f"gpu_memory_utilization {R.gpu_memory_utilization} x "
               f"{gpu_mem_gib:g} GiB - weights", kv)
     else:
+        # vLLM-CPU packs every linear's weight for oneDNN and drops the original, except the lm_head (the
+        # embedding when tied), whose original stays beside the packed copy (vocab_parallel_embedding.py)
+        p.add("rollout", "vLLM-CPU packed lm_head copy", f"{shape.vocab:,} x {shape.hidden:,} x {b} B",
+              shape.vocab * shape.hidden * b)
         kv = R.cpu_kv_cache_gb * GIB
         p.add("rollout", "vLLM KV cache", f"rollout.cpu_kv_cache_gb {R.cpu_kv_cache_gb}", kv)
     p.facts["kv_capacity_tokens"] = kv / kv_tok

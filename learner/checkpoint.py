@@ -1,5 +1,5 @@
-"""Learner checkpoints: PEFT adapter folder (PeftModel.from_pretrained / vLLM LoRARequest), adapter and
-mask-decoder safetensors, DeepSpeed optimizer state (trainable parameters only), version and RNG states."""
+"""Learner checkpoints: PEFT adapter folder (PeftModel.from_pretrained / vLLM LoRARequest), adapter,
+mask-decoder and trained token-row safetensors (for inspection and export; resuming reads DeepSpeed's state), DeepSpeed optimizer state (trainable parameters only), version and RNG states."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,8 @@ def save_learner(core, path: str) -> None:
         save_file(bundle.adapter, str(path / "adapter.safetensors"))
         if bundle.mask_decoder is not None:
             save_file(bundle.mask_decoder, str(path / "mask_decoder.safetensors"))
+        if bundle.token_rows is not None:
+            save_file(bundle.token_rows, str(path / "token_rows.safetensors"))
         if module.reference_lora is not None:
             save_file({n: t.cpu().contiguous() for n, t in module.reference_lora.items()},
                       str(path / "reference_lora.safetensors"))

@@ -35,8 +35,12 @@ class LearnerGroup:
         self.pool = ActorPool("learner", LearnerWorker, num_workers,
                               lambda rank: ((cfg, str(policy_dir), rank, num_workers), {}),
                               options=options, local=local, placement=placement)
-        addr, port = ("127.0.0.1", free_port()) if local else self.pool.call(0, "rendezvous_address")
-        self.pool.call_all("setup", addr, port)
+        try:
+            addr, port = ("127.0.0.1", free_port()) if local else self.pool.call(0, "rendezvous_address")
+            self.pool.call_all("setup", addr, port)
+        except BaseException:  # a rank lost while the group forms: no rank of it is left behind
+            self.pool.shutdown()
+            raise
 
     @property
     def workers(self) -> list:

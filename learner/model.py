@@ -16,10 +16,11 @@ from common.config import TrainConfig
 from common.data import LesionSample
 from common.images import image_keys
 from common.models.adapter import build_adapter
-from common.models.lora import lora_state, make_lora_config, peft_config_dict
+from common.models.lora import cpu_copies, lora_state, make_lora_config, peft_config_dict
 from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
 from common.models.sam import build_sam, encode_images, preprocessing_of, upscale_masks
 from common.models.segment import decode_masks
+from common.models.token_rows import attach_token_rows, rows_disabled
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
 from learner.losses import low_res_target
@@ -37,6 +38,9 @@ class CoreSegModule(nn.Module):
         self.info = policy_info(policy_dir)
         torch.manual_seed(cfg.learner.seed)
         self.policy = get_peft_model(base, make_lora_config(cfg.model, self.info.family))
+        # `<seg>`'s input and output rows (the only token the project adds); None: LoRA alone
+        self.token_rows = (attach_token_rows(self.policy, [self.info.seg_token_id])
+                           if cfg.model.train_token_rows else None)
         if cfg.learner.gradient_checkpointing:
             # non-reentrant checkpointing needs no input grads (the embeddings are frozen)
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -73,9 +77,10 @@ class CoreSegModule(nn.Module):
     @contextmanager
     def reference_policy(self):
         """Inside, the policy is the KL reference: the snapshot's LoRA values (grpo_start) or the LoRA switched
-        off (base). Entered once per forward, so the LoRA is swapped twice per step, not per micro-batch."""
+        off (base; the token rows too). Entered once per forward, so the LoRA is swapped twice per step, not per
+        micro-batch."""
         if self.reference_lora is None:
-            with self.policy.disable_adapter():
+            with self.policy.disable_adapter(), rows_disabled(self.token_rows):
                 yield
             return
         params = dict(self.policy.named_parameters())
@@ -141,11 +146,13 @@ class CoreSegModule(nn.Module):
 
     # -- weights ------------------------------------------------------------------------------------
     def bundle(self, version: int) -> WeightBundle:
-        cpu = lambda sd: {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}  # noqa: E731
+        """The weights every engine serves, in the learner's dtype (bf16 on GPU): one CPU copy of each tensor."""
         return WeightBundle(version=version, lora=lora_state(self.policy),
                             peft_config=peft_config_dict(self.policy.peft_config["default"]),
-                            adapter=cpu(self.adapter.state_dict()),
-                            mask_decoder=cpu(self.sam.mask_decoder.state_dict()) if self.cfg.model.train_mask_decoder else None)
+                            adapter=cpu_copies(self.adapter.state_dict()),
+                            mask_decoder=(cpu_copies(self.sam.mask_decoder.state_dict())
+                                          if self.cfg.model.train_mask_decoder else None),
+                            token_rows=self.token_rows.export() if self.token_rows is not None else None)
 
     def param_groups(self):
         lora = [p for n, p in self.policy.named_parameters() if p.requires_grad]

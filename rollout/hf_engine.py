@@ -1,7 +1,8 @@
 """The same interface on transformers `generate`: for machines without vLLM and as the reference in tests.
 
 LoRA versions are merged into the model's weights (W0 re-read from the checkpoint each time,
-rollout/lora_merge.py), so generation costs what the base model costs; peft's unmerged LoRA made it ~40%
+rollout/lora_merge.py) and the trained token rows written into the embeddings
+(common/models/token_rows.py), so generation costs what the base model costs; peft's unmerged LoRA made it ~40%
 slower on the small preset. Sampling log-probs are the raw (temperature-1, unprocessed) log-softmax of the
 logits at each step, the same quantity vLLM reports and the learner recomputes."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ from common.models.policy import default_dtype, load_policy
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
+from common.models.token_rows import write_rows_torch
 from rollout.lora_merge import CheckpointReader, lora_deltas
 
 
@@ -36,9 +38,11 @@ class HFEngine(GenerationEngine):
         if missing:
             raise KeyError(f"LoRA modules not in the policy: {missing[:3]}")
         with torch.no_grad():
-            for module, delta in deltas.items():
+            for module in deltas:  # one delta at a time (LoraDeltas computes each on read)
                 weight = params[f"{module}.weight"]
-                weight.copy_(self._checkpoint.merged(self._checkpoint.weight_key(module), delta).to(weight.dtype))
+                weight.copy_(self._checkpoint.merged(self._checkpoint.weight_key(module), deltas[module]).to(weight.dtype))
+        if bundle.token_rows is not None:
+            write_rows_torch(self.model, bundle.token_rows)
         self.version = bundle.version
         return self.version
 

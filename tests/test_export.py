@@ -75,7 +75,7 @@ def trained(tiny_policy_dir, synth_samples, tmp_path_factory):
     cfg.model.assets_dir = str(tiny_policy_dir.parent)
     save_config(cfg, run / "config.yaml")
     before = _stamps(run)
-    main(["export", str(run), "--base", str(tiny_policy_dir), "--out", str(tmp / "export")])
+    main(["export", str(run), "--base", str(tiny_policy_dir), "--out", str(tmp / "export"), "--merged"])
     assert _stamps(run) == before  # the run folder is only read
     return {"core": core, "run": run, "export": tmp / "export", "cfg": cfg}
 
@@ -132,6 +132,12 @@ def test_export_loads_without_coreseg_and_matches_the_learner(trained, tiny_poli
     np.testing.assert_allclose(got["state"], ref_state.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(got["mask"], ref_mask)
     assert got["mask"].shape == sample.image.shape[:2]
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(str(export / "merged"), dtype=torch.float32)
+    with torch.no_grad():  # base + LoRA merged: the learner's logits without peft
+        np.testing.assert_allclose(merged(**inputs).logits[0].numpy(), ref.logits[0].float().numpy(), atol=1e-4,
+                                   rtol=1e-4)
     assert int(got["prompt_len"]) < len(got["generated"]) <= int(got["prompt_len"]) + 4  # greedy generation runs
 
 

@@ -21,7 +21,7 @@ OVERRIDES = ["learner.micro_batch_size=2", "learner.lr=1e-2", "learner.adapter_l
              # the comparison tests the data-parallel gradients themselves.
              "learner.adam_eps=1.0"]
 TOL = 1e-6
-PARTS = ("lora", "adapter", "mask_decoder")
+PARTS = ("lora", "adapter", "mask_decoder", "token_rows")
 
 
 class Batches:

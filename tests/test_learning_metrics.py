@@ -63,6 +63,16 @@ def test_sampled_stats_and_rollout_records():
     assert rollout_records(7, ["a", "b"], groups, scores, 0) == []
 
 
+def test_resume_drops_the_dumped_rollouts_of_redone_steps(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log("grpo", step, {"reward/total": 1.0})
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s, "text": "x"}) + "\n" for s in (1, 2, 2, 3)))
+    logger.truncate_after("grpo", 2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()] == [1, 2, 2]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
 def test_tensorboard_text_image_and_hparams(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -146,3 +146,19 @@ def test_sam_encoder_peak_by_hand():
     n = 64 * 64  # vit_b at 1024 px: 16 px patches
     assert sam_encoder_peak_bytes(1024, 12, 768) == 2 * 12 * n * n * 4 + 8 * n * 768 * 4
     assert sam_encoder_peak_bytes(1024, 12, 768, batch=8, dtype_bytes=2) == 8 * (2 * 12 * n * n + 8 * n * 768) * 2
+
+
+def test_cpu_plan_rows_by_hand(tmp_path):
+    """On CPU (no GPU in cluster.*): fp32 weights, vLLM-CPU's second lm_head copy, the configured KV cache."""
+    from common.config import load_config
+
+    model = _small_model(True)
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    cfg = load_config("tiny_cpu", [f"model.policy={tmp_path}", "rollout.cpu_kv_cache_gb=2"])
+    plan = make_plan(cfg, image_size=112)
+    rows = {(r.role, r.item): r.nbytes for r in plan.rows}
+    n = sum(p.numel() for p in model.parameters())
+    assert rows[("learner", "policy weights")] == rows[("rollout", "vLLM weights")] == n * 4
+    assert rows[("rollout", "vLLM-CPU packed lm_head copy")] == 320 * 64 * 4
+    assert rows[("rollout", "vLLM KV cache")] == 2 * GIB
+    assert plan.gpus["total"] == 0 and plan.device == "cpu"

@@ -131,3 +131,22 @@ def test_medsam_checkpoint_loads_from_safetensors_and_pth(tmp_path):
     assert torch.equal(again.state_dict()["image_encoder.pos_embed"], state["image_encoder.pos_embed"])
     with pytest.raises(ValueError, match="not a vit_l checkpoint"):
         build_sam("vit_l", str(path))
+
+
+def test_segmenter_draws_medsam_masks_from_the_stretched_grid(tiny_sam):
+    from common.models.adapter import build_adapter
+    from common.models.segment import decode_masks
+    from reward.segmenter import Segmenter
+
+    medsam = _as_medsam(tiny_sam)
+    adapter = build_adapter(16)
+    image = np.random.default_rng(1).integers(0, 256, size=(40, 100, 3), dtype=np.uint8)
+    states = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    masks = Segmenter(medsam, adapter).masks_for(["a"], [image], states, [0, 0])
+    with torch.no_grad():
+        emb = medsam.image_encoder(medsam_input(image, medsam.image_encoder.img_size)[0][None])
+        low, _ = decode_masks(medsam, adapter, emb, states, torch.zeros(2, dtype=torch.long))
+    for m in range(2):
+        want = resize_hand(low[m, 0].numpy(), 40, 100) > 0
+        assert masks[m].shape == (40, 100)
+        assert (masks[m] != want).mean() < 0.002  # float32 vs float64 at pixels on the threshold

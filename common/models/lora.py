@@ -29,8 +29,15 @@ def peft_config_dict(config) -> dict:
     return out
 
 
+def cpu_copies(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """One contiguous CPU copy of each tensor, in its own dtype (the learner keeps training the originals; a GPU
+    learner's bf16 stays bf16: half the bytes of float32 on every push)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
 def lora_state(peft_model) -> Dict[str, torch.Tensor]:
-    """LoRA tensors with PEFT names (as in adapter_model.safetensors), CPU float32, contiguous."""
+    """LoRA tensors with PEFT names (as in adapter_model.safetensors) in the learner's dtype (bf16 on GPU, float32
+    on CPU), copied to CPU."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return cpu_copies(get_peft_model_state_dict(peft_model))

@@ -1,6 +1,7 @@
 """What a model family must say about itself, and the logic shared by all families built on it.
 
-A family (Qwen2.5-VL, Qwen2-VL, ...) is a subclass that fills in the class attributes and `render_chat`; the
+A family (Qwen2.5-VL, Qwen2-VL, ...) is a subclass that fills in the class attributes, `chat_messages` (rendered
+by the processor's chat template) and `render_chat` (the same text without a processor); the
 registry in `common/models/family/__init__.py` picks it from the model folder's `config.json` `model_type`.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from common import storage
 from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
                            to_yaml, with_absolute_paths)
-from deploy.run_folder import fresh_run_dir, saved_config
+from deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
@@ -156,7 +156,8 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
 
     if bool(args.run_dir) == bool(args.export):
         sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
-    run_dir = absolute_path(args.run_dir, Path.cwd()) if args.run_dir else None
+    run_dir, checkpoint = local_run_copy(absolute_path(args.run_dir, Path.cwd()), args.checkpoint) if args.run_dir \
+        else (None, None)
     if run_dir:
         cfg = load_config(str(saved_config(run_dir)), args.overrides)
     for path in image_paths(args.image):  # a bad file is named before any model loads
@@ -165,7 +166,7 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
 
     try:
         if args.run_dir:
-            predictor = Predictor.from_run(cfg, run_dir, args.checkpoint)
+            predictor = Predictor.from_run(cfg, run_dir, checkpoint)
         else:
             predictor = Predictor.from_export(args.export, sam_checkpoint=args.sam_checkpoint)
     except ExportError as err:
@@ -192,7 +193,8 @@ def cmd_export(args, cfg: TrainConfig) -> None:
     from deploy.export import ExportError, export_run
 
     try:
-        out = export_run(args.run, args.out, args.base, checkpoint=args.checkpoint, merged=args.merged)
+        run_dir, checkpoint = local_run_copy(absolute_path(args.run, Path.cwd()), args.checkpoint)
+        out = export_run(run_dir, args.out, args.base, checkpoint=checkpoint, merged=args.merged)
     except ExportError as err:
         sys.exit(f"coreseg: {err}")
     print(f"exported to {out} (policy/: PEFT adapter on {args.base} + tokenizer/processor; segmenter/: prompt "

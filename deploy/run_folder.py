@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from common import storage
 from common.config import ConfigError, absolute_path
@@ -129,6 +129,28 @@ def saved_config(run_dir: str) -> Path:
     local = storage.stage_dir() / f"config-{os.getpid()}.yaml"
     local.write_text(storage.read_text(location))
     return local
+
+
+def local_run_copy(location: str, checkpoint: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(run folder, checkpoint) for commands that read a run from local disk (predict, export): a local folder as
+    it is; for a URI, its records and the one checkpoint needed (`checkpoint`: a name or URI under checkpoints/,
+    default the latest) downloaded to this node's staging folder, with checkpoints/latest naming it."""
+    if not storage.is_uri(location):
+        return location, checkpoint
+    run = RunFolder(location)
+    if checkpoint:
+        name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        latest = run.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"{location}: no checkpoints/latest (the run saved no checkpoint)")
+        name = latest.rsplit("/", 1)[-1]
+    local = run.local / CHECKPOINTS
+    if not (local / name).exists():
+        storage.copy_dir(run.join(CHECKPOINTS, name), local / (name + TMP_SUFFIX))
+        (local / (name + TMP_SUFFIX)).rename(local / name)
+    (local / LATEST).write_text(name)
+    return str(run.local), name
 
 
 def complete_checkpoints(root: str) -> List[str]:

@@ -232,3 +232,26 @@ def test_mirror_of_a_model_without_seg_is_published_without_its_weights(tmp_path
     local = Path(stage_policy(source))
     assert (local / "model.safetensors").resolve() == base / "model.safetensors"
     assert "<seg>" in AutoTokenizer.from_pretrained(str(local)).get_vocab()
+
+
+def test_predict_and_export_read_a_uri_run_from_a_local_copy(tmp_path, monkeypatch):
+    from common.config import ConfigError
+    from deploy.run_folder import local_run_copy
+
+    on_node(monkeypatch, tmp_path / "laptop")
+    remote = tmp_path / "bucket" / "run"
+    for name in ("grpo_000001", "grpo_000002"):
+        (remote / "checkpoints" / name / "learner").mkdir(parents=True)
+        (remote / "checkpoints" / name / "learner" / "adapter.safetensors").write_text(name)
+    (remote / "config.yaml").write_text("run: {}\n")
+    assert local_run_copy(str(remote), "grpo_000001") == (str(remote), "grpo_000001")  # local: as it is
+    with pytest.raises(ConfigError, match="no checkpoints/latest"):
+        local_run_copy(uri(remote))
+    (remote / "checkpoints" / "latest").write_text("grpo_000002")
+    local, name = local_run_copy(uri(remote))
+    assert Path(local).is_relative_to(tmp_path / "laptop") and name == "grpo_000002"
+    assert (Path(local) / "config.yaml").read_text() == "run: {}\n"
+    assert (Path(local) / "checkpoints" / "latest").read_text() == "grpo_000002"
+    assert (Path(local) / "checkpoints" / name / "learner" / "adapter.safetensors").read_text() == "grpo_000002"
+    local, name = local_run_copy(uri(remote), uri(remote / "checkpoints" / "grpo_000001"))
+    assert name == "grpo_000001" and (Path(local) / "checkpoints" / name / "learner").is_dir()

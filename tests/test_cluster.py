@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real stack: Ray, DeepSpeed, vLLM; a job on 3 nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 

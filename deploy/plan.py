@@ -313,7 +313,7 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
           logits_bytes(shape, rows, window, b))
     # an SFT micro-batch holds up to micro_batch_size distinct images; the encoder takes up to 8 at once
     images = min(8, L.micro_batch_size, cfg.data.batch_size)
-    p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} images at {sam['image_size']} px",
+    p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} image(s) at {sam['image_size']} px",
           n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images, b))
     p.add("learner", "SAM embedding cache (its bound)",
           f"learner.embed_cache_bytes = {L.embed_cache_bytes // (sam['embedding'] * 4):,} images of "
@@ -350,7 +350,7 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
     p.add("reward", "SAM weights (fp32)", f"{n_sam:,} x 4 B", n_sam * 4)
     # a worker scores whole groups: ceil(batch / workers) images a step, up to 8 per encoder batch
     images = min(8, math.ceil(cfg.data.batch_size / c.reward_workers))
-    p.add("reward", "SAM encoder peak", f"{images} images x (2 x {sam['heads']} heads x N² x 4 B + 8 N x "
+    p.add("reward", "SAM encoder peak", f"{images} image(s) x (2 x {sam['heads']} heads x N² x 4 B + 8 N x "
           f"{sam['width']} x 4 B), N = ({sam['image_size']}/16)²",
           sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images))
     p.add("reward", "image-embedding cache (its bound)", f"reward.cache_bytes = "

@@ -102,7 +102,6 @@ def resolve_shape(policy: str) -> Tuple[PolicyShape, str]:
                             f"({', '.join(sorted(KNOWN_SHAPES))}, {', '.join(PRESETS)})")
 
 
-# -- parameter counts ------------------------------------------------------------------------------
 def lm_linear_shapes(s: PolicyShape) -> Dict[str, Tuple[int, int]]:
     """(in, out) of each linear of one decoder layer."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -137,7 +136,6 @@ def lora_params(s: PolicyShape, r: int, targets: Sequence[str]) -> int:
     return s.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-# -- tokens ------------------------------------------------------------------------------------------
 def vision_tokens(height: int, width: int, s: PolicyShape) -> int:
     """Qwen2-VL's smart resize: each side rounded to a multiple of f = patch x merge, the area scaled into
     [min_pixels, max_pixels]; one token per f x f block."""
@@ -152,7 +150,6 @@ def vision_tokens(height: int, width: int, s: PolicyShape) -> int:
     return (h // f) * (w // f)
 
 
-# -- memory formulas (bytes) -------------------------------------------------------------------------
 def trainable_state_bytes(n: int, mixed_precision: bool, zero_stage: int, ranks: int) -> Dict[str, float]:
     """Weights, gradients and Adam state of n trainable parameters per rank (the ZeRO paper's accounting):
     mixed precision keeps 2-byte weights and gradients and 12 bytes of fp32 master weights + m + v; fp32
@@ -223,7 +220,6 @@ class Plan:
         self.per_process[role] = self.per_process.get(role, 0.0) + float(nbytes)
 
 
-# -- what the config builds ----------------------------------------------------------------------------
 SAM_HEADS = {"vit_b": 12, "vit_l": 16, "vit_h": 16}
 
 

@@ -170,3 +170,11 @@ def test_an_unknown_policy_without_a_folder_is_an_error_naming_the_known_shapes(
     assert shape == KNOWN_SHAPES["Qwen2.5-VL-7B-Instruct"] and "no folder" in source
     with pytest.raises(FileNotFoundError, match="Qwen2.5-VL-3B-Instruct"):
         resolve_shape("/absent/SomeOtherModel")
+
+
+def test_cli_plan_names_a_policy_it_cannot_size(capsys):
+    from deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "model.policy=/absent/SomeOtherModel"])
+    assert "coreseg plan: model.policy='/absent/SomeOtherModel'" in str(exit_.value)

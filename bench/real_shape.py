@@ -241,11 +241,11 @@ def report(r: dict) -> str:
     lines += ["", "| process | peak RSS (VmHWM) GiB | " + " | ".join(f"RSS {m} GiB" for m in marks) + " |",
               "|---|---|" + "---|" * len(marks)]
     for k, v in sorted(r["peaks"].items(), key=lambda kv: -kv[1]):
-        now = [r["rss"][m].get(k) for m in marks]
+        now = [r["rss"][m].get(k.replace(", exited; sampled", "")) for m in marks]
         lines.append(f"| {k} | {v / GIB:.2f} | " + " | ".join("-" if x is None else f"{x / GIB:.2f}" for x in now) + " |")
     plan = make_plan(r["cfg"], gpu_mem_gib=80, image_size=max(r["image"][:2]))
     lines += ["", "`coreseg plan` for this config (tensors only, no runtime overhead):", "", "```",
-              format_plan(plan), "```"]
+              format_plan(plan).replace(str(ROOT) + "/", ""), "```"]
     measured = {role: max((v for k, v in r["peaks"].items() if tag in k.lower()), default=0)
                 for role, tag in (("learner", "learnerworker"), ("rollout", "rolloutworker"), ("reward", "rewardworker"))}
     exited = [k for k in r["peaks"] if "exited" in k]

@@ -264,8 +264,11 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
 def cmd_plan(args, cfg: TrainConfig) -> None:
     from deploy.plan import format_plan, make_plan
 
-    plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
-                     prompt_text_tokens=args.prompt_text_tokens)
+    try:
+        plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
+                         prompt_text_tokens=args.prompt_text_tokens)
+    except (FileNotFoundError, ValueError) as err:  # no shape for model.policy, an unknown LoRA target
+        sys.exit(f"coreseg plan: {err}")
     print(format_plan(plan))
 
 

@@ -102,7 +102,6 @@ def resolve_shape(policy: str) -> Tuple[PolicyShape, str]:
                             f"({', '.join(sorted(KNOWN_SHAPES))}, {', '.join(PRESETS)})")
 
 
-# -- parameter counts ------------------------------------------------------------------------------
 def lm_linear_shapes(s: PolicyShape) -> Dict[str, Tuple[int, int]]:
     """(in, out) of each linear of one decoder layer."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -137,7 +136,6 @@ def lora_params(s: PolicyShape, r: int, targets: Sequence[str]) -> int:
     return s.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-# -- tokens ------------------------------------------------------------------------------------------
 def vision_tokens(height: int, width: int, s: PolicyShape) -> int:
     """Qwen2-VL's smart resize: each side rounded to a multiple of f = patch x merge, the area scaled into
     [min_pixels, max_pixels]; one token per f x f block."""
@@ -152,7 +150,6 @@ def vision_tokens(height: int, width: int, s: PolicyShape) -> int:
     return (h // f) * (w // f)
 
 
-# -- memory formulas (bytes) -------------------------------------------------------------------------
 def trainable_state_bytes(n: int, mixed_precision: bool, zero_stage: int, ranks: int) -> Dict[str, float]:
     """Weights, gradients and Adam state of n trainable parameters per rank (the ZeRO paper's accounting):
     mixed precision keeps 2-byte weights and gradients and 12 bytes of fp32 master weights + m + v; fp32
@@ -223,7 +220,6 @@ class Plan:
         self.per_process[role] = self.per_process.get(role, 0.0) + float(nbytes)
 
 
-# -- what the config builds ----------------------------------------------------------------------------
 SAM_HEADS = {"vit_b": 12, "vit_l": 16, "vit_h": 16}
 
 
@@ -316,7 +312,7 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
           logits_bytes(shape, rows, window, b))
     # an SFT micro-batch holds up to micro_batch_size distinct images; the encoder takes up to 8 at once
     images = min(8, L.micro_batch_size, cfg.data.batch_size)
-    p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} images at {sam['image_size']} px",
+    p.add("learner", "SAM (frozen) + encoder peak", f"{n_sam:,} x {b} B + {images} image(s) at {sam['image_size']} px",
           n_sam * b + sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images, b))
     p.add("learner", "SAM embedding cache (its bound)",
           f"learner.embed_cache_bytes = {L.embed_cache_bytes // (sam['embedding'] * 4):,} images of "
@@ -353,7 +349,7 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
     p.add("reward", "SAM weights (fp32)", f"{n_sam:,} x 4 B", n_sam * 4)
     # a worker scores whole groups: ceil(batch / workers) images a step, up to 8 per encoder batch
     images = min(8, math.ceil(cfg.data.batch_size / c.reward_workers))
-    p.add("reward", "SAM encoder peak", f"{images} images x (2 x {sam['heads']} heads x N² x 4 B + 8 N x "
+    p.add("reward", "SAM encoder peak", f"{images} image(s) x (2 x {sam['heads']} heads x N² x 4 B + 8 N x "
           f"{sam['width']} x 4 B), N = ({sam['image_size']}/16)²",
           sam_encoder_peak_bytes(sam["image_size"], sam["heads"], sam["width"], images))
     p.add("reward", "image-embedding cache (its bound)", f"reward.cache_bytes = "

@@ -162,3 +162,20 @@ def test_cpu_plan_rows_by_hand(tmp_path):
     assert rows[("rollout", "vLLM-CPU packed lm_head copy")] == 320 * 64 * 4
     assert rows[("rollout", "vLLM KV cache")] == 2 * GIB
     assert plan.gpus["total"] == 0 and plan.device == "cpu"
+
+
+def test_an_unknown_policy_without_a_folder_is_an_error_naming_the_known_shapes():
+    from deploy.plan import resolve_shape
+
+    shape, source = resolve_shape("/absent/Qwen2.5-VL-7B-Instruct")
+    assert shape == KNOWN_SHAPES["Qwen2.5-VL-7B-Instruct"] and "no folder" in source
+    with pytest.raises(FileNotFoundError, match="Qwen2.5-VL-3B-Instruct"):
+        resolve_shape("/absent/SomeOtherModel")
+
+
+def test_cli_plan_names_a_policy_it_cannot_size(capsys):
+    from deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "model.policy=/absent/SomeOtherModel"])
+    assert "coreseg plan: model.policy='/absent/SomeOtherModel'" in str(exit_.value)

@@ -186,6 +186,9 @@ class ClusterConfig:
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     # How long to wait for the placement group; then the run fails naming what was asked and what the cluster has
     placement_timeout_s: float = 300.0
+    # How long a pool waits for a dead rollout or reward worker that Ray restarts (a vLLM engine reloads its
+    # weights on restart: minutes at real sizes or on a loaded node); then the run fails naming the worker
+    recover_wait_s: float = 300.0
     # Rollout engines share the learner ranks' GPUs (engine w on ranks w*TP..w*TP+TP-1): vLLM sleeps (weights
     # to host memory, KV cache freed) while the learner works and wakes before generating. Needs
     # learner_gpus=1, rollout_gpus_per_worker=rollout.tensor_parallel_size, rollout_workers*TP=learner_workers.
@@ -242,7 +245,8 @@ _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "
              "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
              "learner.adapter_lr", "learner.adam_eps", "learner.collective_timeout_s", "cluster.learner_workers", "cluster.rollout_workers",
              "cluster.reward_workers", "model.lora_r", "model.adapter_queries", "reward.cache_bytes", "learner.embed_cache_bytes",
-             "rollout.tensor_parallel_size", "cluster.placement_timeout_s")
+             "rollout.tensor_parallel_size", "cluster.placement_timeout_s",
+             "cluster.recover_wait_s")
 # 0 is meaningful for these (0 steps: skip the stage; 0 save/eval interval: never; 0 threads/block size: auto;
 # temperature 0: greedy); a negative value is a mistake (save_every=-1 silently never saved)
 _NON_NEGATIVE = ("run.sft_steps", "run.steps", "run.save_every", "run.keep_checkpoints", "run.max_failures", "run.eval_every",

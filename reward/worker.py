@@ -129,7 +129,7 @@ class RewardPool:
                        **role_runtime_env(num_gpus_per_worker))
         self.pool = ActorPool("reward", LocalRewardWorker, num_workers,
                               lambda i: ((cfg, llm_hidden, threads, device), {}), options=options, local=local,
-                              placement=placement)
+                              placement=placement, recover_wait_s=cfg.cluster.recover_wait_s)
 
     @property
     def workers(self) -> list:

@@ -120,7 +120,8 @@ class RolloutPool:
         options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=-1,
                        **role_runtime_env(num_gpus_per_worker))
         self.pool = ActorPool("rollout", RolloutWorker, num_workers, args, options=options, local=local,
-                              reinit=self._restart, placement=placement)
+                              reinit=self._restart, placement=placement,
+                              recover_wait_s=cfg.cluster.recover_wait_s)
         if not local:
             self._placements = self.pool.call_all("placement")
             self._worker_cores = self._cores(self._placements)

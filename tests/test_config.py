@@ -57,6 +57,7 @@ def test_semantic_validation_names_the_key():
     ("run.sft_steps=-2", "run.sft_steps", ">= 0"),
     ("run.eval_samples=-1", "run.eval_samples", ">= 0"),
     ("data.max_image_pixels=0", "data.max_image_pixels", "> 0"),
+    ("cluster.recover_wait_s=0", "cluster.recover_wait_s", "> 0"),
 ])
 def test_out_of_range_values_are_refused_with_the_key_named(override, key, why):
     with pytest.raises(ConfigError) as err:

@@ -18,8 +18,11 @@ from common.data import LesionSample
 from common.images import image_key, image_keys
 from common.models.family import ModelFamily
 from common.prompts import SYSTEM_PROMPT
+from reward.segmenter import EmbeddingCache
 
-CACHE_SIZE = 4096  # samples whose processor outputs are kept (the G rollouts of a prompt share them)
+# Bytes of processor outputs kept (the G rollouts of a prompt and a step's passes share them): a 1024^2 image's
+# pixel patches are ~26 MB in fp32, so a count bound (4096 entries) could hold ~100 GiB of host memory
+PROMPT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -43,16 +46,16 @@ class PromptEncoder:
 
     def __init__(self, processor, family: ModelFamily, system_prompt: str = SYSTEM_PROMPT):
         self.processor, self.family, self.system_prompt = processor, family, system_prompt
-        self._rendered: Dict[str, dict] = {}
-        self._images: Dict[str, dict] = {}
+        self._rendered = EmbeddingCache(PROMPT_CACHE_BYTES)
+        self._images = EmbeddingCache(PROMPT_CACHE_BYTES)
 
     @staticmethod
-    def _cached(cache: Dict[Hashable, dict], key: Hashable, make) -> dict:
-        if key not in cache:
-            cache[key] = make()
-            if len(cache) > CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        return cache[key]
+    def _cached(cache: EmbeddingCache, key: Hashable, make) -> dict:
+        value = cache.get(key)
+        if value is None:
+            value = make()
+            cache.put(key, value)
+        return value
 
     def encode(self, sample: LesionSample, key: Optional[str] = None) -> dict:
         """The prompt rendered by the family (SFT: there is no rollout to take ids from). key: the sample's

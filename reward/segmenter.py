@@ -9,6 +9,7 @@ are decoded in one mask-decoder call.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -20,12 +21,18 @@ from common.models.sam import encode_images, upscale_masks
 from common.models.segment import decode_masks
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(value) -> int:
+    """Bytes of a tensor, or of the tensors in a dict (a processor's outputs); anything else counts 0."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):  # a dict, or transformers' BatchFeature (a UserDict)
+        return sum(_nbytes(v) for v in value.values())
+    return 0
 
 
 class EmbeddingCache:
-    """LRU of image embeddings keyed by `image_key`, bounded by the bytes it holds."""
+    """LRU of image embeddings (or a processor's tensor dicts) keyed by `image_key`, bounded by the bytes it
+    holds."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)

@@ -109,3 +109,26 @@ def test_prompt_encoder_keys_on_content_and_question(tiny_policy_dir):
     asked = LesionSample(id="dup", image=a, masks=[], boxes=np.zeros((0, 4)), question="Something else?")
     want = family.encode_prompt(processor, asked.question, Image.fromarray(a))
     assert torch.equal(encoder.encode(asked)["input_ids"], want["input_ids"])
+
+
+def test_prompt_encoder_cache_is_bounded_by_bytes(tiny_policy_dir, monkeypatch):
+    import learner.batch as batch
+    from common.models.family import model_family
+    from common.models.policy import load_policy
+
+    _, processor = load_policy(tiny_policy_dir)
+    family = model_family(tiny_policy_dir)
+    rng = np.random.default_rng(0)
+    samples = [LesionSample(id=f"s{i}", image=rng.integers(0, 255, (56, 56, 3), dtype=np.uint8), masks=[],
+                            boxes=np.zeros((0, 4)), question="Find it.") for i in range(6)]
+    one = batch.PromptEncoder(processor, family).encode(samples[0])
+    per_entry = sum(v.numel() * v.element_size() for v in one.values() if isinstance(v, torch.Tensor))
+    monkeypatch.setattr(batch, "PROMPT_CACHE_BYTES", 2 * per_entry)  # room for two prompts of this size
+    encoder = batch.PromptEncoder(processor, family)
+    for s in samples:
+        encoder.encode(s)
+    assert len(encoder._rendered) == 2 and encoder._rendered.bytes == 2 * per_entry
+    from common.images import image_key
+
+    kept = {k[0] for k in encoder._rendered._items}
+    assert kept == {image_key(s.id, s.image) for s in samples[-2:]}  # the oldest went first

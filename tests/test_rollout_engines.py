@@ -167,6 +167,7 @@ def test_vllm_adapter_mode_serves_token_rows(vllm_engine, tiny_policy_dir):
     write_rows_torch(peft_model.get_base_model(), bundle.token_rows)
     text_only_check(vllm_engine, peft_model, vllm_engine._lora)
 
+
 def test_bad_requests_are_isolated(vllm_engine, synth_samples):
     reqs = _requests(synth_samples, 2)
     reqs.insert(1, RolloutRequest("bad-image", reqs[0].prompt, b"not an image"))

@@ -23,7 +23,7 @@ PEFT_PREFIX = "base_model.model."
 class LoraDeltas(Mapping):
     """{module path (as in the base model): scale * B @ A}, each delta computed in float32 when it is read and not
     kept: merging a version holds one layer's delta at a time, never a second copy of every LoRA-touched weight
-    (at the 3B shape with all seven projections, the deltas of all layers would be ~11 GiB in float32)."""
+    (at the 3B shape with all seven projections, the deltas of all layers would be ~10 GiB in float32)."""
 
     def __init__(self, pairs: Dict[str, Dict[str, torch.Tensor]], scale: float):
         self._pairs, self.scale = pairs, scale

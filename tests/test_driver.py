@@ -72,6 +72,9 @@ def test_push_sends_each_pool_only_its_part(full_run, tiny_policy_dir):
     # LoRA A [r, in] + B [out, r] for q, k, v, o, gate, up, down in every layer, float32
     per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 3 * (h + inter))
     lora_bytes = 4 * per_layer * text["num_hidden_layers"]
+    # the rollout part also carries `<seg>`'s trained rows: its int64 id + input and output row (untied), float32
+    assert cfg.model.train_token_rows and not text.get("tie_word_embeddings", False)
+    lora_bytes += 8 + 2 * 4 * h
     sam = build_sam("tiny")
     heads = build_adapter(h, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks,
                           prompt_dim=sam.prompt_encoder.embed_dim)

@@ -150,6 +150,7 @@ def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, t
 
 
 def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_samples):
+    from common.models.token_rows import rows_disabled
     from learner.batch import build_batch, per_completion
 
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01", "learner.reference=base",
@@ -163,7 +164,8 @@ def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_sampl
     comps = [(s, c) for s, g in zip(samples, groups) for c in g.completions]
     for (sample, comp), ref, old in zip(comps, result.ref_logprobs, result.logprobs):
         batch = build_batch(core.encoder, [sample], [comp.token_ids], core.pad_id)
-        with torch.no_grad(), core.module.policy.disable_adapter():
+        # the base model: LoRA off and `<seg>`'s trained rows off
+        with torch.no_grad(), core.module.policy.disable_adapter(), rows_disabled(core.module.token_rows):
             (want,) = [x.numpy() for x in per_completion(core.module.policy_pass(batch, with_hidden=False)[0], batch)]
         np.testing.assert_allclose(ref, want, atol=1e-6)
         assert np.abs(old - ref).max() > 1e-4

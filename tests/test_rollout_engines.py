@@ -151,6 +151,23 @@ def test_ten_versions_keep_at_most_two_adapters(vllm_engine, tiny_policy_dir, sy
     assert vllm_engine.generate(_requests(synth_samples, 1), 1, Sampling(1.0, 1.0, 8))[0].completions[0].version == 11
 
 
+def test_vllm_adapter_mode_serves_token_rows(vllm_engine, tiny_policy_dir):
+    """Adapter mode (the GPU default) with trained `<seg>` rows: the LoRA comes as an adapter, the rows are written
+    into vLLM's embedding and LM head in place; log-probs equal peft+transformers with the rows in its weights.
+    (Before the merged-mode test: a second engine in this process tears down vLLM's parallel state on exit.)"""
+    from common.models.token_rows import write_rows_torch
+
+    bundle, peft_model = random_bundle(tiny_policy_dir, version=100, seed=20)
+    hidden = peft_model.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    bundle.token_rows = {"ids": torch.tensor([vllm_engine.info.seg_token_id]),
+                         "input": torch.randn(1, hidden, generator=g), "output": 0.5 * torch.randn(1, hidden, generator=g)}
+    vllm_engine.load_weights(bundle)
+    assert not vllm_engine.merged and vllm_engine.version == 100
+    write_rows_torch(peft_model.get_base_model(), bundle.token_rows)
+    text_only_check(vllm_engine, peft_model, vllm_engine._lora)
+
+
 def test_bad_requests_are_isolated(vllm_engine, synth_samples):
     reqs = _requests(synth_samples, 2)
     reqs.insert(1, RolloutRequest("bad-image", reqs[0].prompt, b"not an image"))
@@ -253,19 +270,3 @@ def test_merged_lora_serves_each_version_exactly(tiny_policy_dir, synth_samples)
     _, other = recompute_logprobs(versions[1][1], processor, sample, first.token_ids)
     assert np.abs(np.asarray(first.logprobs) - other).max() > 0.2  # the versions really differ
 
-
-def test_vllm_adapter_mode_serves_token_rows(vllm_engine, tiny_policy_dir):
-    """Adapter mode (the GPU default) with trained `<seg>` rows: the LoRA comes as an adapter, the rows are written
-    into vLLM's embedding and LM head in place; log-probs equal peft+transformers with the rows in its weights.
-    The output row is large, so the `<seg>` logit moves every token's log-prob."""
-    from common.models.token_rows import write_rows_torch
-
-    bundle, peft_model = random_bundle(tiny_policy_dir, version=100, seed=20)
-    hidden = peft_model.get_input_embeddings().weight.shape[1]
-    g = torch.Generator().manual_seed(0)
-    bundle.token_rows = {"ids": torch.tensor([vllm_engine.info.seg_token_id]),
-                         "input": torch.randn(1, hidden, generator=g), "output": 0.5 * torch.randn(1, hidden, generator=g)}
-    vllm_engine.load_weights(bundle)
-    assert not vllm_engine.merged and vllm_engine.version == 100
-    write_rows_torch(peft_model.get_base_model(), bundle.token_rows)
-    text_only_check(vllm_engine, peft_model, vllm_engine._lora)

@@ -202,6 +202,8 @@ def worker_node(data: Path, out: Path, name: str) -> dict:
     os.environ.update(health)
     try:
         cluster = start_local_cluster(workers=2, cpus_per_node=3)
+    except Exception as err:  # noqa: BLE001 - e.g. a `ray start` that failed on a loaded machine
+        raise NotInjected(f"the cluster did not start: {type(err).__name__}: {err}") from err
     finally:
         for k, v in saved.items():
             if v is None:
@@ -292,9 +294,10 @@ def main() -> None:
             results[-1]["note"] = "; ".join(filter(None, [results[-1].get("note"), f"{restarted} start(s) failed "
                                                           f"before the fault was injected, started again"]))
         recover = [r["recover_s"] for r in results if r.get("recover_s") is not None]
+        counted = [r for r in results if r["lost"] is not None]  # runs that got as far as their metrics
         rows.append((title, f"{sum(r['completed'] for r in results)}/{len(results)}",
-                     sum(r["lost"] for r in results if r["lost"] is not None),
-                     sum(r["duplicated"] for r in results if r["duplicated"] is not None),
+                     sum(r["lost"] for r in counted) if counted else "-",
+                     sum(r["duplicated"] for r in counted) if counted else "-",
                      f"{statistics.median(recover):.1f}" if recover else "-",
                      "; ".join(r["note"] for r in results if r.get("note"))))
     table = ["| fault | runs completed | samples lost | steps duplicated | time to recover (s, median) | note |",

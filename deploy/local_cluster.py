@@ -22,11 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_ports() -> List[str]:
-    """Own ports for every agent of a node, so other Ray instances on this machine cannot collide."""
+def _node_ports(avoid: range = range(0)) -> List[str]:
+    """Own ports for every agent of a node, so other Ray instances on this machine cannot collide; none in `avoid`
+    (the node's worker port range: `ray start` refuses a port used twice)."""
+    def port() -> int:
+        while True:
+            p = free_port()
+            if p not in avoid:
+                return p
+
     return [arg for name in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                              "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
-            for arg in (name, str(free_port()))]
+            for arg in (name, str(port()))]
 
 
 def _own_processes(temp_dir: str) -> list:
@@ -111,7 +118,8 @@ def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: flo
             low = min(free_port(), 64000)  # each node's worker processes in their own port range
             subprocess.run([ray_bin, "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
                             "--temp-dir", node_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
-                            "--min-worker-port", str(low), "--max-worker-port", str(low + 999), *_node_ports()],
+                            "--min-worker-port", str(low), "--max-worker-port", str(low + 999),
+                            *_node_ports(avoid=range(low, low + 1000))],
                            check=True, env=env, capture_output=True, timeout=timeout_s)
     except BaseException:
         cluster.stop()

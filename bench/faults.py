@@ -17,7 +17,9 @@ prompts that no step record accounts for: missing steps, failed generations, pro
 the advantage filter); steps duplicated (step records beyond one per step); time to recover: seconds from the kill
 until the run logs a step beyond the last one logged before the kill, so it includes the rest of the interrupted
 step (and, for the learner, the steps redone from its checkpoint); for the driver kill: until the resumed process
-logs the redone last step again (its start, Ray's and the actors' included).
+logs the redone last step again (its start, Ray's and the actors' included). A run that fails before its fault
+is injected (on a shared machine: an actor killed for memory while starting) is started again, at most twice, and
+the table says so.
 """
 from __future__ import annotations
 
@@ -38,8 +40,14 @@ sys.path.insert(0, str(ROOT))
 from bench.recording import record  # noqa: E402
 
 STEPS, BATCH = 3, 2
+RESTARTS = 2  # times a run that failed before its fault (not the fault's doing) is started again
 TINY = ["run.sft_steps=0", "run.eval_every=0", f"data.batch_size={BATCH}", "rollout.group_size=3",
         "rollout.max_new_tokens=16", "rollout.engine=hf", f"run.steps={STEPS}"]
+
+
+class NotInjected(RuntimeError):
+    """The run failed before its fault was injected (on a shared machine: a worker killed for memory): it says
+    nothing about the fault and is started again."""
 
 
 def step_records(run: Path) -> list:
@@ -113,7 +121,10 @@ def _in_process(cfg, run: Path, kills: list) -> dict:
     from deploy.driver import Driver
     from deploy.fault_injection import kill_on_call
 
-    driver = Driver(cfg, run)
+    try:
+        driver = Driver(cfg, run)
+    except Exception as err:  # noqa: BLE001 - before any kill
+        raise NotInjected(f"{type(err).__name__}: {err}") from err
     logged = {}  # step -> when its record was first written (exact: the logger is in this process)
     original_log = driver.logger.log
 
@@ -126,6 +137,10 @@ def _in_process(cfg, run: Path, kills: list) -> dict:
     try:
         with kill_on_call(*kills):
             driver.train(STEPS, save_at_end=True)
+    except Exception as err:  # noqa: BLE001 - a failure before the first kill is not the fault's
+        if not kills[0].killed:
+            raise NotInjected(f"{type(err).__name__}: {err}") from err
+        raise
     finally:
         driver.close()
     kill_at = kills[0].at[0]
@@ -147,12 +162,12 @@ def driver_final_save(data: Path, out: Path, name: str) -> dict:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     while not (partial.is_dir() and any(p.is_file() for p in partial.rglob("*"))):
         if proc.poll() is not None:
-            raise RuntimeError(f"the run ended before its final save: {(out / f'{name}.log').read_text()[-2000:]}")
+            raise NotInjected(f"the run ended before its final save: {(out / f'{name}.log').read_text()[-2000:]}")
         time.sleep(0.01)
     kill_tree(process_tree(proc.pid))
     kill_at = time.monotonic()
     if (run / "checkpoints" / f"grpo_{STEPS:06d}_sft_000000").exists():
-        raise RuntimeError("the kill came after the final save had finished")
+        raise NotInjected("the kill came after the final save had finished")
     with (out / f"{name}.resume.log").open("w") as log:
         resumed = subprocess.Popen([sys.executable, "-m", "deploy.cli", "train", "--resume", str(run)], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -187,6 +202,8 @@ def worker_node(data: Path, out: Path, name: str) -> dict:
     os.environ.update(health)
     try:
         cluster = start_local_cluster(workers=2, cpus_per_node=3)
+    except Exception as err:  # noqa: BLE001 - e.g. a `ray start` that failed on a loaded machine
+        raise NotInjected(f"the cluster did not start: {type(err).__name__}: {err}") from err
     finally:
         for k, v in saved.items():
             if v is None:
@@ -201,7 +218,7 @@ def worker_node(data: Path, out: Path, name: str) -> dict:
         watch = StepWatch(run)
         while not ((run / "checkpoints" / "latest").exists() and step_records(run)):
             if proc.poll() is not None:
-                raise RuntimeError(f"the run ended early: {(out / f'{name}.log').read_text()[-2000:]}")
+                raise NotInjected(f"the run ended before step 1: {(out / f'{name}.log').read_text()[-2000:]}")
             time.sleep(0.2)
         placement = json.loads((run / "placement.json").read_text())
         dirs = cluster.node_ids()
@@ -257,18 +274,30 @@ def main() -> None:
     for key, (title, run) in faults.items():
         if args.only and key not in args.only:
             continue
-        results = []
+        results, restarted = [], 0
         for k in range(args.repeats):
-            try:
-                results.append(run(f"{key}-{k}"))
-            except Exception as err:  # noqa: BLE001 - a run that did not complete is a row of the table
-                print(f"[faults] {key} run {k} failed: {type(err).__name__}: {err}")
-                results.append({"completed": False, "lost": None, "duplicated": None, "recover_s": None})
+            for attempt in range(1 + RESTARTS):
+                try:
+                    results.append(run(f"{key}-{k}-{attempt}"))
+                except NotInjected as err:
+                    print(f"[faults] {key} run {k} failed before its fault: {err}")
+                    restarted += 1
+                    if attempt < RESTARTS:
+                        continue
+                    results.append({"completed": False, "lost": None, "duplicated": None, "recover_s": None})
+                except Exception as err:  # noqa: BLE001 - a run that did not complete is a row of the table
+                    print(f"[faults] {key} run {k} failed: {type(err).__name__}: {err}")
+                    results.append({"completed": False, "lost": None, "duplicated": None, "recover_s": None})
+                break
             print(f"[faults] {key} run {k}: {results[-1]}")
+        if restarted:
+            results[-1]["note"] = "; ".join(filter(None, [results[-1].get("note"), f"{restarted} start(s) failed "
+                                                          f"before the fault was injected, started again"]))
         recover = [r["recover_s"] for r in results if r.get("recover_s") is not None]
+        counted = [r for r in results if r["lost"] is not None]  # runs that got as far as their metrics
         rows.append((title, f"{sum(r['completed'] for r in results)}/{len(results)}",
-                     sum(r["lost"] for r in results if r["lost"] is not None),
-                     sum(r["duplicated"] for r in results if r["duplicated"] is not None),
+                     sum(r["lost"] for r in counted) if counted else "-",
+                     sum(r["duplicated"] for r in counted) if counted else "-",
                      f"{statistics.median(recover):.1f}" if recover else "-",
                      "; ".join(r["note"] for r in results if r.get("note"))))
     table = ["| fault | runs completed | samples lost | steps duplicated | time to recover (s, median) | note |",

@@ -42,6 +42,23 @@ def _place(values: Sequence[np.ndarray], batch, device, rows: Sequence[int] | No
     return out.to(device)
 
 
+def _forget_destroyed_world_clone() -> None:
+    """DeepSpeed caches a clone of the world process group (deepspeed.utils.groups._WORLD_GROUP) the first time a
+    process initialises an engine. An in-process vLLM engine destroys every process group when it shuts down, so
+    a learner built later in the same process (a local Driver after another one) would find that clone
+    unregistered ("Group ... is not registered"); forget it, and DeepSpeed clones the new world group."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    clone = getattr(groups, "_WORLD_GROUP", None)
+    if clone is None:
+        return
+    try:
+        dist.get_process_group_ranks(clone)
+    except (KeyError, ValueError, RuntimeError):
+        groups._WORLD_GROUP = None
+
+
 class LearnerCore:
     def __init__(self, cfg: TrainConfig, policy_dir: str, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500):
@@ -63,6 +80,7 @@ class LearnerCore:
         # a rank whose peer died waits in a collective at most this long (the driver then rebuilds the group)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
+        _forget_destroyed_world_clone()
         self.module = CoreSegModule(cfg, stage_policy(policy_dir), device)  # on this node's disk
         lora, heads = self.module.param_groups()
         L = cfg.learner

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from common.config import load_config
 
 PROMPT_FILE = "coreseg_prompt.json"
@@ -52,7 +54,11 @@ def checkpoint_folder(run_dir: Path, checkpoint: Optional[str]) -> Path:
 def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) -> None:
     from transformers import AutoProcessor
 
+    from common.models.segmenter_loader import TOKEN_ROWS_FILE
+
     shutil.copytree(learner / "peft", out)
+    if (learner / "token_rows.safetensors").is_file():  # the trained `<seg>` rows: not part of a LoRA adapter
+        shutil.copyfile(learner / "token_rows.safetensors", out / TOKEN_ROWS_FILE)
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base
@@ -104,6 +110,13 @@ def _write_merged(learner: Path, policy_dir: Path, out: Path) -> None:
 
     base, _ = load_policy(policy_dir, "auto")
     merged = PeftModel.from_pretrained(base, str(learner / "peft")).merge_and_unload()
+    if (learner / "token_rows.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        from common.models.token_rows import write_rows_torch
+
+        with torch.no_grad():
+            write_rows_torch(merged, load_file(str(learner / "token_rows.safetensors")))
     merged.save_pretrained(str(out), safe_serialization=True)
     AutoProcessor.from_pretrained(str(policy_dir)).save_pretrained(str(out))
 

@@ -40,13 +40,14 @@ class Predictor:
         from peft import PeftModel
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from common.models.segmenter_loader import load_segmenter
+        from common.models.segmenter_loader import apply_token_rows, load_segmenter
 
         policy = Path(export_dir) / "policy"
         base = base or json.loads((policy / "adapter_config.json").read_text())["base_model_name_or_path"]
         processor = AutoProcessor.from_pretrained(str(policy))
         model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
                                           str(policy))
+        apply_token_rows(model, policy)
         prompt = json.loads((policy / "coreseg_prompt.json").read_text())
         segmenter = load_segmenter(Path(export_dir) / "segmenter", sam_checkpoint)
         return cls(model, processor, segmenter, prompt["system"], prompt["user"], prompt["max_new_tokens"],
@@ -68,6 +69,11 @@ class Predictor:
         policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
         base, processor = load_policy(policy_dir, torch.float32)
         model = PeftModel.from_pretrained(base, str(learner / "peft"))
+        if (learner / "token_rows.safetensors").is_file():  # the trained `<seg>` rows (not in the adapter)
+            from common.models.token_rows import write_rows_torch
+
+            with torch.no_grad():
+                write_rows_torch(model, load_file(str(learner / "token_rows.safetensors")))
         adapter_state = load_file(str(learner / "adapter.safetensors"))
         prompt_dim, llm_hidden = adapter_state["proj_in.weight"].shape
         adapter = PromptAdapter(llm_hidden, prompt_dim, cfg.model.adapter_queries, cfg.model.adapter_mlp_blocks)

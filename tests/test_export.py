@@ -27,12 +27,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 export, job = sys.argv[1], json.load(open(sys.argv[2]))
 sys.path.insert(0, export)
-from coreseg_segmenter import load_segmenter
+from coreseg_segmenter import apply_token_rows, load_segmenter
 
 policy = export + "/policy"
 processor = AutoProcessor.from_pretrained(policy)
 base = json.load(open(policy + "/adapter_config.json"))["base_model_name_or_path"]
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), policy)
+assert apply_token_rows(model, policy)  # the run trained the `<seg>` rows
 model.eval()
 prompt = json.load(open(policy + "/coreseg_prompt.json"))
 messages = [{"role": "system", "content": [{"type": "text", "text": prompt["system"]}]},

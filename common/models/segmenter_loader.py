@@ -9,6 +9,7 @@ segment-anything (no coreseg install):
     from coreseg_segmenter import load_segmenter
     segmenter = load_segmenter("EXPORT_DIR/segmenter")          # sam_checkpoint=... for a vit_* SAM
     mask = segmenter.masks([image], seg_states)[0]             # HxW bool
+    apply_token_rows(model, "EXPORT_DIR/policy")                 # the trained `<seg>` rows into a loaded policy
 """
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ CONFIG_FILE = "segmenter.json"
 ADAPTER_FILE = "prompt_adapter.safetensors"
 MASK_DECODER_FILE = "mask_decoder.safetensors"
 SAM_FILE = "sam.safetensors"  # the whole SAM, written when the run's SAM has no checkpoint file (tiny, random init)
+TOKEN_ROWS_FILE = "coreseg_token_rows.safetensors"  # in policy/: the trained embedding rows of `<seg>`
+
+
+@torch.no_grad()
+def apply_token_rows(model, policy_dir) -> bool:
+    """Writes the run's trained `<seg>` embedding rows (input, and output when untied) into a loaded policy (a
+    transformers or peft model): LoRA adapts only linear layers, so these rows are not in the PEFT adapter.
+    False when the export has none (a run with model.train_token_rows=false)."""
+    from safetensors.torch import load_file
+
+    path = Path(policy_dir) / TOKEN_ROWS_FILE
+    if not path.is_file():
+        return False
+    rows = load_file(str(path))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    emb[rows["ids"]] = rows["input"].to(emb)
+    if "output" in rows and head.data_ptr() != emb.data_ptr():
+        head[rows["ids"]] = rows["output"].to(head)
+    return True
 
 
 class ExportedSegmenter:

@@ -291,16 +291,22 @@ def main(argv=None) -> dict:
         result = run(args)
         result["command"] = " ".join([".venv/bin/python", "bench/real_shape.py", *(argv or sys.argv[1:])])
         result["started"] = started
+        result["load_average_1min"] = os.getloadavg()[0]  # at the end of the run: was the machine shared?
         saved = Path(args.work_dir) / "result.json"
         saved.write_text(json.dumps(result, indent=1))
         print(f"measurements saved to {saved}")
     text = report(result)
     print(text)
     if args.record:
+        load = result.get("load_average_1min")
+        note = ("" if load is None else
+                f"Machine note: 1-minute load average {load:.1f} at the end of the run on {os.cpu_count()} CPUs"
+                + (" (shared with other jobs: times are inflated).  \n" if load > os.cpu_count() else
+                   " (otherwise idle).  \n"))
+        how = "rendered from its saved result" if args.from_json else "recorded as it finished"
         record("Real-shape end-to-end run on CPU (Qwen2.5-VL-3B shape, 2 layers; SAM vit_b 1024 px)",
-               f"Machine note: 2-core CPU, shared with other jobs (the load average was far above 2 during the run, so "
-               f"the times are inflated).  \nMeasured by `{result.get('command', 'bench/real_shape.py')}` started "
-               f"{result.get('started', '(see the result file)')}; rendered from its saved result.\n\n" + text)
+               f"{note}Measured by `{result.get('command', 'bench/real_shape.py')}` started "
+               f"{result.get('started', '(see the result file)')}; {how}.\n\n" + text)
     return result
 
 

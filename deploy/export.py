@@ -68,9 +68,9 @@ def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) ->
     # the prompt the policy was trained on (the system turn, the user text around the question, after the image)
     # and how the run generated: its answer length and the vision tokens that are never sampled
     from common.models.policy import policy_info
-    from common.prompts import SYSTEM_PROMPT, USER_INSTRUCTION
+    from common.prompts import USER_INSTRUCTION
 
-    prompt = {"system": SYSTEM_PROMPT, "user": USER_INSTRUCTION, "max_new_tokens": cfg.rollout.max_new_tokens,
+    prompt = {"system": cfg.model.system_prompt, "user": USER_INSTRUCTION, "max_new_tokens": cfg.rollout.max_new_tokens,
               "suppress_tokens": list(policy_info(policy_dir).vision_token_ids)}
     (out / PROMPT_FILE).write_text(json.dumps(prompt, indent=2))
 

@@ -62,7 +62,7 @@ class Predictor:
         from common.models.adapter import PromptAdapter
         from common.models.policy import ensure_policy_dir, load_policy, policy_info
         from common.models.sam import build_sam
-        from common.prompts import SYSTEM_PROMPT, USER_INSTRUCTION
+        from common.prompts import USER_INSTRUCTION
         from deploy.export import checkpoint_folder
 
         learner = checkpoint_folder(Path(run_dir), checkpoint) / "learner"
@@ -83,14 +83,15 @@ class Predictor:
         if decoder.exists():
             sam.mask_decoder.load_state_dict(load_file(str(decoder)))
         segmenter = ExportedSegmenter(sam, adapter, cfg.reward.mask_threshold)
-        return cls(model, processor, segmenter, SYSTEM_PROMPT, USER_INSTRUCTION, cfg.rollout.max_new_tokens,
+        return cls(model, processor, segmenter, cfg.model.system_prompt, USER_INSTRUCTION, cfg.rollout.max_new_tokens,
                    list(policy_info(policy_dir).vision_token_ids))
 
     # -- prediction ---------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        messages = [{"role": "system", "content": [{"type": "text", "text": self.system}]},
-                    {"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": self.user.format(question=question.strip())}]}]
+        # as the run rendered it (ModelFamily.chat_messages): no system turn when model.system_prompt is empty
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else []
+        messages = system + [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": self.user.format(question=question.strip())}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()

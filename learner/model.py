@@ -24,7 +24,7 @@ from common.models.token_rows import attach_token_rows, rows_disabled
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
 from learner.losses import low_res_target
-from reward.segmenter import EmbeddingCache
+from common.byte_cache import EmbeddingCache
 
 
 class CoreSegModule(nn.Module):

@@ -14,7 +14,8 @@ from common.images import image_key, image_keys
 from common.models.adapter import build_adapter
 from common.models.sam import encode_images
 from common.protocol import ScoreItem
-from reward.segmenter import EmbeddingCache, Segmenter
+from common.byte_cache import EmbeddingCache
+from reward.segmenter import Segmenter
 
 HIDDEN = 128
 

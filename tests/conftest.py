@@ -58,3 +58,19 @@ def ray_session():
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(ACTOR_ENV)})
     yield ray
     ray.shutdown()
+
+
+def in_process_tiny_config(tmp_path_factory, name: str, overrides):
+    """The tiny preset on 24 fresh synthetic samples, run NAME in its own runs folder, the transformers engine and
+    2 prompts of 24 new tokens per step (what the in-process driver tests run), plus `overrides`; returns
+    (cfg, run folder)."""
+    from common.config import load_config
+    from common.synth import write_synth
+
+    data = tmp_path_factory.mktemp("data")
+    write_synth(data, 24, 112, 0)
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = load_config("tiny_cpu", [f"data.path={data}", f"run.output_dir={runs}", f"run.name={name}",
+                                   "data.batch_size=2", "rollout.max_new_tokens=24", "rollout.engine=hf",
+                                   *overrides])
+    return cfg, runs / name

@@ -7,8 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from common.config import load_config
-from common.synth import write_synth
+from tests.conftest import in_process_tiny_config
 
 G = 3
 
@@ -17,14 +16,10 @@ G = 3
 def driver(tmp_path_factory):
     from deploy.driver import Driver
 
-    data = tmp_path_factory.mktemp("data")
-    write_synth(data, 24, 112, 0)
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config("tiny_cpu", [
-        f"data.path={data}", f"run.output_dir={runs}", "run.name=step", "data.batch_size=2",
-        f"rollout.group_size={G}", "rollout.max_new_tokens=24", "rollout.engine=hf", "cluster.reward_workers=2",
-        "learner.drop_zero_variance=true", "learner.kl_beta=0.01"])
-    d = Driver(cfg, runs / "step", local=True)
+    cfg, run_dir = in_process_tiny_config(tmp_path_factory, "step", [
+        f"rollout.group_size={G}", "cluster.reward_workers=2", "learner.drop_zero_variance=true",
+        "learner.kl_beta=0.01"])
+    d = Driver(cfg, run_dir, local=True)
     d.logger.log("grpo", 0, d.push_weights())
     yield d
     d.close()

@@ -9,10 +9,10 @@ import pytest
 
 from common.config import load_config
 from common.protocol import Completion, RolloutGroup, Score
-from common.synth import write_synth
 from deploy.learning_metrics import (group_reward_spread, rollout_records, sampled_stats, token_entropy_estimate,
                                      truncation_ratio)
 from deploy.metrics_log import MetricsLogger, flat_hparams, read_metrics
+from tests.conftest import in_process_tiny_config
 
 
 def _comp(logprobs, reason="stop", text="t"):
@@ -111,14 +111,10 @@ def trained(tmp_path_factory):
     from deploy.driver import Driver
     from deploy.evaluation import evaluate_start
 
-    data = tmp_path_factory.mktemp("data")
-    write_synth(data, 24, 112, 0)
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config("tiny_cpu", [
-        f"data.path={data}", f"run.output_dir={runs}", "run.name=lm", "data.batch_size=2", "rollout.group_size=3",
-        "rollout.max_new_tokens=24", "rollout.engine=hf", "cluster.reward_workers=1", "run.eval_every=2",
-        "run.save_every=0", "run.eval_samples=3", "run.dump_rollouts=2", "run.eval_mask_images=2"])
-    d = Driver(cfg, runs / "lm", local=True)
+    cfg, run_dir = in_process_tiny_config(tmp_path_factory, "lm", [
+        "rollout.group_size=3", "cluster.reward_workers=1", "run.eval_every=2", "run.save_every=0",
+        "run.eval_samples=3", "run.dump_rollouts=2", "run.eval_mask_images=2"])
+    d = Driver(cfg, run_dir, local=True)
     try:
         start = evaluate_start(d, ["val", "test_id"], 3)
         d.train(2)

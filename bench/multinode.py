@@ -35,16 +35,17 @@ def overrides(data: Path, runs: Path, name: str, steps: int) -> list:
 
 
 def submit(cluster, entry: list, timeout_s: float) -> float:
-    from deploy.cli import submit_command
+    from coreseg.deploy.submit import job_runtime_env, submit_command
 
-    cmd = submit_command(cluster.dashboard, entry)
-    cmd[0] = cluster.ray_bin
-    start = time.perf_counter()
-    for _ in range(60):  # a fresh head's job agent takes a few seconds to register
-        result = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-        if "No available agent" not in result.stdout + result.stderr:
-            break
-        time.sleep(2)
+    with tempfile.TemporaryDirectory(prefix="coreseg-submit-") as staging:
+        cmd = submit_command(cluster.dashboard, entry, job_runtime_env(Path(staging), str(ROOT)))
+        cmd[0] = cluster.ray_bin
+        start = time.perf_counter()
+        for _ in range(60):  # a fresh head's job agent takes a few seconds to register
+            result = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+            if "No available agent" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)
     if result.returncode != 0:
         raise RuntimeError(f"job failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -61,8 +62,8 @@ def summarize(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    from common.synth import write_synth
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -76,7 +77,7 @@ def main() -> None:
         cluster = start_local_cluster(workers=workers, cpus_per_node=cpus)
         try:
             name = f"n{workers + 1}"
-            entry = ["coreseg", "train", "--config", "tiny_cpu", "cluster.mode=cluster",
+            entry = [sys.executable, "-m", "coreseg.deploy.cli", "train", "--config", "tiny_cpu", "cluster.mode=cluster",
                      *overrides(data, work / "runs", name, args.steps)]
             wall = submit(cluster, entry, args.timeout)
             results[label] = {**summarize(work / "runs" / name), "wall_s": wall}

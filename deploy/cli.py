@@ -12,12 +12,13 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from common import storage
-from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
-                           to_yaml, with_absolute_paths)
-from deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
+from coreseg.common import storage
+from coreseg.common.config import (DEFAULT_PRESET, ConfigError, TrainConfig, absolute_path, load_config, to_yaml,
+                                   with_absolute_paths)
+from coreseg.deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
@@ -30,7 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
-    from common.synth import write_synth
+    from coreseg.common.synth import write_synth
 
     out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
                       cfg.data.synth_reasoning)
@@ -38,7 +39,7 @@ def cmd_data_synth(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_import(args, cfg: TrainConfig) -> None:
-    from common.importer import ImportOptions, import_folder, import_parquet
+    from coreseg.common.importer import ImportOptions, import_folder, import_parquet
 
     opts = ImportOptions(category=args.category, modality=args.modality, source=args.source, split=args.split,
                          seed=cfg.data.synth_seed, mask_threshold=args.mask_threshold,
@@ -58,7 +59,7 @@ def cmd_data_import(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_embed(args, cfg: TrainConfig) -> None:
-    from reward.embed import precompute_embeddings
+    from coreseg.reward.embed import precompute_embeddings
 
     out = precompute_embeddings(cfg.data.path, args.split, args.out, cfg)
     print(f"wrote image embeddings to {out}; use them with reward.embed_cache_path={out}")
@@ -80,14 +81,14 @@ def _require_data(cfg: TrainConfig) -> None:
 def _synth_if_missing(cfg: TrainConfig) -> None:
     """The demo's data: the synthetic set, written once."""
     if not Path(cfg.data.path).exists():
-        from common.synth import write_synth
+        from coreseg.common.synth import write_synth
         print(f"[coreseg] demo: writing the synthetic set to {cfg.data.path}")
         write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
                     cfg.data.synth_reasoning)
 
 
 def cmd_sft(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     _require_data(cfg)
     driver = Driver(cfg, fresh_run_dir(cfg, args.run_dir), with_rollout=False)
@@ -99,10 +100,10 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 
 def cmd_train(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
-    from deploy.evaluation import evaluate_start
-    from deploy.recovery import resume
-    from deploy.report import write_report
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.evaluation import evaluate_start
+    from coreseg.deploy.recovery import resume
+    from coreseg.deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
@@ -133,7 +134,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
 
 
 def cmd_eval(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     run_dir = absolute_path(args.run_dir, Path.cwd())
     cfg = load_config(str(saved_config(run_dir)), args.overrides)
@@ -151,8 +152,8 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
 
 def cmd_predict(args, cfg: TrainConfig) -> None:
     """In-process (no Ray, DeepSpeed or vLLM), from a run folder's checkpoint or an export; writes only --out."""
-    from deploy.infer import Predictor
-    from deploy.predict import image_paths, predict_files, read_image_file
+    from coreseg.deploy.infer import Predictor
+    from coreseg.deploy.predict import image_paths, predict_files, read_image_file
 
     if bool(args.run_dir) == bool(args.export):
         sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
@@ -162,7 +163,7 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
         cfg = load_config(str(saved_config(run_dir)), args.overrides)
     for path in image_paths(args.image):  # a bad file is named before any model loads
         read_image_file(str(path), cfg.data.max_image_pixels)
-    from deploy.export import ExportError
+    from coreseg.deploy.export import ExportError
 
     try:
         if args.run_dir:
@@ -190,7 +191,7 @@ def refuse_config_for_run_commands(args) -> None:
 
 
 def cmd_export(args, cfg: TrainConfig) -> None:
-    from deploy.export import ExportError, export_run
+    from coreseg.deploy.export import ExportError, export_run
 
     try:
         run_dir, checkpoint = local_run_copy(absolute_path(args.run, Path.cwd()), args.checkpoint)
@@ -202,47 +203,27 @@ def cmd_export(args, cfg: TrainConfig) -> None:
 
 
 def cmd_submit(args, cfg: TrainConfig) -> None:
+    from coreseg.deploy.submit import job_runtime_env, submit_command, train_entrypoint
+
     _require_data(cfg)
     print(f"[coreseg] the run folder will be {storage.join(cfg.run.output_dir, cfg.run.name)} (or NAME-2, ... if it "
           f"holds a run); it must be a URI or a path on storage the cluster's nodes share")
-    cmd = submit_command(args.address, train_entrypoint(args.config or [DEFAULT_PRESET], args.overrides, cfg),
-                         no_wait=args.no_wait)
-    print("+ " + " ".join(shlex.quote(c) for c in cmd))
-    sys.exit(subprocess.call(cmd))
-
-
-def train_entrypoint(config: str, overrides: list, cfg: TrainConfig) -> list:
-    """`coreseg train` for the cluster: the user's overrides, then every path key as an absolute path (resolved
-    here, where the user runs `coreseg submit`; a job runs in a copy of the code elsewhere)."""
-    configs = [config] if isinstance(config, str) else list(config)
-    presets = []
-    for name in configs:
-        presets += ["--config", absolute_path(name, Path.cwd()) if Path(name).suffix in (".yaml", ".yml") else name]
-    paths = [f"{key}={get_value(cfg, key)}" for key in PATH_KEYS if get_value(cfg, key)]
-    return ["coreseg", "train", *presets, *overrides, "cluster.mode=cluster", *paths]
-
-
-def submit_command(address: str | None, entrypoint: list, no_wait: bool = False) -> list:
-    """`ray job submit` of `entrypoint`, uploading the code only (deploy/runtime_env.yaml excludes data, runs and
-    caches). Ray joins the entrypoint into one shell command line, so every word is quoted here: nothing in an
-    override (`$(...)`, backticks, `;`) reaches a shell unquoted."""
-    root = Path(__file__).resolve().parent.parent
-    cmd = ["ray", "job", "submit", "--working-dir", str(root), "--runtime-env",
-           str(root / "deploy" / "runtime_env.yaml")]
-    if address:
-        cmd += ["--address", address]
-    if no_wait:
-        cmd.append("--no-wait")
-    return cmd + ["--", *(shlex.quote(word) for word in entrypoint)]
+    with tempfile.TemporaryDirectory(prefix="coreseg-submit-") as staging:  # uploaded by `ray job submit`, then gone
+        env = job_runtime_env(Path(staging), args.working_dir)
+        cmd = submit_command(args.address, train_entrypoint(args.config or [DEFAULT_PRESET], args.overrides, cfg),
+                             env, no_wait=args.no_wait)
+        print("+ " + " ".join(shlex.quote(c) for c in cmd))
+        code = subprocess.call(cmd)
+    sys.exit(code)
 
 
 def cmd_demo(args, cfg: TrainConfig) -> None:
     """synthetic data -> SFT -> GRPO -> eval -> report on the embedded default."""
     import time
 
-    from deploy.driver import Driver
-    from deploy.evaluation import evaluate_start
-    from deploy.report import write_report
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.evaluation import evaluate_start
+    from coreseg.deploy.report import write_report
 
     start = time.time()
     _synth_if_missing(cfg)
@@ -262,7 +243,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
 
 
 def cmd_plan(args, cfg: TrainConfig) -> None:
-    from deploy.plan import format_plan, make_plan
+    from coreseg.deploy.plan import format_plan, make_plan
 
     try:
         plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
@@ -360,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit `coreseg train` to a Ray cluster with `ray job submit`")
     p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--working-dir", default=".", help="folder shipped as the job's working dir, for modules a config "
+                   "names by import path (default: the current folder; '' ships none; the code itself always ships)")
     _common(p)
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("plan", help="memory per GPU by role and the GPUs a config needs (arithmetic, nothing loaded)")
@@ -384,7 +367,7 @@ def main(argv=None) -> None:
         cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
-    from common.data import DataError
+    from coreseg.common.data import DataError
 
     try:
         args.func(args, cfg)

@@ -3,6 +3,7 @@ dirs), a tiny run through `ray job submit`, then only that cluster's processes a
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture()
 def own_cluster():
     """A head and two worker nodes on 127.0.0.1, 2 CPUs each, each with its own temp dir and ports."""
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     cluster = start_local_cluster(workers=2, cpus_per_node=2)
     try:
@@ -31,17 +32,17 @@ def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
     and written through pyarrow.fs, as s3:// or gs:// would be); each node stages on its own local folder."""
     import json
 
-    from common.synth import write_synth
-    from deploy.cli import submit_command
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.submit import job_runtime_env, submit_command
 
     address, env, ray_bin = own_cluster.dashboard, own_cluster.env, own_cluster.ray_bin
     data = write_synth(tmp_path / "data", 16, 112, 0).parent
-    entry = ["coreseg", "train", "--config", "tiny_cpu", "cluster.mode=cluster", f"data.path={data}",
+    entry = [sys.executable, "-m", "coreseg.deploy.cli", "train", "--config", "tiny_cpu", "cluster.mode=cluster", f"data.path={data}",
              f"run.output_dir=file://{tmp_path / 'runs'}", "run.name=job", "run.sft_steps=0", "run.steps=4",
              "run.save_every=2", "run.eval_every=0", "data.batch_size=3", "rollout.group_size=4",
              "rollout.max_new_tokens=32", "cluster.learner_workers=2", "cluster.rollout_workers=2",
              "cluster.reward_workers=2", "cluster.placement_strategy=SPREAD"]
-    cmd = submit_command(address, entry)
+    cmd = submit_command(address, entry, job_runtime_env(tmp_path / "stage", str(ROOT)))
     cmd[0] = ray_bin
     for _ in range(60):  # the job agent on a fresh head node takes a few seconds to register
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)

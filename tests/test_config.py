@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
+from coreseg.common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
 
 
 def test_defaults_preset_and_overrides():
@@ -94,7 +94,7 @@ def test_saved_config_round_trip(tmp_path):
 
 
 def test_cpu_threads_split_the_node_only_in_async_mode():
-    from common.config import cpu_threads
+    from coreseg.common.config import cpu_threads
 
     sync = load_config("tiny_cpu")
     assert (cpu_threads(sync, "learner", 16), cpu_threads(sync, "rollout", 16)) == (16, 16)
@@ -117,7 +117,7 @@ def test_dynamic_sampling_needs_the_zero_variance_filter_and_dead_knobs_are_gone
 
 
 def test_paths_are_made_absolute_against_the_start_directory(tmp_path):
-    from common.config import with_absolute_paths
+    from coreseg.common.config import with_absolute_paths
 
     cfg = load_config("tiny_cpu", ["data.path=data/isic", "model.sam_checkpoint=~/medsam.pth", "run.output_dir=runs",
                                    "model.policy=tiny", "reward.embed_cache_path=s3://bucket/emb.safetensors"])
@@ -133,15 +133,38 @@ def test_paths_are_made_absolute_against_the_start_directory(tmp_path):
 def test_submit_entrypoint_carries_absolute_paths_and_quotes_every_word(tmp_path, monkeypatch):
     import shlex
 
-    from common.config import with_absolute_paths
-    from deploy.cli import submit_command, train_entrypoint
+    from coreseg.common.config import with_absolute_paths
+    from coreseg.deploy.submit import submit_command, train_entrypoint
 
     monkeypatch.chdir(tmp_path)
     hostile = ["run.name=$(touch pwned)", "data.shuffle_seed=1;rm -rf /", "run.output_dir=`id`"]
     cfg = with_absolute_paths(load_config("tiny_cpu", ["data.path=data/x"]))
-    cmd = submit_command("http://head:8265", train_entrypoint("tiny_cpu", hostile, cfg))
+    cmd = submit_command("http://head:8265", train_entrypoint("tiny_cpu", hostile, cfg), tmp_path / "env.json")
+    assert cmd[:5] == ["ray", "job", "submit", "--runtime-env", str(tmp_path / "env.json")]
     entry = cmd[cmd.index("--") + 1:]
     words = shlex.split(" ".join(entry))  # what the job's shell sees after Ray joins the entrypoint
-    assert words[:4] == ["coreseg", "train", "--config", "tiny_cpu"]
+    assert words[:6] == ["python", "-m", "coreseg.deploy.cli", "train", "--config", "tiny_cpu"]
     assert all(h in words for h in hostile) and f"data.path={tmp_path / 'data' / 'x'}" in words
     assert f"run.output_dir={tmp_path / 'runs'}" in words and "cluster.mode=cluster" in words
+
+
+def test_submit_ships_the_installed_code_as_one_package_and_the_working_dir(tmp_path):
+    """The job's code is a `coreseg` folder with the five subpackages (no bytecode, nothing else), sent as
+    py_modules; the working dir is the folder given; the runtime env keeps deploy/runtime_env.yaml's excludes."""
+    import json
+
+    import coreseg.learner.grpo
+    from coreseg.deploy.submit import job_runtime_env
+
+    (tmp_path / "work").mkdir()
+    env = json.loads(job_runtime_env(tmp_path / "stage", str(tmp_path / "work")).read_text())
+    package = Path(env["py_modules"][0])
+    assert package == tmp_path / "stage" / "coreseg" and env["working_dir"] == str(tmp_path / "work")
+    assert sorted(p.name for p in package.iterdir()) == ["common", "deploy", "learner", "reward", "rollout"]
+    shipped = package / "learner" / "grpo.py"
+    assert shipped.read_bytes() == Path(coreseg.learner.grpo.__file__).read_bytes()
+    assert not list(package.rglob("__pycache__")) and (package / "deploy" / "configs" / "tiny_cpu.yaml").exists()
+    assert ".venv" in env["excludes"] and env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert "working_dir" not in json.loads(job_runtime_env(tmp_path / "stage2", "").read_text())
+    with pytest.raises(FileNotFoundError, match="--working-dir"):
+        job_runtime_env(tmp_path / "stage3", str(tmp_path / "missing"))

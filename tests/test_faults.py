@@ -69,6 +69,34 @@ def test_a_learner_killed_mid_update_and_mid_save_is_rebuilt_from_the_latest_che
         driver.close()
 
 
+def test_rank_1_of_a_two_rank_learner_killed_mid_update_rebuilds_the_group(tmp_path):
+    """Rank 1 dies while both ranks are in step 3's update: rank 0 is left in a collective with a dead peer, the
+    driver replaces the whole group (a rank cannot rejoin a process group) from the step-2 checkpoint, and step 3
+    is redone once, scoring what the uninterrupted run scored."""
+    from coreseg.deploy.driver import Driver
+
+    cfg = tiny(tmp_path, "rank1", "run.save_every=2", "cluster.reward_workers=1", "cluster.learner_workers=2",
+               "learner.collective_timeout_s=120", "run.max_failures=1")
+    run = tmp_path / "rank1"
+    driver = Driver(cfg, run)
+    try:
+        driver.train(3)
+        clean = {r["step"]: r["reward/total"] for r in grpo_steps(run)}
+        driver.restore(version_after=driver.version)
+        ranks = [actor_pid(w) for w in driver.learner.workers]
+        with kill_on_call(Kill("learner", "update_rows", actor=1)) as (kill,):
+            driver.train(1)
+        assert kill.killed == [ranks[1]] and driver.learner_restarts == 1
+        wait_gone(ranks[0])  # the surviving rank was stopped with its group, not left waiting in the collective
+        assert not {actor_pid(w) for w in driver.learner.workers} & set(ranks)
+        grpo = grpo_steps(run)
+        assert [r["step"] for r in grpo] == [1, 2, 3]
+        assert {r["step"]: r["reward/total"] for r in grpo} == pytest.approx(clean, abs=1e-6)
+        assert grpo[-1]["restarts/learner"] == 1 and grpo[-1]["learner/ranks_in_sync"] == 1.0
+    finally:
+        driver.close()
+
+
 def test_workers_killed_mid_generation_and_during_the_weight_push_are_recovered(tmp_path):
     """A rollout worker SIGKILLed while it generates step 2, a reward worker while it loads the weights pushed
     after step 2: Ray restarts both, their pools reload the current weights and re-send the lost calls; the run

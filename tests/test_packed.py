@@ -1,6 +1,7 @@
 """Packed learner batches (learner/packed.py, learner/prefix_attention.py) against the padded one-row-per-completion
 path on the tiny Qwen2.5-VL with LoRA and `<seg>` rows: same log-probs, `<seg>` states, GRPO loss, reference
-log-probs and every trainable parameter's gradient (fp32). In-process, no Ray or DeepSpeed."""
+log-probs and every trainable parameter's gradient (fp32). In-process, no Ray or DeepSpeed; the tests that load
+the model are marked slow (~40 s together), the attention tests are fast."""
 from __future__ import annotations
 
 import math
@@ -122,6 +123,7 @@ def _rel(a, b):
     return float((a - b).norm() / max(float(b.norm()), 1e-12))
 
 
+@pytest.mark.slow
 def test_packed_matches_padded_rows(module, rows):
     encoder, rs = rows
     naive, packed = _batches(module, encoder, rs)
@@ -161,6 +163,7 @@ def test_packed_matches_padded_rows(module, rows):
     module.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_vision_features_are_computed_once_per_image(module, rows):
     encoder, rs = rows
     _, packed = _batches(module, encoder, rs)
@@ -176,3 +179,13 @@ def test_vision_features_are_computed_once_per_image(module, rows):
     finally:
         del family.image_features
     assert calls == [3]  # three distinct images, one vision call for the first pass, none for the second
+
+
+@pytest.mark.slow
+def test_packed_off_keeps_the_padded_rows(tiny_policy_dir):
+    from learner.model import CoreSegModule
+    from learner.prefix_attention import ATTENTION_NAME
+
+    m = CoreSegModule(load_config("tiny_cpu", ["learner.packed=false"]), str(tiny_policy_dir))
+    assert not m.packed
+    assert m.policy.get_base_model().config.get_text_config()._attn_implementation != ATTENTION_NAME

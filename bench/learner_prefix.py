@@ -89,6 +89,32 @@ def time_steps(core, samples, groups, adv, steps: int, warmup: int) -> dict:
     return out
 
 
+def lm_seconds(core, samples, groups, repeats: int) -> dict:
+    """Median seconds of the language-model work of one update alone, per path: every micro-batch's policy pass
+    (train mode) and the backward of its log-probs and `<seg>` states, without the DiceCE head, the loss and the
+    optimizer step that both paths share. Run after the steps (its gradients are never applied)."""
+    import numpy as np
+
+    from learner.balance import flatten_rows
+
+    rows, comps = flatten_rows(groups, samples)
+    times = {False: [], True: []}
+    core.module.train()
+    for _ in range(repeats):
+        for packed in (False, True):
+            core.module.packed = packed
+            layout = core._grpo_layout(rows, comps)
+            batches = [core._batch([rows[i] for i in layout.rows[a:b]], [comps[i] for i in layout.rows[a:b]])
+                       for a, b in layout.micro]
+            t0 = time.perf_counter()
+            for batch in batches:
+                logp, states, _ = core.module.policy_pass(batch)
+                (logp.sum() + states.sum()).backward()
+            times[packed].append(time.perf_counter() - t0)
+    core.module.packed = True
+    return {"padded": float(np.median(times[False])), "packed": float(np.median(times[True]))}
+
+
 def measure(policy_dir, image_size, group, tokens, prompts, steps, warmup, port) -> dict:
     core = make_core(policy_dir, image_size, group, tokens, port)
     samples, groups, adv = make_batch(core, prompts, group, tokens, image_size, seed=0)
@@ -98,15 +124,18 @@ def measure(policy_dir, image_size, group, tokens, prompts, steps, warmup, port)
     print(f"image {image_size}px: prompt {P} tokens, G={group}, C={tokens}: bound {bound}, padded runs "
           f"{run_padded}, packed runs {run_packed}", flush=True)
     t = time_steps(core, samples, groups, adv, steps, warmup)
-    return dict(image_size=image_size, prompt_tokens=P, group=group, completion_tokens=tokens, prompts=prompts,
+    lm = lm_seconds(core, samples, groups, steps)
+    print(f"  language model alone: padded {lm['padded']:.2f}s packed {lm['packed']:.2f}s", flush=True)
+    return dict(lm_s=lm, lm_speedup=lm["padded"] / lm["packed"], image_size=image_size, prompt_tokens=P, group=group, completion_tokens=tokens, prompts=prompts,
                 bound_tokens=bound, padded_tokens=run_padded, packed_tokens=run_packed, **t,
                 speedup=t["padded"]["step_s"] / t["packed"]["step_s"])
 
 
 def table(rows, first: str, key) -> str:
     lines = [f"| {first} | prompt tokens P | G | bound P+G*C per step | padded runs (x bound) | packed runs (x bound) | "
-             "padded step s (fwd + update) | packed step s (fwd + update) | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "padded step s (fwd + update) | packed step s (fwd + update) | step speed-up | LM fwd+bwd s padded / "
+             "packed | LM speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["padded"], r["packed"]
         lines.append(
@@ -114,7 +143,7 @@ def table(rows, first: str, key) -> str:
             f"({r['padded_tokens'] / r['bound_tokens']:.2f}x) | {r['packed_tokens']} "
             f"({r['packed_tokens'] / r['bound_tokens']:.2f}x) | {a['step_s']:.2f} ({a['forward_s']:.2f} + "
             f"{a['update_s']:.2f}) | {b['step_s']:.2f} ({b['forward_s']:.2f} + {b['update_s']:.2f}) | "
-            f"{r['speedup']:.2f}x |")
+            f"{r['speedup']:.2f}x | {r['lm_s']['padded']:.2f} / {r['lm_s']['packed']:.2f} | {r['lm_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -124,7 +153,9 @@ def markdown(by_prompt, by_group, args) -> str:
              f"kl_beta 0.01 (reference pass on), one micro-batch per group; CPU float32, medians of {args.steps} "
              "steps after "
              f"{args.warmup} warm-up, the two paths alternating in one process. Token columns: tokens one pass "
-             "runs through the language model per step, and their ratio to the bound P + G*C per group.", "",
+             "runs through the language model per step, and their ratio to the bound P + G*C per group. LM columns: "
+             "the update's policy passes + their backward alone (no DiceCE head, loss or optimizer step, which "
+             "both paths share), median over the same number of repeats.", "",
              "Prompt length (image size), G = " + str(args.group) + ":", "",
              table(by_prompt, "image px", lambda r: r["image_size"])]
     if by_group:
@@ -142,7 +173,7 @@ def main(argv=None):
     p.add_argument("--groups-sweep", type=int, nargs="*", default=[2, 4, 8, 16], help="G values at --sweep-size")
     p.add_argument("--sweep-size", type=int, default=896)
     p.add_argument("--tokens", type=int, default=150)
-    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--port", type=int, default=29533)

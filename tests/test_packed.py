@@ -189,3 +189,34 @@ def test_packed_off_keeps_the_padded_rows(tiny_policy_dir):
     m = CoreSegModule(load_config("tiny_cpu", ["learner.packed=false"]), str(tiny_policy_dir))
     assert not m.packed
     assert m.policy.get_base_model().config.get_text_config()._attn_implementation != ATTENTION_NAME
+
+
+@pytest.mark.slow
+def test_packed_gradients_with_gradient_checkpointing(tiny_policy_dir, synth_samples):
+    """Checkpointed layers recompute the attention in backward: the shared-prefix layout travels with the layer's
+    arguments, so the recomputation uses it too and the gradients stay the padded path's."""
+    from learner.model import CoreSegModule
+
+    m = CoreSegModule(load_config("tiny_cpu", ["model.lora_r=8", "learner.gradient_checkpointing=true"]),
+                      str(tiny_policy_dir))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    encoder = PromptEncoder(m.processor, m.info.family, m.cfg.model.system_prompt)
+    sample = synth_samples[2]
+    target = sft_target_ids(m.processor.tokenizer, sample, m.info.family)
+    prompt = encoder.encode(sample)["input_ids"][0].tolist()
+    rs = [(sample, prompt, target[:12]), (sample, prompt, target[4:])]
+    m.train()
+    grads = []
+    for batch in _batches(m, encoder, rs):
+        m.zero_grad(set_to_none=True)
+        logp, states, _ = m.policy_pass(batch)
+        ((logp * batch.completion_mask).sum() + states.pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and any("lora_" in n for n in grads[0])
+    scale = max(float(g.norm()) for g in grads[0].values())
+    for n, g in grads[0].items():
+        assert float((grads[1][n] - g).norm()) <= RTOL * max(float(g.norm()), 1e-4 * scale), n

@@ -126,13 +126,15 @@ def measure(policy_dir, image_size, group, tokens, prompts, steps, warmup, port)
     t = time_steps(core, samples, groups, adv, steps, warmup)
     lm = lm_seconds(core, samples, groups, steps)
     print(f"  language model alone: padded {lm['padded']:.2f}s packed {lm['packed']:.2f}s", flush=True)
-    return dict(lm_s=lm, lm_speedup=lm["padded"] / lm["packed"], image_size=image_size, prompt_tokens=P, group=group, completion_tokens=tokens, prompts=prompts,
+    return dict(lm_s=lm, lm_speedup=lm["padded"] / lm["packed"], image_size=image_size, prompt_tokens=P, group=group,
+                completion_tokens=tokens, prompts=prompts,
                 bound_tokens=bound, padded_tokens=run_padded, packed_tokens=run_packed, **t,
                 speedup=t["padded"]["step_s"] / t["packed"]["step_s"])
 
 
 def table(rows, first: str, key) -> str:
-    lines = [f"| {first} | prompt tokens P | G | bound P+G*C per step | padded runs (x bound) | packed runs (x bound) | "
+    lines = [f"| {first} | prompt tokens P | G | bound P+G*C per step | padded runs (x bound) | "
+             "packed runs (x bound) | "
              "padded step s (fwd + update) | packed step s (fwd + update) | step speed-up | LM fwd+bwd s padded / "
              "packed | LM speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -159,7 +161,8 @@ def markdown(by_prompt, by_group, args) -> str:
              "Prompt length (image size), G = " + str(args.group) + ":", "",
              table(by_prompt, "image px", lambda r: r["image_size"])]
     if by_group:
-        parts += ["", f"Growth with G at {by_group[0]['image_size']} px ({by_group[0]['prompt_tokens']} prompt tokens): "
+        first = by_group[0]
+        parts += ["", f"Growth with G at {first['image_size']} px ({first['prompt_tokens']} prompt tokens): "
                   "the padded path's cost grows with G*(P + C), the packed path's with P + G*C.", "",
                   table(by_group, "G", lambda r: r["group"])]
     return "\n".join(parts) + "\n"

@@ -60,7 +60,8 @@ def prefix_layout(prompt_lens: Sequence[int], completion_lens: Sequence[Sequence
         offsets = torch.arange(width)
         valid = offsets[None, :] < torch.as_tensor(list(lens))[:, None]
         starts = pos + p + torch.cumsum(torch.as_tensor([0] + list(lens[:-1])), 0)
-        index = torch.where(valid, starts[:, None] + offsets[None, :], torch.full_like(valid, pos + p, dtype=torch.long))
+        pad = torch.full_like(valid, pos + p, dtype=torch.long)  # a real position; its outputs are dropped
+        index = torch.where(valid, starts[:, None] + offsets[None, :], pad)
         causal = offsets[None, :] <= offsets[:, None]  # [Cmax(query), Cmax(key)]
         own = causal[None] & valid[:, None, :]  # a query never sees a padded key
         keys_mask = torch.cat([torch.ones(len(lens), width, p, dtype=torch.bool), own], dim=2)[:, None]

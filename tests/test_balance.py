@@ -129,7 +129,8 @@ def test_packed_costs_count_the_prompt_once_per_group():
 
     from learner.balance import completion_costs, prompt_groups
 
-    comps = [C(prompt_token_ids=[1] * 9, token_ids=[2] * n) for n in (3, 4, 5)] + [C(prompt_token_ids=[7] * 4, token_ids=[2])]
+    comps = ([C(prompt_token_ids=[1] * 9, token_ids=[2] * n) for n in (3, 4, 5)]
+             + [C(prompt_token_ids=[7] * 4, token_ids=[2])])
     samples = [C(id="a")] * 3 + [C(id="b")]
     labels = prompt_groups(samples, comps)
     assert labels == [0, 0, 0, 1]

@@ -87,9 +87,15 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     pieces = []
     for g in layout.groups:
         a, b = g.start, g.start + g.prompt_len
+        k = g.index.shape[0]
+        if k == 1:  # one completion (SFT, G=1): [prompt, completion] is one plain causal sequence, no mask needed
+            end = b + int(g.valid.sum())
+            out = F.scaled_dot_product_attention(query[:, :, a:end], key[:, :, a:end], value[:, :, a:end],
+                                                 dropout_p=dropout, is_causal=True, scale=scaling)
+            pieces.append(out[0].transpose(0, 1))
+            continue
         prompt_out = F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                                     dropout_p=dropout, is_causal=True, scale=scaling)
-        k = g.index.shape[0]
         # [H, k, Cmax, d] -> [k, H, Cmax, d]: one batch row per completion
         q_c, k_c, v_c = (x[0][:, g.index].transpose(0, 1) for x in (query, key, value))
         keys = torch.cat([key[:, :, a:b].expand(k, -1, -1, -1), k_c], dim=2)

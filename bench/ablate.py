@@ -134,7 +134,7 @@ def run_all(out: Path, rows, seeds, preset: str, common: List[str]) -> Dict[str,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny_demo")
+    p.add_argument("--preset", default="tiny_cpu")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="*", help=f"a subset of: {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, help="GRPO steps per run (default: the preset's run.steps)")

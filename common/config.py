@@ -24,7 +24,6 @@ from common.config_schema import (  # noqa: F401  (re-exported: the config API i
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "configs"
 DEFAULT_PRESET = "tiny_cpu"
-DEMO_PRESET = "tiny_demo"  # what `coreseg demo` runs without --config: tiny_cpu with the tiny-aligned policy
 
 
 def resolve_preset(preset: str, relative_to: Path | None = None) -> Path:

@@ -1,6 +1,6 @@
 """`coreseg`: data preparation, SFT, GRPO training, evaluation, prediction and cluster submission.
 
-Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; `demo`: tiny_demo; repeat it to layer files, later ones win; a
+Every command takes `--config PRESET_OR_YAML` (default: tiny_cpu; repeat it to layer files, later ones win; a
 YAML may extend a preset with `defaults: NAME`) and dotted overrides such as `learner.lr=1e-5 rollout.group_size=8`.
 `coreseg config show` prints the tree they resolve to. `eval`, `predict`, `export` and `train --resume` read the
 run's own config.yaml and take overrides only.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from common import storage
-from common.config import (DEFAULT_PRESET, DEMO_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
+from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
                            to_yaml, with_absolute_paths)
 from deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
 
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-text-tokens", type=int, default=100, help="text tokens of a prompt besides the image")
     _common(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("demo", help=f"synthetic data -> SFT -> GRPO -> eval -> report (default --config {DEMO_PRESET})")
+    p = sub.add_parser("demo", help="synthetic data -> SFT -> GRPO -> eval -> report (tiny preset)")
     p.add_argument("--run-dir")
     _common(p)
     p.set_defaults(func=cmd_demo)
@@ -381,8 +381,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     refuse_config_for_run_commands(args)
     try:
-        default = DEMO_PRESET if args.func is cmd_demo else DEFAULT_PRESET
-        cfg = with_absolute_paths(load_config(args.config or [default], args.overrides))
+        cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     from common.data import DataError

@@ -42,17 +42,3 @@ def test_a_missing_data_uri_is_an_error_naming_it(tmp_path):
             main([*command, f"data.path={missing}", f"run.output_dir={tmp_path / 'runs'}"])
         assert missing in str(exit_info.value) and "does not exist" in str(exit_info.value)
     assert not (tmp_path / "runs").exists()
-
-
-def test_demo_runs_the_demo_preset_and_other_commands_the_default(monkeypatch):
-    import deploy.cli as cli
-
-    seen = {}
-    monkeypatch.setattr(cli, "cmd_demo", lambda args, cfg: seen.setdefault("demo", cfg))
-    monkeypatch.setattr(cli, "cmd_config_show", lambda args, cfg: seen.setdefault("show", cfg))
-    cli.main(["demo"])
-    cli.main(["config", "show"])
-    assert seen["demo"].model.policy == "tiny-aligned" and seen["show"].model.policy == "tiny"
-    # the demo preset changes only what it names: the rest is tiny_cpu's
-    demo, default = load_config("tiny_demo"), load_config("tiny_cpu")
-    assert demo.run.name == "tiny-demo" and demo.data == default.data and demo.cluster == default.cluster

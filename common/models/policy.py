@@ -31,7 +31,7 @@ PRESETS = {
 # Presets whose folder is a size preset's random build after the stand-in alignment stage
 # (common/models/align.py): name -> (size preset, its AlignSpec). The folder name carries the spec's recipe tag.
 ALIGNED_PRESETS = {
-    "tiny-aligned": ("tiny", AlignSpec(samples=1500, steps=1500, batch_size=8, lr=2e-3, recipe="a1")),
+    "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=3000, batch_size=8, lr=3e-3, recipe="a1")),
 }
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0

@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--heldout", type=int, default=48)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rope-theta", type=float, help="a diagnostic: the language model's rope_theta set to this in the "
+                   "plain folder before the stage (the preset keeps 1e6)")
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -76,6 +78,13 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="align-probe-"))
     try:
         plain = ensure_policy_dir("tiny", scratch / "assets", 0)
+        if args.rope_theta:
+            import json
+
+            plain = Path(shutil.copytree(plain, scratch / "plain-rope"))
+            config = json.loads((plain / "config.json").read_text())
+            config["text_config"]["rope_parameters"]["rope_theta"] = args.rope_theta
+            (plain / "config.json").write_text(json.dumps(config, indent=2))
 
         def heldout_loss(folder):
             model, processor = load_policy(folder)
@@ -97,9 +106,10 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load = open("/proc/loadavg").read().split()[:3]
-    table = ("| spec | build s | train loss first → last tenth | held-out loss before → after | n | box reward mean "
-             "| answers with box reward > 0 | parse failures | distinct box lists |\n|---|---|---|---|---|---|---|---|---|\n"
-             f"| {spec.samples} images, {spec.steps} steps × {spec.batch_size}, lr {spec.lr:g} | {build_s:.0f} | "
+    theta = f"{args.rope_theta:g}" if args.rope_theta else "1e+06 (preset)"
+    table = ("| spec | LM rope_theta | build s | train loss first → last tenth | held-out loss before → after | n | box reward mean "
+             "| answers with box reward > 0 | parse failures | distinct box lists |\n|---|---|---|---|---|---|---|---|---|---|\n"
+             f"| {spec.samples} images, {spec.steps} steps × {spec.batch_size}, lr {spec.lr:g} | {theta} | {build_s:.0f} | "
              f"{stats['first_loss']:.3f} → {stats['last_loss']:.3f} | {before:.3f} → {after:.3f} | {scores['n']} | "
              f"{scores['box_mean']:.3f} | {scores['box_any']:.2f} | {scores['fail']:.2f} | {scores['distinct']} |")
     print(table)

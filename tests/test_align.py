@@ -58,3 +58,11 @@ def test_aligned_build_is_deterministic_trains_every_part_and_loads(tmp_path, ti
     assert meta["preset"] == "tiny-aligned" and meta["size"] == "tiny" and meta["align"]["steps"] == 3 and meta["align"]["seconds"] > 0
     model, processor = load_policy(one)  # the folder loads as the plain one does: only the weights differ
     assert processor.tokenizer.convert_tokens_to_ids("<seg>") == load_policy(plain)[1].tokenizer.convert_tokens_to_ids("<seg>")
+
+
+def test_tiny_aligned_is_a_built_in_name_with_the_tiny_shape(tmp_path):
+    from common.config import absolute_path
+    from deploy.plan import resolve_shape
+
+    assert absolute_path("tiny-aligned", tmp_path) == "tiny-aligned"  # not taken for a relative folder
+    assert resolve_shape("tiny-aligned")[0] == resolve_shape("tiny")[0]

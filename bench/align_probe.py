@@ -30,9 +30,9 @@ import torch  # noqa: E402
 def heldout_box_scores(policy_dir: Path, samples) -> dict:
     from PIL import Image
 
-    from common.models.policy import load_policy, policy_info
-    from common.prompts import SYSTEM_PROMPT, parse_completion
-    from reward.rewards import box_reward
+    from coreseg.common.models.policy import load_policy, policy_info
+    from coreseg.common.prompts import SYSTEM_PROMPT, parse_completion
+    from coreseg.reward.rewards import box_reward
 
     model, processor = load_policy(policy_dir)
     model.eval()
@@ -56,9 +56,9 @@ def heldout_box_scores(policy_dir: Path, samples) -> dict:
 
 
 def main() -> None:
-    from common.models.align import collate, encode_rows, token_loss
-    from common.models.policy import ALIGNED_PRESETS, build_aligned_policy, ensure_policy_dir, load_policy, policy_info
-    from common.synth import generate
+    from coreseg.common.models.align import collate, encode_rows, token_loss
+    from coreseg.common.models.policy import ALIGNED_PRESETS, build_aligned_policy, ensure_policy_dir, load_policy, policy_info
+    from coreseg.common.synth import generate
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int)

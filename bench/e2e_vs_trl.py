@@ -51,7 +51,7 @@ def overrides(args) -> list:
 
 def batches(cfg, count: int):
     """The samples the driver will train on, in its order (same reader, seed and batch size)."""
-    from common.data import LesionDataset
+    from coreseg.common.data import LesionDataset
 
     ds = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, seed=cfg.data.shuffle_seed,
                        skip_invalid=cfg.data.skip_invalid)
@@ -63,9 +63,9 @@ def run_ours(cfg, args) -> dict:
     import ray
     import torch
 
-    import learner.worker, reward.worker, rollout.worker  # noqa: F401,E401  (imported before the timer, as TRL)
-    from deploy.driver import Driver
-    from deploy.metrics_log import read_metrics
+    import coreseg.learner.worker, reward.worker, rollout.worker  # noqa: F401,E401  (imported before the timer, as TRL)
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.metrics_log import read_metrics
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -102,10 +102,10 @@ class SegReward:
     def __init__(self, cfg, policy_dir, processor, samples):
         import torch
 
-        from common.models.policy import policy_info
-        from deploy.driver import llm_hidden_size
-        from learner.batch import PromptEncoder
-        from reward.worker import LocalRewardWorker
+        from coreseg.common.models.policy import policy_info
+        from coreseg.deploy.driver import llm_hidden_size
+        from coreseg.learner.batch import PromptEncoder
+        from coreseg.reward.worker import LocalRewardWorker
 
         info = policy_info(policy_dir)
         self.cfg, self.samples, self.model = cfg, {s.id: s for s in samples}, None
@@ -119,9 +119,9 @@ class SegReward:
         import numpy as np
         import torch
 
-        from common.models.policy import gather_seg_states
-        from common.protocol import ScoreItem
-        from learner.batch import build_batch
+        from coreseg.common.models.policy import gather_seg_states
+        from coreseg.common.protocol import ScoreItem
+        from coreseg.learner.batch import build_batch
 
         t0 = time.perf_counter()
         samples = [self.samples[i] for i in sample_id]
@@ -158,10 +158,10 @@ def run_trl(cfg, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
-    from common.models.family import model_family
-    from common.models.lora import make_lora_config
-    from common.models.policy import default_dtype, ensure_policy_dir, load_policy
-    from common.prompts import SYSTEM_PROMPT, build_user_text
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.lora import make_lora_config
+    from coreseg.common.models.policy import default_dtype, ensure_policy_dir, load_policy
+    from coreseg.common.prompts import SYSTEM_PROMPT, build_user_text
 
     torch.set_num_threads(args.trl_threads or torch.get_num_threads())
     B, G, L = cfg.data.batch_size, cfg.rollout.group_size, cfg.learner
@@ -231,9 +231,9 @@ def run_trl(cfg, args) -> dict:
 # ---- parent -------------------------------------------------------------------------------------------
 def prepare(cfg) -> None:
     """Synthetic Parquet set + the tiny policy folder, built before any timed child."""
-    from common.data import write_parquet
-    from common.models.policy import ensure_policy_dir
-    from common.synth import generate
+    from coreseg.common.data import write_parquet
+    from coreseg.common.models.policy import ensure_policy_dir
+    from coreseg.common.synth import generate
 
     WORK.joinpath("data").mkdir(parents=True, exist_ok=True)  # rewritten every run: never a stale set
     write_parquet(generate(cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed, progress=False),
@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     os.chdir(ROOT)  # relative paths in the preset (model.assets_dir) resolve from the repository root
     if args.child:

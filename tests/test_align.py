@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from common.config import BUILT_IN_POLICIES
-from common.models.align import ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, lr_at, token_loss
-from common.models.policy import ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, size_preset
-from common.synth import MODALITIES, generate
+from coreseg.common.config import BUILT_IN_POLICIES
+from coreseg.common.models.align import ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, lr_at, token_loss
+from coreseg.common.models.policy import ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, size_preset
+from coreseg.common.synth import MODALITIES, generate
 
 FEW = AlignSpec(samples=6, steps=3, batch_size=2, lr=2e-3, recipe="test")
 
@@ -61,8 +61,8 @@ def test_aligned_build_is_deterministic_trains_every_part_and_loads(tmp_path, ti
 
 
 def test_tiny_aligned_is_a_built_in_name_with_the_tiny_shape(tmp_path):
-    from common.config import absolute_path
-    from deploy.plan import resolve_shape
+    from coreseg.common.config import absolute_path
+    from coreseg.deploy.plan import resolve_shape
 
     assert absolute_path("tiny-aligned", tmp_path) == "tiny-aligned"  # not taken for a relative folder
     assert resolve_shape("tiny-aligned")[0] == resolve_shape("tiny")[0]

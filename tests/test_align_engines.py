@@ -3,9 +3,9 @@ as built: their sampling log-probs equal a transformers recomputation with the a
 import numpy as np
 import pytest
 
-from common.models.align import AlignSpec
-from common.models.policy import build_aligned_policy, load_policy
-from rollout.engine import Sampling
+from coreseg.common.models.align import AlignSpec
+from coreseg.common.models.policy import build_aligned_policy, load_policy
+from coreseg.rollout.engine import Sampling
 from tests.test_rollout_engines import _cfg, _requests, recompute_logprobs
 
 pytestmark = pytest.mark.slow  # vLLM
@@ -20,9 +20,9 @@ def aligned(tiny_policy_dir, tmp_path_factory):
 @pytest.mark.parametrize("engine_name", ["vllm", "hf"])
 def test_engines_serve_the_aligned_weights(aligned, tiny_policy_dir, synth_samples, engine_name):
     if engine_name == "vllm":
-        from rollout.vllm_engine import VLLMEngine as Engine
+        from coreseg.rollout.vllm_engine import VLLMEngine as Engine
     else:
-        from rollout.hf_engine import HFEngine as Engine
+        from coreseg.rollout.hf_engine import HFEngine as Engine
     engine = Engine(_cfg("auto"), aligned)
     comp = engine.generate(_requests(synth_samples, 1), 2, Sampling(1.0, 1.0, 12, seed=5))[0].completions[0]
     model, processor = load_policy(aligned)

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from common.protocol import ForwardResult
-from learner.balance import assign_rows, in_batch_order, merge_forward, rank_layouts
+from coreseg.common.protocol import ForwardResult
+from coreseg.learner.balance import assign_rows, in_batch_order, merge_forward, rank_layouts
 
 
 def test_hand_worked_two_ranks_one_micro_batch_each():
@@ -99,7 +99,7 @@ def test_merge_forward_restores_batch_order():
 
 
 def test_ranks_with_different_weight_digests_stop_the_run():
-    from learner.group import RankDesyncError, _combine_ranks
+    from coreseg.learner.group import RankDesyncError, _combine_ranks
 
     rank = {"pg_loss": 0.5, "tokens": 10.0, "grad_norm": 2.0, "lr": 1e-3}
     same = _combine_ranks([{**rank, "weights_digest": 7.0}, {**rank, "weights_digest": 7.0}])

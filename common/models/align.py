@@ -19,9 +19,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from common.data import LesionSample
-from common.models.family import ModelFamily
-from common.prompts import SYSTEM_PROMPT
+from coreseg.common.data import LesionSample
+from coreseg.common.models.family import ModelFamily
+from coreseg.common.prompts import SYSTEM_PROMPT
 
 # Synthetic images of the alignment stage come from this seed (+ the policy seed); runs draw their data set from
 # data.synth_seed (0 by default), so the images differ from every train/val/test image of such a run.
@@ -39,7 +39,7 @@ class AlignSpec:
 
 def alignment_samples(count: int, seed: int, image_size: int = 112) -> List[LesionSample]:
     """`count` synthetic samples of the in-distribution modalities, drawn from ALIGN_SYNTH_SEED + seed."""
-    from common.synth import MODALITIES, make_sample
+    from coreseg.common.synth import MODALITIES, make_sample
 
     seen = [m for m in MODALITIES if not m.ood]
     return [make_sample(i, seen[i % len(seen)], image_size, ALIGN_SYNTH_SEED + seed, "align")
@@ -59,7 +59,7 @@ def encode_rows(processor, family: ModelFamily, samples: Sequence[LesionSample])
     """Prompt inputs (rendered as SFT renders them) and target completion ids per sample."""
     from PIL import Image
 
-    from learner.sft import sft_target_ids
+    from coreseg.learner.sft import sft_target_ids
 
     rows = []
     for s in samples:

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from common.models.align import AlignSpec
-from common.models.family import ModelFamily, family_for_type, model_family
+from coreseg.common.models.align import AlignSpec
+from coreseg.common.models.family import ModelFamily, family_for_type, model_family
 
 # Presets: (hidden, layers, heads, kv_heads, intermediate, vision hidden, vision depth, vocab, spare rows)
 PRESETS = {
@@ -64,8 +64,8 @@ def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     """Train the tokenizer, build a random-init Qwen2.5-VL of the preset's size and save everything."""
     from transformers import AutoTokenizer
 
-    from common.models.tokenizer import save_hf_tokenizer, train_tokenizer, training_corpus
-    from common.synth import generate
+    from coreseg.common.models.tokenizer import save_hf_tokenizer, train_tokenizer, training_corpus
+    from coreseg.common.synth import generate
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
@@ -103,7 +103,7 @@ def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, 
     stage (common/models/align.py) trained all its weights; `spec` defaults to the preset's. Saved like the plain
     build (its config, tokenizer and processor files copied unchanged), with the stage's loss and time in
     coreseg.json."""
-    from common.models.align import align
+    from coreseg.common.models.align import align
 
     spec = spec or ALIGNED_PRESETS[name][1]
     out_dir = Path(out_dir)

@@ -186,7 +186,7 @@ def _check_reward_terms(cfg: TrainConfig) -> None:
 # dir copy) see the same files. Values with a URI scheme (s3://, gs://, file://) and built-in names stay as they are.
 PATH_KEYS = ("data.path", "model.policy", "model.sam_checkpoint", "model.assets_dir", "run.output_dir",
              "reward.embed_cache_path")
-BUILT_IN_POLICIES = ("tiny", "small")
+BUILT_IN_POLICIES = ("tiny", "small", "tiny-aligned")  # common/models/policy.py PRESETS and ALIGNED_PRESETS
 
 
 def absolute_path(value: str, base: Path) -> str:

@@ -16,7 +16,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "small" build in-process (random weights, no download); anything else is a local folder.
+    # "tiny" / "small" build in-process (random weights, no download); "tiny-aligned" is "tiny" after a stand-in
+    # alignment stage that trains all its weights on synthetic images of a seed no run's data uses
+    # (common/models/align.py); anything else is a local folder.
     policy: str = "tiny"
     # tiny (in-process, random) | vit_b | vit_l | vit_h (SAM) | medsam (MedSAM vit_b); each with its own
     # preprocessing (common/models/sam.py)

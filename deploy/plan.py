@@ -87,10 +87,10 @@ def preset_shape(name: str) -> PolicyShape:
 
 def resolve_shape(policy: str) -> Tuple[PolicyShape, str]:
     """(shape, where it came from): a folder's config.json, a preset, or a known public shape by folder name."""
-    from coreseg.common.models.policy import PRESETS
+    from coreseg.common.models.policy import PRESETS, size_preset
 
-    if policy in PRESETS:
-        return preset_shape(policy), f"preset {policy}"
+    if size_preset(policy):
+        return preset_shape(size_preset(policy)), f"preset {policy}"
     folder = Path(policy).expanduser()
     if (folder / "config.json").exists():
         proc_file = folder / "preprocessor_config.json"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from coreseg.common.models.align import AlignSpec
 from coreseg.common.models.family import ModelFamily, family_for_type, model_family
 
 # Presets: (hidden, layers, heads, kv_heads, intermediate, vision hidden, vision depth, vocab, spare rows)
@@ -25,6 +27,11 @@ PRESETS = {
     # ~40M parameters: the "small" size the rollout benchmark uses.
     "small": dict(hidden=512, layers=8, heads=8, kv_heads=4, inter=1536, v_hidden=256, v_depth=4, v_heads=4,
                   vocab=2048, mrope=[8, 12, 12]),
+}
+# Presets whose folder is a size preset's random build after the stand-in alignment stage
+# (common/models/align.py): name -> (size preset, its AlignSpec). The folder name carries the spec's recipe tag.
+ALIGNED_PRESETS = {
+    "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=3000, batch_size=8, lr=3e-3, recipe="a1")),
 }
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0
@@ -83,21 +90,67 @@ def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     return out_dir
 
 
+def size_preset(policy: str) -> Optional[str]:
+    """The PRESETS size a built-in policy name has (`tiny-aligned` -> `tiny`); None for a folder path."""
+    if policy in PRESETS:
+        return policy
+    return ALIGNED_PRESETS[policy][0] if policy in ALIGNED_PRESETS else None
+
+
+def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, seed: int = 0,
+                         spec: Optional[AlignSpec] = None, log=None) -> Path:
+    """The size preset's random build in `plain_dir` (`build_tiny_policy`, same seed) after the stand-in alignment
+    stage (common/models/align.py) trained all its weights; `spec` defaults to the preset's. Saved like the plain
+    build (its config, tokenizer and processor files copied unchanged), with the stage's loss and time in
+    coreseg.json."""
+    from coreseg.common.models.align import align
+
+    spec = spec or ALIGNED_PRESETS[name][1]
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + f".staging{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(plain_dir, staging)
+    model, processor = load_policy(staging)
+    torch.manual_seed(seed)
+    stats = align(model, processor, policy_info(staging).family, spec, seed, log=log)
+    # only the weights change: the config, tokenizer and processor files stay the plain build's, byte for byte
+    model.save_pretrained(str(staging / "aligned"), safe_serialization=True)
+    for f in (staging / "aligned").glob("*.safetensors"):
+        f.replace(staging / f.name)
+    shutil.rmtree(staging / "aligned")
+    plain_meta = json.loads((Path(plain_dir) / "coreseg.json").read_text())
+    meta = {"preset": name, "size": plain_meta["preset"], "seed": seed, "align": {**asdict(spec), **stats}}
+    (staging / "coreseg.json").write_text(json.dumps(meta, indent=1))
+    if out_dir.exists():  # another process finished the same build first
+        shutil.rmtree(staging)
+    else:
+        staging.rename(out_dir)
+    return out_dir
+
+
 def ensure_policy_dir(policy: str, assets_dir: str | Path = ".cache/coreseg", seed: int = 0) -> Path:
     """A folder transformers and vLLM can load, with `<seg>` in its tokenizer.
 
-    `tiny`/`small` are built once under `assets_dir`; a local path is checked and, when its tokenizer
-    lacks `<seg>`, mirrored (weights symlinked) with the token added inside the spare embedding rows.
+    `tiny`/`small` (random init) and `tiny-aligned` (after the stand-in alignment stage) are built once under
+    `assets_dir`; a local path is checked and, when its tokenizer lacks `<seg>`, mirrored (weights symlinked)
+    with the token added inside the spare embedding rows.
     """
     if policy in PRESETS:
         out = Path(assets_dir) / f"policy-{policy}-{RECIPE}-seed{seed}"
         if not (out / "config.json").exists():
             build_tiny_policy(out, policy, seed)
         return out
+    if policy in ALIGNED_PRESETS:
+        out = Path(assets_dir) / f"policy-{policy}-{RECIPE}{ALIGNED_PRESETS[policy][1].recipe}-seed{seed}"
+        if not (out / "config.json").exists():
+            plain = ensure_policy_dir(ALIGNED_PRESETS[policy][0], assets_dir, seed)
+            build_aligned_policy(out, policy, plain, seed, log=lambda m: print(f"[{policy} seed {seed}] {m}", flush=True))
+        return out
     src = Path(policy).expanduser()
     if not (src / "config.json").exists():
         raise ModelPathError(
-            f"model.policy={policy!r}: no model folder with config.json there. Use 'tiny'/'small' or a "
+            f"model.policy={policy!r}: no model folder with config.json there. Use 'tiny'/'small'/'tiny-aligned' or a "
             f"local folder (e.g. a downloaded Qwen/Qwen2.5-VL-3B-Instruct); nothing is downloaded at run time.")
     from transformers import AutoTokenizer, AutoConfig
     from tokenizers import AddedToken

@@ -1,0 +1,128 @@
+"""A stand-in alignment stage for the tiny policy presets.
+
+A real Qwen2.5-VL reaches SFT after pre-training and alignment that taught its vision tower to see and its
+language model to name what and where things are (grounding). A random-initialised tiny policy has had none of
+that: its frozen vision tower cannot tell a lesion from the background, so no box it writes after LoRA SFT is
+placed from the image. This stage stands in for that training, once, when the preset's folder is built: every
+parameter (vision tower, merger, language model) is trained with next-token cross-entropy on the task's
+completion (reasoning, boxes, `<seg>`) for synthetic images drawn from a seed no run's data uses
+(`ALIGN_SYNTH_SEED`), in the in-distribution modalities only (the OOD modality of `test_ood` is never shown).
+The folder then holds these weights; LoRA SFT and GRPO start from them as from a real model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from coreseg.common.data import LesionSample
+from coreseg.common.models.family import ModelFamily
+from coreseg.common.prompts import SYSTEM_PROMPT
+
+# Synthetic images of the alignment stage come from this seed (+ the policy seed); runs draw their data set from
+# data.synth_seed (0 by default), so the images differ from every train/val/test image of such a run.
+ALIGN_SYNTH_SEED = 7_000_000
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    samples: int  # distinct synthetic images (in-distribution modalities only)
+    steps: int  # optimizer steps over them
+    batch_size: int
+    lr: float  # AdamW peak rate; linear warm-up over the first 5% of steps, cosine decay to 10%
+    recipe: str = ""  # a tag in the built folder's name: change it with any field, so cached folders rebuild
+
+
+def alignment_samples(count: int, seed: int, image_size: int = 112) -> List[LesionSample]:
+    """`count` synthetic samples of the in-distribution modalities, drawn from ALIGN_SYNTH_SEED + seed."""
+    from coreseg.common.synth import MODALITIES, make_sample
+
+    seen = [m for m in MODALITIES if not m.ood]
+    return [make_sample(i, seen[i % len(seen)], image_size, ALIGN_SYNTH_SEED + seed, "align")
+            for i in range(count)]
+
+
+def lr_at(step: int, spec: AlignSpec) -> float:
+    """Linear warm-up to spec.lr over 5% of the steps, then cosine decay to 10% of it."""
+    warm = max(1, spec.steps // 20)
+    if step < warm:
+        return spec.lr * (step + 1) / warm
+    t = (step - warm) / max(1, spec.steps - warm)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def encode_rows(processor, family: ModelFamily, samples: Sequence[LesionSample]) -> List[dict]:
+    """Prompt inputs (rendered as SFT renders them) and target completion ids per sample."""
+    from PIL import Image
+
+    from coreseg.learner.sft import sft_target_ids
+
+    rows = []
+    for s in samples:
+        enc = family.encode_prompt(processor, s.question, Image.fromarray(s.image), SYSTEM_PROMPT)
+        rows.append({"prompt": enc, "target": sft_target_ids(processor.tokenizer, s, family)})
+    return rows
+
+
+def collate(rows: Sequence[dict], family: ModelFamily, pad_id: int):
+    """Padded model inputs and the completion mask ([B, T], 1 at target tokens)."""
+    seqs = [torch.cat([r["prompt"]["input_ids"][0], torch.as_tensor(r["target"], dtype=torch.long)]) for r in rows]
+    length, B = max(len(s) for s in seqs), len(seqs)
+    ids = torch.full((B, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, length), dtype=torch.long)
+    target = torch.zeros((B, length))
+    aligned = {k: torch.zeros((B, length), dtype=rows[0]["prompt"][k].dtype) for k in family.token_input_keys}
+    for i, (seq, r) in enumerate(zip(seqs, rows)):
+        p = r["prompt"]["input_ids"].shape[1]
+        ids[i, :len(seq)], attention[i, :len(seq)], target[i, p:len(seq)] = seq, 1, 1
+        for k, values in aligned.items():
+            values[i, :p] = r["prompt"][k][0]
+    images = {k: torch.cat([r["prompt"][k] for r in rows]) for k in family.image_input_keys}
+    return {"input_ids": ids, "attention_mask": attention, **aligned, **images}, target
+
+
+def token_loss(logits: torch.Tensor, input_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target positions."""
+    pred = logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    mask = target[:, 1:]
+    nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="none")
+    return (nll * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+
+def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log=None) -> dict:
+    """Train every parameter of `model` in place on the stand-in task; returns the loss curve's ends and time."""
+    t0 = time.perf_counter()
+    samples = alignment_samples(spec.samples, seed)
+    rows = encode_rows(processor, family, samples)
+    pad_id = processor.tokenizer.pad_token_id
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    rng = np.random.default_rng(ALIGN_SYNTH_SEED + seed)
+    order: List[int] = []
+    losses = []
+    for step in range(spec.steps):
+        if len(order) < spec.batch_size:
+            order += list(rng.permutation(len(rows)))
+        pick, order = order[:spec.batch_size], order[spec.batch_size:]
+        inputs, target = collate([rows[i] for i in pick], family, pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec)
+        loss = token_loss(model(**inputs).logits, inputs["input_ids"], target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log is not None and (step % 50 == 0 or step == spec.steps - 1):
+            log(f"align step {step}/{spec.steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    tail = max(1, len(losses) // 10)
+    return {"first_loss": float(np.mean(losses[:tail])), "last_loss": float(np.mean(losses[-tail:])),
+            "seconds": time.perf_counter() - t0}

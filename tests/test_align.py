@@ -1,0 +1,68 @@
+"""The stand-in alignment stage of the `tiny-aligned` preset (common/models/align.py), on a few steps."""
+import json
+import math
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from coreseg.common.config import BUILT_IN_POLICIES
+from coreseg.common.models.align import ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, lr_at, token_loss
+from coreseg.common.models.policy import ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, size_preset
+from coreseg.common.synth import MODALITIES, generate
+
+FEW = AlignSpec(samples=6, steps=3, batch_size=2, lr=2e-3, recipe="test")
+
+
+def test_alignment_images_are_in_distribution_and_not_the_runs_images():
+    samples = alignment_samples(9, seed=0)
+    ood = {m.name for m in MODALITIES if m.ood}
+    assert {s.modality for s in samples} == {m.name for m in MODALITIES if not m.ood} and not ood & {s.modality for s in samples}
+    run_images = {s.image.tobytes() for s in generate(40, seed=0, progress=False)}
+    assert not run_images & {s.image.tobytes() for s in samples}
+    # the policy seed moves the stage to other images
+    assert samples[0].image.tobytes() != alignment_samples(1, seed=1)[0].image.tobytes()
+    assert ALIGN_SYNTH_SEED > 1000  # far from the data.synth_seed values runs use (0 by default)
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    spec = AlignSpec(samples=1, steps=100, batch_size=1, lr=1.0)
+    assert math.isclose(lr_at(0, spec), 0.2) and math.isclose(lr_at(4, spec), 1.0)
+    assert math.isclose(lr_at(99, spec), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 94 / 95)))
+    assert all(lr_at(s, spec) >= lr_at(s + 1, spec) for s in range(5, 99))
+
+
+def test_token_loss_is_the_mean_cross_entropy_over_target_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    target = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.float32)
+    logp = torch.log_softmax(logits, -1).numpy()
+    picks = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if target[b, t]]
+    assert math.isclose(float(token_loss(logits, ids, target)), float(np.mean(picks)), rel_tol=1e-5)
+
+
+def test_aligned_build_is_deterministic_trains_every_part_and_loads(tmp_path, tiny_policy_dir):
+    assert set(BUILT_IN_POLICIES) == set(PRESETS) | set(ALIGNED_PRESETS)
+    assert size_preset("tiny-aligned") == "tiny" and size_preset("tiny") == "tiny" and size_preset("/x") is None
+    plain = tiny_policy_dir  # the plain tiny build of seed 0, which tiny-aligned of seed 0 starts from
+    one = build_aligned_policy(tmp_path / "one", "tiny-aligned", plain, seed=0, spec=FEW)
+    two = build_aligned_policy(tmp_path / "two", "tiny-aligned", plain, seed=0, spec=FEW)
+    w1, w2, w0 = (load_file(str(d / "model.safetensors")) for d in (one, two, plain))
+    assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    changed = {k for k in w1 if not torch.equal(w1[k], w0[k])}
+    assert any("visual" in k for k in changed) and any(k.startswith("model.layers.") for k in changed)
+    for name in ("config.json", "tokenizer.json", "processor_config.json"):
+        assert (one / name).read_bytes() == (plain / name).read_bytes()
+    meta = json.loads((one / "coreseg.json").read_text())
+    assert meta["preset"] == "tiny-aligned" and meta["size"] == "tiny" and meta["align"]["steps"] == 3 and meta["align"]["seconds"] > 0
+    model, processor = load_policy(one)  # the folder loads as the plain one does: only the weights differ
+    assert processor.tokenizer.convert_tokens_to_ids("<seg>") == load_policy(plain)[1].tokenizer.convert_tokens_to_ids("<seg>")
+
+
+def test_tiny_aligned_is_a_built_in_name_with_the_tiny_shape(tmp_path):
+    from coreseg.common.config import absolute_path
+    from coreseg.deploy.plan import resolve_shape
+
+    assert absolute_path("tiny-aligned", tmp_path) == "tiny-aligned"  # not taken for a relative folder
+    assert resolve_shape("tiny-aligned")[0] == resolve_shape("tiny")[0]

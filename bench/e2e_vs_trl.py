@@ -153,22 +153,31 @@ def fitted_model_len(model_len: int, prompt_tokens: int, new_tokens: int, block:
     return model_len if need <= model_len else -(-need // block) * block
 
 
-def child(side: str, repeat: int, args) -> dict:
-    out = WORK / f"{side}-r{repeat}.json"
+def run_child(side: str, repeat: int, args, out: Path) -> dict:
+    """`--child side` in a fresh interpreter with the parent's options; its JSON result from `out`."""
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--repeat", str(repeat),
            "--prompts", str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--trl-threads", str(args.trl_threads),
            "--image-size", str(args.image_size), "--max-pixels", str(args.max_pixels),
            "--synth-samples", str(args.synth_samples), "--set", *args.set]
-    print(f"[bench] repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
     stream = None if args.verbose else subprocess.DEVNULL
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=stream, stderr=None if args.verbose else subprocess.PIPE,
                           text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"{side} child failed (rc {proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def prepared(args) -> dict:
+    """Data set, policy folder and prompt lengths, made in a child so the parent keeps no images or models."""
+    return run_child("prepare", 0, args, WORK / "prepare.json")
+
+
+def child(side: str, repeat: int, args) -> dict:
+    print(f"[bench] repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
+    t0 = time.perf_counter()
+    res = run_child(side, repeat, args, WORK / f"{side}-r{repeat}.json")
     phases = ", ".join(f"{k} {v:.2f}" for k, v in res["phases"].items())
     print(f"[bench]   {side}: start-up {res['startup_s']:.1f} s, steps {[round(s, 1) for s in res['step_s']]} s "
           f"({time.perf_counter() - t0:.0f} s wall); s/step: {phases}", flush=True)
@@ -227,7 +236,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per child run")
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
     parser.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["prepare", "ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.realistic:
@@ -237,6 +246,12 @@ def main() -> None:
     from common.config import load_config
 
     os.chdir(ROOT)  # relative paths in the preset (model.assets_dir) resolve from the repository root
+    if args.child == "prepare":
+        cfg = load_config("tiny_cpu", overrides(args))
+        prepare(cfg)
+        lengths = prompt_lengths(cfg, [s for b in batches(cfg, args.warmup + args.steps) for s in b])
+        (WORK / "prepare.json").write_text(json.dumps(lengths))
+        return
     if args.child:
         cfg = load_config("tiny_cpu", overrides(args) + [f"run.name={args.child}-r{args.repeat}"])
         if args.child == "ours":
@@ -251,8 +266,7 @@ def main() -> None:
         return
     cfg = load_config("tiny_cpu", overrides(args))
     start_machine = machine()
-    prepare(cfg)
-    lengths = prompt_lengths(cfg, [s for b in batches(cfg, args.warmup + args.steps) for s in b])
+    lengths = prepared(args)
     model_len = fitted_model_len(cfg.rollout.max_model_len, lengths["max_prompt_tokens"], cfg.rollout.max_new_tokens)
     if model_len != cfg.rollout.max_model_len:
         args.set = [*args.set, f"rollout.max_model_len={model_len}"]

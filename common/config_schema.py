@@ -156,6 +156,11 @@ class LearnerConfig:
     sft_lr_warmup_steps: int = 0
     lr_min_ratio: float = 0.0
     seed: int = 0
+    # Pack each micro-batch into one row without padding, a GRPO group's prompt (and image) once with its G
+    # completions after it (learner/packed.py; same log-probs and gradients as one padded row per completion, at
+    # P + G*C tokens per group instead of G*(P + C)); only for families that support it (Qwen2.5-VL), the others
+    # keep the padded batch. false: one padded row per completion
+    packed: bool = True
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
     # LRU bound of the learner's SAM image embeddings (kept on the learner's device; a vit_b embedding of a 1024 px
     # image is 4 MiB in fp32): 1 GiB keeps 256 images, so a step's images are encoded once, not once per pass

@@ -12,7 +12,8 @@ from common.config import TrainConfig
 from common.data import LesionSample
 from common.devices import role_runtime_env
 from common.protocol import Advantages, ForwardResult, WeightBundle
-from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
+from learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
+                             rank_layouts)
 from learner.grpo import combine_stats, group_advantages, loss_norm
 from learner.worker import LearnerWorker, free_port
 
@@ -38,6 +39,7 @@ class LearnerGroup:
         try:
             addr, port = ("127.0.0.1", free_port()) if local else self.pool.call(0, "rendezvous_address")
             self.pool.call_all("setup", addr, port)
+            self.packed = bool(self.pool.call(0, "packs"))  # packed batches keep a prompt's rows on one rank
         except BaseException:  # a rank lost while the group forms: no rank of it is left behind
             self.pool.shutdown()
             raise
@@ -46,13 +48,18 @@ class LearnerGroup:
     def workers(self) -> list:
         return self.pool.actors
 
-    def _layouts(self, costs) -> List[RankLayout]:
-        return rank_layouts(costs, len(self.pool), self.cfg.learner.micro_batch_size)
+    def _layouts(self, costs, labels=None) -> List[RankLayout]:
+        return rank_layouts(costs, len(self.pool), self.cfg.learner.micro_batch_size, labels)
+
+    def _grpo_layouts(self, rows, comps) -> List[RankLayout]:
+        """Packed ranks: a prompt's completions stay on one rank, at the cost of one prompt + their tokens."""
+        labels = prompt_groups(rows, comps) if self.packed else None
+        return self._layouts(completion_costs(comps, self.packed, labels), labels)
 
     def forward(self, groups, samples) -> ForwardResult:
         """Every completion's log-probs and `<seg>` state, rows balanced over the ranks (see `update`)."""
         rows, comps = flatten_rows(groups, samples)
-        layouts = self._layouts(completion_costs(comps))
+        layouts = self._grpo_layouts(rows, comps)
         futures = [self.pool.submit(rank, "forward_rows", [rows[i] for i in lay.rows], [comps[i] for i in lay.rows],
                                     lay) for rank, lay in enumerate(layouts)]
         return merge_forward(layouts, self.pool.gather(futures))
@@ -75,7 +82,7 @@ class LearnerGroup:
             raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
         norm = loss_norm([len(c.token_ids) for c in comps], int(np.asarray(forward.seg_found).sum()),
                          self.cfg.learner.loss_agg)
-        layouts = self._layouts(completion_costs(comps))
+        layouts = self._grpo_layouts(rows, comps)
         advantages, ref = np.asarray(advantages, dtype=np.float64), forward.ref_logprobs
         futures = []
         for rank, lay in enumerate(layouts):

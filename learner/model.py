@@ -23,6 +23,7 @@ from common.models.segment import decode_masks
 from common.models.token_rows import attach_token_rows, rows_disabled
 from common.protocol import WeightBundle
 from learner.batch import PolicyBatch, completion_logprobs, logits_window
+from learner.packed import PackedBatch, packed_logprobs, packed_seg_states
 from learner.losses import low_res_target
 from common.byte_cache import EmbeddingCache
 
@@ -38,6 +39,13 @@ class CoreSegModule(nn.Module):
         self.info = policy_info(policy_dir)
         torch.manual_seed(cfg.learner.seed)
         self.policy = get_peft_model(base, make_lora_config(cfg.model, self.info.family))
+        # packed batches (learner/packed.py) where the family supports them and learner.packed is on
+        self.packed = bool(cfg.learner.packed and self.info.family.shared_prefix)
+        if self.packed:
+            from learner import prefix_attention
+            prefix_attention.install(base)
+        # the frozen vision tower's output per image (image_key), shared by every pass of a step and later steps
+        self._vision = EmbeddingCache(cfg.learner.embed_cache_bytes)
         # `<seg>`'s input and output rows (the only token the project adds); None: LoRA alone
         self.token_rows = (attach_token_rows(self.policy, [self.info.seg_token_id])
                            if cfg.model.train_token_rows else None)
@@ -59,7 +67,11 @@ class CoreSegModule(nn.Module):
         self.reference_lora: Optional[Dict[str, torch.Tensor]] = None  # see snapshot_reference
 
     # -- policy -------------------------------------------------------------------------------------
-    def policy_pass(self, batch: PolicyBatch, with_hidden: bool = True):
+    def policy_pass(self, batch, with_hidden: bool = True):
+        """(log-probs [B, T], `<seg>` states [B, H] or None, found [B] or None) of a PolicyBatch or PackedBatch;
+        the log-probs are laid out as the batch's completion mask."""
+        if isinstance(batch, PackedBatch):
+            return self._packed_pass(batch, with_hidden)
         out = self.policy(**batch.model_inputs(self.device), output_hidden_states=with_hidden, use_cache=False,
                           logits_to_keep=logits_window(batch))
         logp = completion_logprobs(out.logits, batch)
@@ -68,6 +80,36 @@ class CoreSegModule(nn.Module):
             states, found = gather_seg_states(out.hidden_states[-1], batch.input_ids.to(self.device),
                                               self.info.seg_token_id, batch.completion_mask.to(self.device))
         return logp, states, found
+
+    def _packed_pass(self, batch: PackedBatch, with_hidden: bool):
+        family = self.info.family
+        out = self.policy(input_ids=batch.input_ids.to(self.device), position_ids=batch.position_ids.to(self.device),
+                          attention_mask={"full_attention": None},  # the shared-prefix attention builds its own
+                          shared_prefix=batch.layout_on(self.device), output_hidden_states=with_hidden,
+                          use_cache=False, logits_to_keep=batch.logit_index.to(self.device),
+                          **family.encoder_outputs(self.vision_features(batch.image_keys, batch.image_inputs)))
+        logp = packed_logprobs(out.logits, batch)
+        states = found = None
+        if with_hidden:
+            states, found = packed_seg_states(out.hidden_states[-1], batch, self.info.seg_token_id)
+        return logp, states, found
+
+    def prompt_positions(self, prompt: dict) -> torch.Tensor:
+        """The prompt's rotary positions (the family's; the packed batch builder's `positions`)."""
+        return self.info.family.prompt_positions(self.policy.get_base_model(), prompt)
+
+    @torch.no_grad()
+    def vision_features(self, keys: Sequence[str], image_inputs: Sequence[dict]) -> List[torch.Tensor]:
+        """The frozen vision tower's output for each image (`image_key`), computed once and cached (LRU bound
+        learner.embed_cache_bytes), so a step's passes and the prompts' G completions share one vision pass."""
+        found = {k: self._vision.get(k) for k in dict.fromkeys(keys)}
+        missing = {k: x for k, x in zip(keys, image_inputs) if found[k] is None}
+        if missing:
+            features = self.info.family.image_features(self.policy.get_base_model(), list(missing.values()))
+            for k, f in zip(missing, features):
+                found[k] = f.detach()
+                self._vision.put(k, found[k])
+        return [found[k] for k in keys]
 
     def snapshot_reference(self) -> None:
         """Freeze the current LoRA values as the KL reference (GRPO after SFT: the reference is the SFT policy,

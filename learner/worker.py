@@ -22,8 +22,10 @@ from common.data import LesionSample
 from common.devices import check_device, role_device
 from common.policy_store import stage_policy
 from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
-from learner.balance import RankLayout, completion_costs, flatten_rows, merge_forward, rank_layouts
+from learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
+                             rank_layouts)
 from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
+from learner.packed import build_packed
 from learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
 from learner.losses import dice_ce_loss
 from learner.schedule import lr_factor
@@ -33,7 +35,7 @@ from learner.sft import sft_loss, sft_target_ids
 def _place(values: Sequence[np.ndarray], batch, device, rows: Sequence[int] | None = None) -> torch.Tensor:
     """Per-completion arrays -> [B, T] tensor at the completion positions of `batch` (rows: which rows the
     arrays belong to, default all in order; the other rows stay 0)."""
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32)
     for i, v in zip(range(len(values)) if rows is None else rows, values):
         p = batch.prompt_lens[i]
         if len(v) != batch.completion_lens[i]:
@@ -113,15 +115,31 @@ class LearnerCore:
             group["lr"] = lr * factor
         return base * factor
 
-    def _layout(self, costs: Sequence[int]) -> RankLayout:
+    def _layout(self, costs: Sequence[float], groups=None) -> RankLayout:
         """This rank alone on a whole batch (the in-process API: `forward`, `update`, `sft_step`)."""
-        return rank_layouts(costs, 1, self.cfg.learner.micro_batch_size)[0]
+        return rank_layouts(costs, 1, self.cfg.learner.micro_batch_size, groups)[0]
+
+    def _grpo_layout(self, rows: Sequence[LesionSample], comps: Sequence[Completion]) -> RankLayout:
+        labels = prompt_groups(rows, comps) if self.module.packed else None
+        return self._layout(completion_costs(comps, self.module.packed, labels), labels)
+
+    def packs(self) -> bool:
+        """Whether this rank runs packed batches (learner.packed and a family that supports them)."""
+        return self.module.packed
 
     def _batch(self, samples: Sequence[LesionSample], completions: Sequence[Completion], real=None):
         """The policy batch of these completions, on the prompt ids their rollout engine returned; `real`: False
         for a padding row, whose completion mask is zeroed (loss weight 0, no `<seg>` found)."""
-        batch = build_batch(self.encoder, samples, [c.token_ids for c in completions], self.pad_id,
-                            [c.prompt_token_ids for c in completions])
+        return self._rows_batch(samples, [c.token_ids for c in completions], [c.prompt_token_ids for c in completions],
+                                real)
+
+    def _rows_batch(self, samples, completions, prompt_ids=None, real=None):
+        """A packed batch (learner/packed.py) when the module packs and every completion has a token (an empty
+        one has nothing to pack; the padded batch then computes the same values), else the padded batch."""
+        if self.module.packed and all(len(c) for c in completions):
+            batch = build_packed(self.encoder, samples, completions, self.module.prompt_positions, prompt_ids)
+        else:
+            batch = build_batch(self.encoder, samples, completions, self.pad_id, prompt_ids)
         return zero_padding_rows(batch, real)
 
     def _dice_sum(self, states: torch.Tensor, found: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
@@ -158,7 +176,7 @@ class LearnerCore:
     def forward(self, groups: List[RolloutGroup], samples: List[LesionSample]) -> ForwardResult:
         """`forward_rows` of this rank alone on the whole batch."""
         rows, comps = flatten_rows(groups, samples)
-        layout = self._layout(completion_costs(comps))
+        layout = self._grpo_layout(rows, comps)
         out = self.forward_rows([rows[i] for i in layout.rows], [comps[i] for i in layout.rows], layout)
         return merge_forward([layout], [out])
 
@@ -194,7 +212,7 @@ class LearnerCore:
         rows, comps = flatten_rows(groups, samples)
         if len(advantages) != len(comps):
             raise ValueError(f"{len(advantages)} advantages for {len(comps)} completions")
-        layout = self._layout(completion_costs(comps))
+        layout = self._grpo_layout(rows, comps)
         pick = list(layout.rows)
         return self.update_rows([rows[i] for i in pick], [comps[i] for i in pick], np.asarray(advantages)[pick],
                                 [ref[i] for i in pick] if len(ref) else [], layout, norm, step)
@@ -266,8 +284,7 @@ class LearnerCore:
         self.engine.train()
         shards = []
         for k, (a, b) in enumerate(layout.micro):
-            batch = zero_padding_rows(build_batch(self.encoder, samples[a:b], comps[a:b], self.pad_id),
-                                      layout.real[a:b])
+            batch = self._rows_batch(samples[a:b], comps[a:b], real=layout.real[a:b])
             logp, states, found = self.module.policy_pass(batch)
             loss, stats = sft_loss(logp, batch.completion_mask, self._dice_sum(states, found, samples[a:b]), norm,
                                    L.mask_loss_weight)

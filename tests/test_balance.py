@@ -108,3 +108,51 @@ def test_ranks_with_different_weight_digests_stop_the_run():
     assert "ranks_in_sync" not in _combine_ranks([rank, rank])  # no check this step
     with pytest.raises(RankDesyncError, match=r"\[7, 8\]"):
         _combine_ranks([{**rank, "weights_digest": 7.0}, {**rank, "weights_digest": 8.0}])
+
+
+def test_grouped_rows_stay_on_one_rank():
+    # packed: two prompts of 3 completions; each group is one unit (cost 12 + 3 + 3 + 3 = 21 and 8 + 2 + 2 + 2 = 14)
+    groups = [0, 0, 0, 1, 1, 1]
+    costs = [12 / 3 + 3] * 3 + [8 / 3 + 2] * 3
+    assert assign_rows(costs, 2, 3, groups) == [[[0, 1, 2]], [[3, 4, 5]]]
+    # without labels the same rows are dealt one by one, splitting both prompts over the ranks
+    assert assign_rows(costs, 2, 3) == [[[0, 2, 5]], [[1, 3, 4]]]
+
+
+def test_group_larger_than_a_ranks_room_is_dealt_by_rows():
+    # one group of 4 rows, 2 ranks x 1 micro-batch of 2: it fits no rank whole, so its rows are dealt one by one
+    assert assign_rows([5, 5, 5, 5], 2, 2, [0, 0, 0, 0]) == [[[0, 2]], [[1, 3]]]
+
+
+def test_packed_costs_count_the_prompt_once_per_group():
+    from types import SimpleNamespace as C
+
+    from learner.balance import completion_costs, prompt_groups
+
+    comps = [C(prompt_token_ids=[1] * 9, token_ids=[2] * n) for n in (3, 4, 5)] + [C(prompt_token_ids=[7] * 4, token_ids=[2])]
+    samples = [C(id="a")] * 3 + [C(id="b")]
+    labels = prompt_groups(samples, comps)
+    assert labels == [0, 0, 0, 1]
+    costs = completion_costs(comps, True, labels)
+    assert sum(costs[:3]) == pytest.approx(9 + 3 + 4 + 5) and costs[3] == 5
+    assert completion_costs(comps) == [12, 13, 14, 5]
+    with pytest.raises(ValueError, match="group label"):
+        completion_costs(comps, True)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_grouped_layout_properties(seed):
+    # GRPO's case: every group has G rows, and a micro-batch holds whole groups (G divides micro_batch_size)
+    rng = np.random.default_rng(seed)
+    G = int(rng.integers(1, 5))
+    sizes = [G] * int(rng.integers(1, 8))
+    groups = [g for g, k in enumerate(sizes) for _ in range(k)]
+    n, ranks, mbs = len(groups), int(rng.integers(1, 4)), G * int(rng.integers(1, 3))
+    costs = [float(c) for c in rng.integers(1, 300, n)]
+    plan = assign_rows(costs, ranks, mbs, groups)
+    per_rank = max(1, math.ceil(n / (ranks * mbs)))
+    assert all(len(p) == per_rank for p in plan) and all(len(m) <= mbs for p in plan for m in p)
+    assert sorted(i for p in plan for m in p for i in m) == list(range(n))
+    for g, k in enumerate(sizes):
+        owners = {r for r, p in enumerate(plan) for m in p for i in m if groups[i] == g}
+        assert len(owners) == 1  # never split over ranks

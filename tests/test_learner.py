@@ -167,7 +167,8 @@ def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_sampl
         # the base model: LoRA off and `<seg>`'s trained rows off
         with torch.no_grad(), core.module.policy.disable_adapter(), rows_disabled(core.module.token_rows):
             (want,) = [x.numpy() for x in per_completion(core.module.policy_pass(batch, with_hidden=False)[0], batch)]
-        np.testing.assert_allclose(ref, want, atol=1e-6)
+        # the learner packs its batches (learner.packed): the same values up to float round-off
+        np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6)
         assert np.abs(old - ref).max() > 1e-4
     for n, p in core.module.policy.named_parameters():  # the forward left the trained LoRA in place
         if n in lora:

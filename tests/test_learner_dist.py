@@ -7,7 +7,7 @@ import torch
 
 from common.config import load_config
 from common.protocol import Completion, RolloutGroup
-from learner.balance import completion_costs, flatten_rows, rank_layouts
+from learner.balance import flatten_rows
 from learner.sft import sft_target_ids
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed
@@ -123,7 +123,7 @@ def test_rank_whose_completions_all_lack_seg(pair):
     groups, _ = _compare(pair, spec, [1.0, -1.0, 0.5, -0.5])
     rows, comps = flatten_rows(groups, pair[2].samples[:2])
     seg = pair[2].seg_id
-    layouts = rank_layouts(completion_costs(comps), 2, 2)
+    layouts = pair[1]._grpo_layouts(rows, comps)  # the layout the 2-rank group used (packed: groups kept whole)
     assert any(not any(seg in comps[i].token_ids for i in lay.rows) for lay in layouts)
 
 

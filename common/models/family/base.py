@@ -36,6 +36,9 @@ class ModelFamily:
     image_input_keys: Tuple[str, ...] = ()
     # LoRA: a regex on module names that keeps the adapters in the language model (never the vision tower)
     lora_scope: str = ""
+    # the learner can pack a group's prompt once with its completions (learner/packed.py): the family implements
+    # `prompt_positions`, `image_features` and `encoder_outputs`; the others keep the padded batch
+    shared_prefix: bool = False
 
     # -- chat ---------------------------------------------------------------------------------------
     def chat_messages(self, question: str, system: str = SYSTEM_PROMPT) -> List[dict]:
@@ -103,6 +106,20 @@ class ModelFamily:
         """The image inputs alone (the prompt ids come from the rollout engine)."""
         enc = processor.image_processor(images=[image], return_tensors="pt")
         return {k: enc[k] for k in self.image_input_keys}
+
+    # -- packed learner batches (shared_prefix) ------------------------------------------------------
+    def prompt_positions(self, model, prompt: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rotary positions [R, P] of a prompt encoding ([1, P] ids, token-aligned and image inputs) in `model`
+        (the transformers model, not peft's wrapper); text after it continues from their maximum + 1."""
+        raise NotImplementedError(f"{self.model_type}: no packed learner batches")
+
+    def image_features(self, model, image_inputs: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """The vision tower's output for each image's inputs: [image tokens, hidden] per image."""
+        raise NotImplementedError(f"{self.model_type}: no packed learner batches")
+
+    def encoder_outputs(self, features: Sequence[torch.Tensor]) -> Dict[str, object]:
+        """Forward keyword arguments that hand the model precomputed vision features (in prompt order)."""
+        raise NotImplementedError(f"{self.model_type}: no packed learner batches")
 
     def image_token_count(self, processor, image_inputs: Dict[str, torch.Tensor]) -> int:
         """How many `image_pad` tokens the image takes in the prompt."""

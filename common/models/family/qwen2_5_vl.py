@@ -2,7 +2,7 @@
 language model, checkpoint key names, and the tiny presets' config and processor."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ class Qwen25VL(ModelFamily):
     token_input_keys = ("mm_token_type_ids",)
     image_input_keys = ("pixel_values", "image_grid_thw")
     lora_scope = r".*language_model.*"
+    shared_prefix = True
     # the tiny presets' image processor: small images give few vision tokens
     tiny_min_pixels = 56 * 56
     tiny_max_pixels = 112 * 112 * 4
@@ -65,6 +66,23 @@ class Qwen25VL(ModelFamily):
     def token_inputs(self, processor, prompt_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"mm_token_type_ids": torch.as_tensor(processor.create_mm_token_type_ids(prompt_ids.tolist()),
                                                      dtype=torch.long)}
+
+    def prompt_positions(self, model, prompt: Dict[str, torch.Tensor]) -> torch.Tensor:
+        # transformers' own M-RoPE index of the prompt alone (text after it continues from max + 1)
+        positions, _ = model.model.get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
+                                                  image_grid_thw=prompt["image_grid_thw"])
+        return positions[:, 0]
+
+    def image_features(self, model, image_inputs: Sequence[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        device = model.device
+        pixels = torch.cat([x["pixel_values"] for x in image_inputs]).to(device)
+        grids = torch.cat([x["image_grid_thw"] for x in image_inputs]).to(device)
+        return list(model.model.get_image_features(pixels, grids, return_dict=True).pooler_output)
+
+    def encoder_outputs(self, features: Sequence[torch.Tensor]) -> Dict[str, object]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}
 
     # -- the tiny presets (built in-process, common/models/policy.py) -------------------------------
     def tiny_config(self, p: dict, vocab_size: int, tokenizer):

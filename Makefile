@@ -5,7 +5,7 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup_env.sh
 demo: setup
-	$(PY) -m deploy.cli demo
+	$(PY) -m coreseg.deploy.cli demo
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 test-fast: setup

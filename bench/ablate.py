@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.metrics import METRICS, t_interval  # noqa: E402
+from coreseg.common.metrics import METRICS, t_interval  # noqa: E402
 
 SFT_ONLY = "SFT only"
 # row name -> overrides of the GRPO run (None: the SFT checkpoint evaluated as it is). Without DiceCE means
@@ -97,7 +97,7 @@ def coreseg(args: List[str], log: Path) -> float:
     """One CLI call (no shell), its output to `log`; returns its wall time; a failure stops the ablation."""
     start = time.time()
     with log.open("w") as f:
-        code = subprocess.call([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, "-m", "coreseg.deploy.cli", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if code:
         raise SystemExit(f"ablate: `coreseg {' '.join(args[:3])} ...` failed (exit {code}); see {log}")
     return time.time() - start

@@ -26,15 +26,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from common.metrics import paired_deltas  # noqa: E402
-from deploy.metrics_log import read_metrics  # noqa: E402
+from coreseg.common.metrics import paired_deltas  # noqa: E402
+from coreseg.deploy.metrics_log import read_metrics  # noqa: E402
 
 
 def run_seed(folder: Path, seed: int, preset: str, overrides: list) -> float:
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     log = folder.parent / f"{folder.name}.log"
-    args = [sys.executable, "-m", "deploy.cli", "demo", "--config", preset, "--run-dir", str(folder), *overrides,
+    args = [sys.executable, "-m", "coreseg.deploy.cli", "demo", "--config", preset, "--run-dir", str(folder), *overrides,
             f"run.seed={seed}", f"learner.seed={seed}", f"rollout.seed={seed}", f"data.shuffle_seed={seed}"]
     start = time.time()
     with log.open("w") as f:

@@ -24,10 +24,10 @@ class SegReward:
     def __init__(self, cfg, policy_dir, processor, samples):
         import torch
 
-        from common.models.policy import policy_info
-        from deploy.driver import llm_hidden_size
-        from learner.batch import PromptEncoder
-        from reward.worker import LocalRewardWorker
+        from coreseg.common.models.policy import policy_info
+        from coreseg.deploy.driver import llm_hidden_size
+        from coreseg.learner.batch import PromptEncoder
+        from coreseg.reward.worker import LocalRewardWorker
 
         info = policy_info(policy_dir)
         self.cfg, self.samples, self.model = cfg, {s.id: s for s in samples}, None
@@ -41,9 +41,9 @@ class SegReward:
         import numpy as np
         import torch
 
-        from common.models.policy import gather_seg_states
-        from common.protocol import ScoreItem
-        from learner.batch import build_batch
+        from coreseg.common.models.policy import gather_seg_states
+        from coreseg.common.protocol import ScoreItem
+        from coreseg.learner.batch import build_batch
 
         t0 = time.perf_counter()
         samples = [self.samples[i] for i in sample_id]
@@ -95,10 +95,10 @@ def run_trl(cfg, args, samples) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
-    from common.models.family import model_family
-    from common.models.lora import make_lora_config
-    from common.models.policy import default_dtype, ensure_policy_dir, load_policy
-    from common.prompts import SYSTEM_PROMPT, build_user_text
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.lora import make_lora_config
+    from coreseg.common.models.policy import default_dtype, ensure_policy_dir, load_policy
+    from coreseg.common.prompts import SYSTEM_PROMPT, build_user_text
 
     torch.set_num_threads(args.trl_threads or torch.get_num_threads())
     B, G, L = cfg.data.batch_size, cfg.rollout.group_size, cfg.learner

@@ -66,7 +66,7 @@ def overrides(args) -> list:
 
 def batches(cfg, count: int):
     """The samples the driver will train on, in its order (same reader, seed and batch size)."""
-    from common.data import LesionDataset
+    from coreseg.common.data import LesionDataset
 
     ds = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, seed=cfg.data.shuffle_seed,
                        skip_invalid=cfg.data.skip_invalid)
@@ -78,9 +78,9 @@ def run_ours(cfg, args) -> dict:
     import ray
     import torch
 
-    import learner.worker, reward.worker, rollout.worker  # noqa: F401,E401  (imported before the timer, as TRL)
-    from deploy.driver import Driver
-    from deploy.metrics_log import read_metrics
+    import coreseg.learner.worker, reward.worker, rollout.worker  # noqa: F401,E401  (imported before the timer, as TRL)
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.metrics_log import read_metrics
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -118,9 +118,9 @@ def ours_phases(steps: list) -> dict:
 # ---- parent -------------------------------------------------------------------------------------------
 def prepare(cfg) -> None:
     """Synthetic Parquet set + the tiny policy folder, built before any timed child."""
-    from common.data import write_parquet
-    from common.models.policy import ensure_policy_dir
-    from common.synth import generate
+    from coreseg.common.data import write_parquet
+    from coreseg.common.models.policy import ensure_policy_dir
+    from coreseg.common.synth import generate
 
     WORK.joinpath("data").mkdir(parents=True, exist_ok=True)  # rewritten every run: never a stale set
     write_parquet(generate(cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed, progress=False),
@@ -133,8 +133,8 @@ def prompt_lengths(cfg, samples) -> dict:
     run's image budget (the one our learner and, through it, TRL load)."""
     from PIL import Image
 
-    from common.models.family import model_family
-    from common.models.policy import ensure_policy_dir, load_processor
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.policy import ensure_policy_dir, load_processor
 
     policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
     family, processor = model_family(policy_dir), load_processor(policy_dir, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -243,7 +243,7 @@ def main() -> None:
         for key, value in REALISTIC.items():
             setattr(args, key, getattr(args, key) or value)
 
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     os.chdir(ROOT)  # relative paths in the preset (model.assets_dir) resolve from the repository root
     if args.child == "prepare":

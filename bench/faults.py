@@ -106,8 +106,8 @@ def account(run: Path, steps: int) -> dict:
 
 def in_process(data: Path, out: Path, name: str, kills: list, extra: list) -> dict:
     """A driver in this process on the local Ray, the `kills` armed from the start."""
-    from common.config import load_config
-    from deploy.cluster import shutdown_ray
+    from coreseg.common.config import load_config
+    from coreseg.deploy.cluster import shutdown_ray
 
     cfg = load_config("tiny_cpu", [f"data.path={data}", f"run.output_dir={out}", f"run.name={name}", *TINY, *extra])
     run = out / name
@@ -118,8 +118,8 @@ def in_process(data: Path, out: Path, name: str, kills: list, extra: list) -> di
 
 
 def _in_process(cfg, run: Path, kills: list) -> dict:
-    from deploy.driver import Driver
-    from deploy.fault_injection import kill_on_call
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.fault_injection import kill_on_call
 
     try:
         driver = Driver(cfg, run)
@@ -150,12 +150,12 @@ def _in_process(cfg, run: Path, kills: list) -> dict:
 
 
 def driver_final_save(data: Path, out: Path, name: str) -> dict:
-    from deploy.fault_injection import kill_tree, process_tree
+    from coreseg.deploy.fault_injection import kill_tree, process_tree
 
     run = out / name
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "deploy.cli", "train", "--config", "tiny_cpu", f"data.path={data}",
+    cmd = [sys.executable, "-m", "coreseg.deploy.cli", "train", "--config", "tiny_cpu", f"data.path={data}",
            f"run.output_dir={out}", f"run.name={name}", "run.save_every=2", "cluster.reward_workers=1", *TINY]
     partial = run / "checkpoints" / f"grpo_{STEPS:06d}_sft_000000.tmp"
     with (out / f"{name}.log").open("w") as log:
@@ -169,7 +169,7 @@ def driver_final_save(data: Path, out: Path, name: str) -> dict:
     if (run / "checkpoints" / f"grpo_{STEPS:06d}_sft_000000").exists():
         raise NotInjected("the kill came after the final save had finished")
     with (out / f"{name}.resume.log").open("w") as log:
-        resumed = subprocess.Popen([sys.executable, "-m", "deploy.cli", "train", "--resume", str(run)], cwd=ROOT,
+        resumed = subprocess.Popen([sys.executable, "-m", "coreseg.deploy.cli", "train", "--resume", str(run)], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     # every step was logged before the kill; the resume truncates the metrics to its checkpoint (step 2) and
     # redoes the last step: recovered when that step is logged again
@@ -186,12 +186,12 @@ def driver_final_save(data: Path, out: Path, name: str) -> dict:
 
 
 def worker_node(data: Path, out: Path, name: str) -> dict:
-    from deploy.fault_injection import kill_tree, process_tree
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.deploy.fault_injection import kill_tree, process_tree
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     run = out / name
     steps = 4
-    cmd = [sys.executable, "-m", "deploy.cli", "train", "--config", "tiny_cpu", "cluster.mode=cluster",
+    cmd = [sys.executable, "-m", "coreseg.deploy.cli", "train", "--config", "tiny_cpu", "cluster.mode=cluster",
            f"data.path={data}", f"run.output_dir={out}", f"run.name={name}", *TINY, f"run.steps={steps}",
            "run.save_every=1", "cluster.learner_workers=1", "cluster.rollout_workers=2", "cluster.reward_workers=2",
            "cluster.placement_strategy=SPREAD"]
@@ -248,8 +248,8 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
 
-    from common.synth import write_synth
-    from deploy.fault_injection import Kill
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.fault_injection import Kill
 
     work = Path(tempfile.mkdtemp(prefix="coreseg-faults-"))
     data = write_synth(work / "data", 16, 112, 0).parent

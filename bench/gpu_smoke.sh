@@ -69,7 +69,7 @@ MODE_ARGS[separate-tp2]="cluster.learner_workers=2 cluster.learner_gpus=1 cluste
   cluster.reward_workers=2 cluster.reward_gpus_per_worker=0.5"
 MODES=(separate-1gpu colocated-1gpu colocated-tp2 separate-tp2)
 
-run "$PY" -m deploy.cli data synth --config tiny_cpu "data.path=$DATA"
+run "$PY" -m coreseg.deploy.cli data synth --config tiny_cpu "data.path=$DATA"
 
 SUMMARY=()
 for mode in "${MODES[@]}"; do
@@ -91,7 +91,7 @@ for mode in "${MODES[@]}"; do
     mem_pid=$!
   fi
   status=0
-  run "$PY" -m deploy.cli train --config tiny_cpu --run-dir "$run_dir" --no-sft "${COMMON[@]}" "${args[@]}" \
+  run "$PY" -m coreseg.deploy.cli train --config tiny_cpu --run-dir "$run_dir" --no-sft "${COMMON[@]}" "${args[@]}" \
     || status=$?
   if [ "$DRY" = 0 ]; then
     kill "$mem_pid" 2>/dev/null || true

@@ -32,8 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_core(policy_dir: Path, image_size: int, group: int, tokens: int, port: int):
-    from common.config import load_config
-    from learner.worker import LearnerCore
+    from coreseg.common.config import load_config
+    from coreseg.learner.worker import LearnerCore
 
     pixels = image_size * image_size
     cfg = load_config("tiny_cpu", [
@@ -46,7 +46,7 @@ def make_core(policy_dir: Path, image_size: int, group: int, tokens: int, port: 
 
 def tokens_run(core, samples, groups, packed: bool) -> int:
     """Tokens one pass runs through the language model over the batch (padded rows: rows x longest row)."""
-    from learner.balance import flatten_rows
+    from coreseg.learner.balance import flatten_rows
 
     rows, comps = flatten_rows(groups, samples)
     core.module.packed = packed
@@ -62,7 +62,7 @@ def time_steps(core, samples, groups, adv, steps: int, warmup: int) -> dict:
     """Median forward / update / step seconds of each path, the two alternating step by step."""
     import numpy as np
 
-    from learner.grpo import loss_norm
+    from coreseg.learner.grpo import loss_norm
 
     norm = loss_norm([len(c.token_ids) for g in groups for c in g.completions], len(adv), "token_mean")
     times = {p: {"forward": [], "update": []} for p in (False, True)}

@@ -47,8 +47,8 @@ def build_policy_folder(shape: dict, out: Path, image_size: int, device: str) ->
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from common.models.family import family_for_type
-    from common.models.policy import ensure_policy_dir
+    from coreseg.common.models.family import family_for_type
+    from coreseg.common.models.policy import ensure_policy_dir
 
     if (out / "config.json").exists():
         return out
@@ -95,8 +95,8 @@ def make_batch(core, prompts: int, group: int, tokens: int, image_size: int, see
     engine gives (the family's rendered prompt through the processor)."""
     import numpy as np
 
-    from common.protocol import Completion, RolloutGroup
-    from common.synth import generate
+    from coreseg.common.protocol import Completion, RolloutGroup
+    from coreseg.common.synth import generate
 
     samples = generate(prompts, image_size=image_size, seed=seed, progress=False)
     rng = np.random.default_rng(seed)
@@ -140,7 +140,7 @@ def step_flops(core, batch_shapes, lora_params: int) -> dict:
 
 def random_sam_checkpoint(sam_type: str, work_dir: str) -> str:
     """A random-init SAM checkpoint under work_dir, written once, loaded like a real one."""
-    from common.models.sam import save_random_sam
+    from coreseg.common.models.sam import save_random_sam
 
     path = Path(work_dir) / f"sam-{sam_type}-random.safetensors"
     return str(path if path.exists() else save_random_sam(sam_type, path))
@@ -150,10 +150,10 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from common.config import load_config
-    from learner.batch import build_batch, logits_window
-    from learner.grpo import loss_norm
-    from learner.worker import LearnerCore
+    from coreseg.common.config import load_config
+    from coreseg.learner.batch import build_batch, logits_window
+    from coreseg.learner.grpo import loss_norm
+    from coreseg.learner.worker import LearnerCore
 
     on_gpu = torch.cuda.is_available() and not args.tiny
     shape = TINY if args.tiny else QWEN25VL_3B

@@ -35,7 +35,7 @@ def overrides(data: Path, runs: Path, name: str, steps: int) -> list:
 
 
 def submit(cluster, entry: list, timeout_s: float) -> float:
-    from deploy.cli import submit_command
+    from coreseg.deploy.cli import submit_command
 
     cmd = submit_command(cluster.dashboard, entry)
     cmd[0] = cluster.ray_bin
@@ -61,8 +61,8 @@ def summarize(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    from common.synth import write_synth
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)

@@ -17,8 +17,8 @@ from bench.recording import record  # noqa: E402
 
 
 def main(argv=None) -> str:
-    from common.config import load_config
-    from deploy.plan import format_plan, make_plan
+    from coreseg.common.config import load_config
+    from coreseg.deploy.plan import format_plan, make_plan
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="qwen25vl_3b")

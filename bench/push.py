@@ -36,11 +36,11 @@ def trainable_bytes(cfg, policy_dir: Path) -> dict:
     import torch
     from peft import get_peft_model
 
-    from common.models.adapter import build_adapter
-    from common.models.family import model_family
-    from common.models.lora import make_lora_config
-    from common.models.policy import load_policy
-    from common.models.sam import build_sam
+    from coreseg.common.models.adapter import build_adapter
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.lora import make_lora_config
+    from coreseg.common.models.policy import load_policy
+    from coreseg.common.models.sam import build_sam
 
     model = get_peft_model(load_policy(policy_dir, torch.float32)[0], make_lora_config(cfg.model, model_family(policy_dir)))
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
@@ -54,9 +54,9 @@ def trainable_bytes(cfg, policy_dir: Path) -> dict:
 
 
 def run(args) -> dict:
-    from common.config import load_config
-    from common.synth import write_synth
-    from deploy.driver import Driver
+    from coreseg.common.config import load_config
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.driver import Driver
 
     work = Path(tempfile.mkdtemp(prefix="coreseg-push-"))
     data = write_synth(work / "data", 64, 112, 0).parent

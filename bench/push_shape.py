@@ -60,10 +60,10 @@ def lora_tensors(shape: dict, r: int, dtype, seed: int = 0) -> dict:
 def one_push(lora: dict, rows: dict, r: int, alpha: int) -> dict:
     import torch
 
-    from common.models.lora import cpu_copies
-    from common.protocol import WeightBundle
-    from rollout.lora_io import adapter_parent, new_adapter_folder, write_peft_folder
-    from rollout.lora_merge import lora_deltas
+    from coreseg.common.models.lora import cpu_copies
+    from coreseg.common.protocol import WeightBundle
+    from coreseg.rollout.lora_io import adapter_parent, new_adapter_folder, write_peft_folder
+    from coreseg.rollout.lora_merge import lora_deltas
 
     clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731  (wall, this process's CPU)
     t0 = clock()

@@ -41,7 +41,7 @@ def build_policy(work: Path) -> Path:
     from transformers import AutoTokenizer
 
     from bench.learner_step import QWEN25VL_3B, build_policy_folder
-    from common.models.family import family_for_type
+    from coreseg.common.models.family import family_for_type
 
     out = work / "policy-qwen25vl3b-2layers"
     if (out / "config.json").exists():
@@ -151,10 +151,10 @@ class PeakMemory:
 def run(args) -> dict:
     from PIL import Image
 
-    from common.config import load_config
-    from common.data import LesionDataset
-    from common.synth import write_synth
-    from deploy.driver import Driver
+    from coreseg.common.config import load_config
+    from coreseg.common.data import LesionDataset
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.driver import Driver
 
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def run(args) -> dict:
     sample = LesionDataset(str(data), "train", 1).next_batch()[0]
     from transformers import AutoProcessor
 
-    from common.models.family import model_family
+    from coreseg.common.models.family import model_family
 
     processor = AutoProcessor.from_pretrained(str(policy))
     family = model_family(policy)
@@ -217,8 +217,8 @@ def run(args) -> dict:
 
 
 def report(r: dict) -> str:
-    from common.config import load_config
-    from deploy.plan import format_plan, make_plan
+    from coreseg.common.config import load_config
+    from coreseg.deploy.plan import format_plan, make_plan
 
     g = r["grpo"]
     r = dict(r, cfg=load_config("tiny_cpu", r["overrides"]))

@@ -29,8 +29,8 @@ from bench.recording import record  # noqa: E402
 
 
 def make_items(samples, group: int, hidden: int, mode: str, repeat: int, seed: int = 0):
-    from common.prompts import build_completion
-    from common.protocol import ScoreItem
+    from coreseg.common.prompts import build_completion
+    from coreseg.common.protocol import ScoreItem
 
     rng = np.random.default_rng(seed)
     items = []
@@ -45,12 +45,12 @@ def make_items(samples, group: int, hidden: int, mode: str, repeat: int, seed: i
 def bench_pool(sam: str, workers: int, modes, samples, args) -> list:
     import torch
 
-    from common.config import load_config
-    from reward.worker import RewardPool
+    from coreseg.common.config import load_config
+    from coreseg.reward.worker import RewardPool
 
     checkpoint = ""
     if sam != "tiny":  # a random-init checkpoint, loaded like a real one
-        from common.models.sam import save_random_sam
+        from coreseg.common.models.sam import save_random_sam
 
         checkpoint = Path(args.work_dir) / f"sam-{sam}-random.safetensors"
         checkpoint = checkpoint if checkpoint.exists() else save_random_sam(sam, checkpoint)
@@ -121,7 +121,7 @@ def main() -> None:
 
     import ray
 
-    from common.synth import generate
+    from coreseg.common.synth import generate
 
     samples = generate(args.images, image_size=args.image_size, seed=0, progress=False)
     # more workers than cores still get one logical CPU each (oversubscribed; the table says so)

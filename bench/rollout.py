@@ -30,12 +30,12 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
     """Build one engine (serving a random LoRA when `lora`, as in training), warm it up, time `repeats`
     generates, each over `prompts` new prompts (as in training, where no prompt is in the prefix cache yet);
     returns the measurements of the median call."""
-    from common.config import load_config
-    from common.models.family import model_family
-    from common.models.policy import ensure_policy_dir
-    from common.protocol import RolloutRequest
-    from common.synth import generate as synth
-    from rollout.engine import Sampling
+    from coreseg.common.config import load_config
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.policy import ensure_policy_dir
+    from coreseg.common.protocol import RolloutRequest
+    from coreseg.common.synth import generate as synth
+    from coreseg.rollout.engine import Sampling
 
     cfg = load_config("tiny_cpu", [f"model.policy={preset}", f"rollout.engine={engine_name}",
                                    f"rollout.max_new_tokens={max_new_tokens}", "rollout.max_model_len=1024"])
@@ -45,10 +45,10 @@ def run_one(preset: str, engine_name: str, prompts: int, n: int, max_new_tokens:
     requests = [RolloutRequest(s.id, family.prompt(s.question), s.image) for s in samples]
     t0 = time.perf_counter()
     if engine_name == "vllm":
-        from rollout.vllm_engine import VLLMEngine
+        from coreseg.rollout.vllm_engine import VLLMEngine
         engine = VLLMEngine(cfg, policy_dir)
     else:
-        from rollout.hf_engine import HFEngine
+        from coreseg.rollout.hf_engine import HFEngine
         engine = HFEngine(cfg, policy_dir)
     start_s = time.perf_counter() - t0
     if lora:
@@ -75,10 +75,10 @@ def random_lora_bundle(cfg, policy_dir, seed: int):
     import torch
     from peft import get_peft_model
 
-    from common.models.family import model_family
-    from common.models.lora import lora_state, make_lora_config, peft_config_dict
-    from common.models.policy import load_policy
-    from common.protocol import WeightBundle
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.lora import lora_state, make_lora_config, peft_config_dict
+    from coreseg.common.models.policy import load_policy
+    from coreseg.common.protocol import WeightBundle
 
     torch.manual_seed(seed)
     model = get_peft_model(load_policy(policy_dir)[0],

@@ -18,7 +18,7 @@ from typing import Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config_schema import (  # noqa: F401  (re-exported: the config API is common.config)
+from coreseg.common.config_schema import (  # noqa: F401  (re-exported: the config API is common.config)
     ConfigError, ModelConfig, DataConfig, RolloutConfig, RewardConfig,
     LearnerConfig, ClusterConfig, RunConfig, TrainConfig, _CHOICES, _POSITIVE, _NON_NEGATIVE)
 
@@ -121,7 +121,7 @@ def validate(cfg: TrainConfig) -> None:
             "exports read whole weights; use learner.zero_stage=2 (the LoRA model's frozen base is replicated)")
     if cfg.learner.zero_stage not in (0, 1, 2):
         raise ConfigError("config key 'learner.zero_stage' must be 0, 1 or 2")
-    from learner.registry import resolve  # here, not at the top: the registries import torch
+    from coreseg.learner.registry import resolve  # here, not at the top: the registries import torch
 
     for kind, dotted in (("advantage", "learner.advantage"), ("policy_loss", "learner.policy_loss")):
         try:
@@ -175,7 +175,7 @@ def _check_gpus(cfg: TrainConfig) -> None:
 
 def _check_reward_terms(cfg: TrainConfig) -> None:
     """Every `reward.terms` entry resolves (import paths are imported now, not on the first scored batch)."""
-    from reward.terms import TermError, check_terms  # late: reward/ builds on common/, not the other way
+    from coreseg.reward.terms import TermError, check_terms  # late: reward/ builds on common/, not the other way
     try:
         check_terms(cfg.reward)
     except TermError as err:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from common.images import DEFAULT_MAX_IMAGE_PIXELS
-from common.prompts import SYSTEM_PROMPT
+from coreseg.common.images import DEFAULT_MAX_IMAGE_PIXELS
+from coreseg.common.prompts import SYSTEM_PROMPT
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or out of range."""

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, decode_mask, encode_png, union_mask
+from coreseg.common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, decode_mask, encode_png, union_mask
 
 SPLITS = ("train", "val", "test_id", "test_ood")
 REQUIRED_COLUMNS = ("id", "image", "width", "height", "masks", "boxes", "question", "reasoning",

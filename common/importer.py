@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from scipy import ndimage
 from tqdm import tqdm
 
-from common.data import SCHEMA, SPLITS, DataError
-from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, encode_png, mask_to_box, open_image
+from coreseg.common.data import SCHEMA, SPLITS, DataError
+from coreseg.common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, encode_png, mask_to_box, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 KEPT_FORMATS = ("PNG", "JPEG")  # stored as given; the reader decodes them

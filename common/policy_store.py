@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, Tuple
 
-from common import storage
+from coreseg.common import storage
 
 MANIFEST = "coreseg-weights.json"
 POLICY_FOLDER = "policy"
@@ -33,7 +33,7 @@ def _local_model_source(policy: str) -> Tuple[str, Dict[str, str]]:
         return policy, {}
     names = storage.list_dir(policy)
     if "config.json" not in names:
-        from common.models.policy import ModelPathError
+        from coreseg.common.models.policy import ModelPathError
         raise ModelPathError(f"model.policy={policy!r}: no model folder with config.json there")
     local = storage.stage_dir() / "model-meta" / hashlib.sha1(policy.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def publish_folder(prepared: Path, dest: str, extra_weights: Dict[str, str]) -> 
 def publish_policy(model_policy: str, assets_dir: str, seed: int, run_location: str) -> Tuple[Path, str]:
     """Driver side: (the prepared folder on this node, the location every actor is given). A preset or a
     `<seg>` mirror is published under `run_location/policy`."""
-    from common.models.policy import ensure_policy_dir
+    from coreseg.common.models.policy import ensure_policy_dir
 
     source, uri_weights = _local_model_source(model_policy)
     prepared = Path(ensure_policy_dir(source, assets_dir, seed))
@@ -102,7 +102,7 @@ def stage_policy(location: str) -> str:
         for name, source in json.loads((tmp / MANIFEST).read_text())["weights"].items():
             target = storage.staged_copy(source) if storage.is_uri(source) else Path(source)
             if not target.exists():
-                from common.models.policy import ModelPathError
+                from coreseg.common.models.policy import ModelPathError
                 raise ModelPathError(f"{source}: weights file {name} of the policy published at {location} is not "
                                      f"on this node (a local model path must be on storage every node sees)")
             (tmp / name).symlink_to(target)

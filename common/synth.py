@@ -12,8 +12,8 @@ from typing import Callable, List
 import numpy as np
 from tqdm import tqdm
 
-from common.data import LesionSample, write_parquet
-from common.images import mask_to_box
+from coreseg.common.data import LesionSample, write_parquet
+from coreseg.common.images import mask_to_box
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import storage
-from common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
+from coreseg.common import storage
+from coreseg.common.config import (DEFAULT_PRESET, PATH_KEYS, ConfigError, TrainConfig, absolute_path, get_value, load_config,
                            to_yaml, with_absolute_paths)
-from deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
+from coreseg.deploy.run_folder import fresh_run_dir, local_run_copy, saved_config
 
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
-    from common.synth import write_synth
+    from coreseg.common.synth import write_synth
 
     out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
                       cfg.data.synth_reasoning)
@@ -38,7 +38,7 @@ def cmd_data_synth(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_import(args, cfg: TrainConfig) -> None:
-    from common.importer import ImportOptions, import_folder, import_parquet
+    from coreseg.common.importer import ImportOptions, import_folder, import_parquet
 
     opts = ImportOptions(category=args.category, modality=args.modality, source=args.source, split=args.split,
                          seed=cfg.data.synth_seed, mask_threshold=args.mask_threshold,
@@ -58,7 +58,7 @@ def cmd_data_import(args, cfg: TrainConfig) -> None:
 
 
 def cmd_data_embed(args, cfg: TrainConfig) -> None:
-    from reward.embed import precompute_embeddings
+    from coreseg.reward.embed import precompute_embeddings
 
     out = precompute_embeddings(cfg.data.path, args.split, args.out, cfg)
     print(f"wrote image embeddings to {out}; use them with reward.embed_cache_path={out}")
@@ -80,14 +80,14 @@ def _require_data(cfg: TrainConfig) -> None:
 def _synth_if_missing(cfg: TrainConfig) -> None:
     """The demo's data: the synthetic set, written once."""
     if not Path(cfg.data.path).exists():
-        from common.synth import write_synth
+        from coreseg.common.synth import write_synth
         print(f"[coreseg] demo: writing the synthetic set to {cfg.data.path}")
         write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
                     cfg.data.synth_reasoning)
 
 
 def cmd_sft(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     _require_data(cfg)
     driver = Driver(cfg, fresh_run_dir(cfg, args.run_dir), with_rollout=False)
@@ -99,10 +99,10 @@ def cmd_sft(args, cfg: TrainConfig) -> None:
 
 
 def cmd_train(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
-    from deploy.evaluation import evaluate_start
-    from deploy.recovery import resume
-    from deploy.report import write_report
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.evaluation import evaluate_start
+    from coreseg.deploy.recovery import resume
+    from coreseg.deploy.report import write_report
 
     run_dir = absolute_path(args.resume, Path.cwd()) if args.resume else fresh_run_dir(cfg, args.run_dir)
     if args.resume:
@@ -133,7 +133,7 @@ def cmd_train(args, cfg: TrainConfig) -> None:
 
 
 def cmd_eval(args, cfg: TrainConfig) -> None:
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     run_dir = absolute_path(args.run_dir, Path.cwd())
     cfg = load_config(str(saved_config(run_dir)), args.overrides)
@@ -151,8 +151,8 @@ def cmd_eval(args, cfg: TrainConfig) -> None:
 
 def cmd_predict(args, cfg: TrainConfig) -> None:
     """In-process (no Ray, DeepSpeed or vLLM), from a run folder's checkpoint or an export; writes only --out."""
-    from deploy.infer import Predictor
-    from deploy.predict import image_paths, predict_files, read_image_file
+    from coreseg.deploy.infer import Predictor
+    from coreseg.deploy.predict import image_paths, predict_files, read_image_file
 
     if bool(args.run_dir) == bool(args.export):
         sys.exit("coreseg: predict takes either --run-dir RUN or --export DIR")
@@ -162,7 +162,7 @@ def cmd_predict(args, cfg: TrainConfig) -> None:
         cfg = load_config(str(saved_config(run_dir)), args.overrides)
     for path in image_paths(args.image):  # a bad file is named before any model loads
         read_image_file(str(path), cfg.data.max_image_pixels)
-    from deploy.export import ExportError
+    from coreseg.deploy.export import ExportError
 
     try:
         if args.run_dir:
@@ -190,7 +190,7 @@ def refuse_config_for_run_commands(args) -> None:
 
 
 def cmd_export(args, cfg: TrainConfig) -> None:
-    from deploy.export import ExportError, export_run
+    from coreseg.deploy.export import ExportError, export_run
 
     try:
         run_dir, checkpoint = local_run_copy(absolute_path(args.run, Path.cwd()), args.checkpoint)
@@ -240,9 +240,9 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
     """synthetic data -> SFT -> GRPO -> eval -> report on the embedded default."""
     import time
 
-    from deploy.driver import Driver
-    from deploy.evaluation import evaluate_start
-    from deploy.report import write_report
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.evaluation import evaluate_start
+    from coreseg.deploy.report import write_report
 
     start = time.time()
     _synth_if_missing(cfg)
@@ -262,7 +262,7 @@ def cmd_demo(args, cfg: TrainConfig) -> None:
 
 
 def cmd_plan(args, cfg: TrainConfig) -> None:
-    from deploy.plan import format_plan, make_plan
+    from coreseg.deploy.plan import format_plan, make_plan
 
     try:
         plan = make_plan(cfg, gpu_mem_gib=args.gpu_mem_gib, image_size=args.image_size,
@@ -384,7 +384,7 @@ def main(argv=None) -> None:
         cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
-    from common.data import DataError
+    from coreseg.common.data import DataError
 
     try:
         args.func(args, cfg)

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from common.actor_pool import RolePlacement
-from common.config import TrainConfig
-from deploy.placement import BundlePlan, describe_asked, placement_error, plan_placement
+from coreseg.common.actor_pool import RolePlacement
+from coreseg.common.config import TrainConfig
+from coreseg.deploy.placement import BundlePlan, describe_asked, placement_error, plan_placement
 
 # Actors inherit these: vLLM's engine core runs in the actor's process; tokenizers stay single-threaded.
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}

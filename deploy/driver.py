@@ -13,19 +13,19 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from common import storage
-from common.actor_pool import StaleWeightsError
-from common.config import TrainConfig, save_config, with_absolute_paths
-from common.data import LesionDataset, LesionSample
-from common.models.family import PromptRenderer
-from common.policy_store import publish_policy
-from common.protocol import RolloutGroup, RolloutRequest, Score
-from common.seeding import derive_seed
-from deploy.learning_metrics import dump_rollouts
-from deploy.metrics_log import MetricsLogger
-from deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
-from deploy.recovery import recover_learner, restart_counts
-from deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
+from coreseg.common import storage
+from coreseg.common.actor_pool import StaleWeightsError
+from coreseg.common.config import TrainConfig, save_config, with_absolute_paths
+from coreseg.common.data import LesionDataset, LesionSample
+from coreseg.common.models.family import PromptRenderer
+from coreseg.common.policy_store import publish_policy
+from coreseg.common.protocol import RolloutGroup, RolloutRequest, Score
+from coreseg.common.seeding import derive_seed
+from coreseg.deploy.learning_metrics import dump_rollouts
+from coreseg.deploy.metrics_log import MetricsLogger
+from coreseg.deploy.run_folder import RunFolder, read_driver_state, record_placement, write_driver_state
+from coreseg.deploy.recovery import recover_learner, restart_counts
+from coreseg.deploy.step import Answered, TrainBatch, reward_stats, score_items, timed
 
 
 @dataclass
@@ -49,9 +49,9 @@ class Driver:
         """local=True: every pool in this process, no Ray (one learner rank, one rollout engine); for tests of the
         step logic and single-process use. read_only=True (eval, predict): the run's config.yaml and metrics.jsonl
         are neither written nor truncated; results go to eval/ files only."""
-        from deploy.cluster import init_ray, placement_summary, reserve
-        from learner.group import LearnerGroup
-        from reward.worker import RewardPool
+        from coreseg.deploy.cluster import init_ray, placement_summary, reserve
+        from coreseg.learner.group import LearnerGroup
+        from coreseg.reward.worker import RewardPool
 
         cfg = with_absolute_paths(cfg)  # every node, and a job's copy of the code, must see the same files
         self.cfg = cfg
@@ -83,7 +83,7 @@ class Driver:
                                  num_gpus_per_worker=c.reward_gpus_per_worker, local=local, placement=where("reward"))
         self.rollout = None
         if with_rollout:
-            from rollout.worker import RolloutPool
+            from coreseg.rollout.worker import RolloutPool
             self.rollout = RolloutPool(cfg, self.policy_source, num_workers=1 if local else c.rollout_workers,
                                        num_gpus_per_worker=c.rollout_gpus_per_worker, local=local,
                                        placement=where("rollout"))
@@ -327,7 +327,7 @@ class Driver:
     def evaluate(self, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:
         """Greedy answer per sample -> `<seg>` mask -> mDice, mIoU, failure rate (+ per modality); see
         deploy/evaluation.py."""
-        from deploy.evaluation import evaluate_splits
+        from coreseg.deploy.evaluation import evaluate_splits
 
         return evaluate_splits(self, splits, limit, tag)
 

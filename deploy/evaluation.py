@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from common.data import LesionDataset
-from common.metrics import markdown_table_ci, summarize_ci
+from coreseg.common.data import LesionDataset
+from coreseg.common.metrics import markdown_table_ci, summarize_ci
 
 START_TAG = "step0"  # the starting checkpoint's eval (the SFT result when GRPO follows SFT)
 _DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # driver -> {(step, version, split, limit): result}
@@ -97,7 +97,7 @@ def _mask_images(driver, answered, count: int) -> List[tuple]:
 
 def draw_mask(image: np.ndarray, pred: np.ndarray, gt_masks) -> np.ndarray:
     """The predicted mask blended in red, the ground-truth lesions' outlines in green."""
-    from deploy.predict import overlay
+    from coreseg.deploy.predict import overlay
 
     out = overlay(np.asarray(image)[..., :3], np.asarray(pred, bool))
     for gt in gt_masks:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from common.config import load_config
+from coreseg.common.config import load_config
 
 PROMPT_FILE = "coreseg_prompt.json"
 LOADER_SOURCES = {"__init__.py": "segmenter_loader.py", "adapter.py": "adapter.py", "sam.py": "sam.py",
@@ -54,7 +54,7 @@ def checkpoint_folder(run_dir: Path, checkpoint: Optional[str]) -> Path:
 def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) -> None:
     from transformers import AutoProcessor
 
-    from common.models.segmenter_loader import TOKEN_ROWS_FILE
+    from coreseg.common.models.segmenter_loader import TOKEN_ROWS_FILE
 
     shutil.copytree(learner / "peft", out)
     if (learner / "token_rows.safetensors").is_file():  # the trained `<seg>` rows: not part of a LoRA adapter
@@ -67,8 +67,8 @@ def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) ->
     AutoProcessor.from_pretrained(str(policy_dir)).save_pretrained(str(out))
     # the prompt the policy was trained on (the system turn, the user text around the question, after the image)
     # and how the run generated: its answer length and the vision tokens that are never sampled
-    from common.models.policy import policy_info
-    from common.prompts import USER_INSTRUCTION
+    from coreseg.common.models.policy import policy_info
+    from coreseg.common.prompts import USER_INSTRUCTION
 
     prompt = {"system": cfg.model.system_prompt, "user": USER_INSTRUCTION, "max_new_tokens": cfg.rollout.max_new_tokens,
               "suppress_tokens": list(policy_info(policy_dir).vision_token_ids)}
@@ -78,8 +78,8 @@ def _write_policy(cfg, learner: Path, policy_dir: Path, base: str, out: Path) ->
 def _write_segmenter(cfg, learner: Path, out: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from common.models import segmenter_loader as loader
-    from common.models.sam import build_sam
+    from coreseg.common.models import segmenter_loader as loader
+    from coreseg.common.models.sam import build_sam
 
     out.mkdir(parents=True)
     adapter = load_file(str(learner / "adapter.safetensors"))
@@ -106,14 +106,14 @@ def _write_merged(learner: Path, policy_dir: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoProcessor
 
-    from common.models.policy import load_policy
+    from coreseg.common.models.policy import load_policy
 
     base, _ = load_policy(policy_dir, "auto")
     merged = PeftModel.from_pretrained(base, str(learner / "peft")).merge_and_unload()
     if (learner / "token_rows.safetensors").is_file():
         from safetensors.torch import load_file
 
-        from common.models.token_rows import write_rows_torch
+        from coreseg.common.models.token_rows import write_rows_torch
 
         with torch.no_grad():
             write_rows_torch(merged, load_file(str(learner / "token_rows.safetensors")))
@@ -148,7 +148,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base: str, checkpoint: 
     cfg = load_config(str(run_dir / "config.yaml"))
     ckpt = checkpoint_folder(run_dir, checkpoint)
     learner = ckpt / "learner"
-    from common.models.policy import ensure_policy_dir
+    from coreseg.common.models.policy import ensure_policy_dir
 
     # the folder the run trained on (config.yaml holds absolute paths): its tokenizer and processor carry `<seg>`
     trained_on = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)

@@ -45,7 +45,7 @@ class Kill:
 @contextmanager
 def kill_on_call(*kills: Kill) -> Iterator[tuple]:
     """While active, every ActorPool.submit is watched; each `Kill` fires once, when its call is sent."""
-    from common.actor_pool import ActorPool
+    from coreseg.common.actor_pool import ActorPool
 
     original = ActorPool.submit
 

@@ -13,8 +13,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from common.models.segmenter_loader import ExportedSegmenter
-from common.prompts import SEG_TOKEN
+from coreseg.common.models.segmenter_loader import ExportedSegmenter
+from coreseg.common.prompts import SEG_TOKEN
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Predictor:
         from peft import PeftModel
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from common.models.segmenter_loader import apply_token_rows, load_segmenter
+        from coreseg.common.models.segmenter_loader import apply_token_rows, load_segmenter
 
         policy = Path(export_dir) / "policy"
         base = base or json.loads((policy / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -59,18 +59,18 @@ class Predictor:
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        from common.models.adapter import PromptAdapter
-        from common.models.policy import ensure_policy_dir, load_policy, policy_info
-        from common.models.sam import build_sam
-        from common.prompts import USER_INSTRUCTION
-        from deploy.export import checkpoint_folder
+        from coreseg.common.models.adapter import PromptAdapter
+        from coreseg.common.models.policy import ensure_policy_dir, load_policy, policy_info
+        from coreseg.common.models.sam import build_sam
+        from coreseg.common.prompts import USER_INSTRUCTION
+        from coreseg.deploy.export import checkpoint_folder
 
         learner = checkpoint_folder(Path(run_dir), checkpoint) / "learner"
         policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
         base, processor = load_policy(policy_dir, torch.float32)
         model = PeftModel.from_pretrained(base, str(learner / "peft"))
         if (learner / "token_rows.safetensors").is_file():  # the trained `<seg>` rows (not in the adapter)
-            from common.models.token_rows import write_rows_torch
+            from coreseg.common.models.token_rows import write_rows_torch
 
             with torch.no_grad():
                 write_rows_torch(model, load_file(str(learner / "token_rows.safetensors")))

@@ -14,8 +14,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from common.protocol import RolloutGroup, Score
-from deploy.metrics_log import ROLLOUTS
+from coreseg.common.protocol import RolloutGroup, Score
+from coreseg.deploy.metrics_log import ROLLOUTS
 
 
 def token_entropy_estimate(groups: Sequence[RolloutGroup]) -> float:

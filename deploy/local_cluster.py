@@ -103,7 +103,7 @@ class LocalCluster:
 
 def _node_env(env: Dict[str, str], temp_dir: str) -> Dict[str, str]:
     """A node's environment: its own staging folder (common/storage.py), as a separate machine's local disk."""
-    from common.storage import STAGE_ENV
+    from coreseg.common.storage import STAGE_ENV
 
     return dict(env, **{STAGE_ENV: str(Path(temp_dir) / "stage")})
 

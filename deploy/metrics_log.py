@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from deploy.checkpoints import write_text_atomic
+from coreseg.deploy.checkpoints import write_text_atomic
 
 ROLLOUTS = "rollouts.jsonl"  # run.dump_rollouts: sampled completions with their rewards, one JSON object per line
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List
 
-from common.actor_pool import ActorSlot
-from common.config import TrainConfig
+from coreseg.common.actor_pool import ActorSlot
+from coreseg.common.config import TrainConfig
 
 ROLES = ("learner", "rollout", "reward")
 COLOCATED_SHARE = 0.5  # of a shared GPU, asked by the learner rank and by the vLLM rank on it

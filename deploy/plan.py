@@ -74,8 +74,8 @@ KNOWN_SHAPES: Dict[str, PolicyShape] = {
 
 def preset_shape(name: str) -> PolicyShape:
     """The tiny/small presets' shape (common/models/policy.py PRESETS; vocabulary rows rounded up as built)."""
-    from common.models.family import family_for_type
-    from common.models.policy import PRESETS, TINY_FAMILY
+    from coreseg.common.models.family import family_for_type
+    from coreseg.common.models.policy import PRESETS, TINY_FAMILY
 
     p = PRESETS[name]
     family = family_for_type(TINY_FAMILY)
@@ -87,7 +87,7 @@ def preset_shape(name: str) -> PolicyShape:
 
 def resolve_shape(policy: str) -> Tuple[PolicyShape, str]:
     """(shape, where it came from): a folder's config.json, a preset, or a known public shape by folder name."""
-    from common.models.policy import PRESETS
+    from coreseg.common.models.policy import PRESETS
 
     if policy in PRESETS:
         return preset_shape(policy), f"preset {policy}"
@@ -228,7 +228,7 @@ def sam_counts(sam_type: str) -> Dict[str, int]:
     heads, built on the meta device (no memory, no checkpoint)."""
     import torch
 
-    from common.models.sam import build_tiny_sam
+    from coreseg.common.models.sam import build_tiny_sam
 
     if sam_type == "tiny":
         sam = build_tiny_sam()
@@ -236,7 +236,7 @@ def sam_counts(sam_type: str) -> Dict[str, int]:
     else:
         from segment_anything import sam_model_registry
 
-        from common.models.sam import SAM_TYPES
+        from coreseg.common.models.sam import SAM_TYPES
 
         arch = SAM_TYPES[sam_type][0]  # medsam is a vit_b
         with torch.device("meta"):
@@ -250,7 +250,7 @@ def sam_counts(sam_type: str) -> Dict[str, int]:
 
 
 def adapter_params(hidden: int, queries: int, blocks: int) -> int:
-    from common.models.adapter import build_adapter
+    from coreseg.common.models.adapter import build_adapter
 
     return sum(p.numel() for p in build_adapter(hidden, queries, blocks).parameters())
 

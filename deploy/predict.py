@@ -8,8 +8,8 @@ from typing import List
 import numpy as np
 from PIL import Image
 
-from common.images import ImageError, decode_image, encode_png
-from common.prompts import parse_completion
+from coreseg.common.images import ImageError, decode_image, encode_png
+from coreseg.common.prompts import parse_completion
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def image_paths(image: str) -> List[Path]:
     """The image file, or the images of a folder (sorted); DataError when there is none."""
-    from common.data import DataError
+    from coreseg.common.data import DataError
 
     path = Path(image)
     if path.is_dir():
@@ -67,7 +67,7 @@ def predict_files(predictor, image: str, question: str, out_dir: str, max_pixels
 def read_image_file(image_path: str, max_pixels: int) -> np.ndarray:
     """HxWx3 uint8 of an image file; DataError naming the file when it is missing, empty, not an image,
     corrupt or above `max_pixels` pixels (checked before decoding)."""
-    from common.data import DataError
+    from coreseg.common.data import DataError
 
     path = Path(image_path)
     if not path.is_file():
@@ -82,7 +82,7 @@ def predict_with(driver, image_path: str, question: str, out_dir: str) -> dict:
     """Greedy answer for one image through the driver's answer() path; writes mask.png and overlay.png."""
     import torch
 
-    from common.data import LesionSample
+    from coreseg.common.data import LesionSample
 
     image = read_image_file(image_path, driver.cfg.data.max_image_pixels)
     sample = LesionSample(id=f"predict-{Path(image_path).stem}", image=image, masks=[],

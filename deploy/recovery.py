@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Dict
 
-from common.actor_pool import ACTOR_GONE, ActorPoolError
+from coreseg.common.actor_pool import ACTOR_GONE, ActorPoolError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
 RETRY_PAUSE_S = 2.0
 
@@ -56,7 +56,7 @@ def recover_learner(driver: "Driver", err: Exception) -> None:
     """A learner rank (or its node) is lost: rebuild the group in its bundles, load the latest checkpoint, push
     its weights and go on from there, at most `run.max_failures` times. The rebuild is retried until
     `cluster.placement_timeout_s` while the lost bundles are being placed again."""
-    from learner.group import LearnerGroup
+    from coreseg.learner.group import LearnerGroup
 
     cfg = driver.cfg
     driver.learner_restarts += 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from common.metrics import markdown_deltas, paired_deltas
-from deploy.metrics_log import read_metrics
+from coreseg.common.metrics import markdown_deltas, paired_deltas
+from coreseg.deploy.metrics_log import read_metrics
 
 
 def _series(records: List[dict], phase: str, key: str):

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from common import storage
-from common.config import ConfigError, absolute_path
-from deploy.checkpoints import LATEST, TMP_SUFFIX, save_atomic
+from coreseg.common import storage
+from coreseg.common.config import ConfigError, absolute_path
+from coreseg.deploy.checkpoints import LATEST, TMP_SUFFIX, save_atomic
 
 CHECKPOINTS = "checkpoints"
 # not mirrored into the working copy of a URI run folder: large, and read from where they are

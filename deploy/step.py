@@ -11,12 +11,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from common.data import LesionSample
-from common.protocol import ForwardResult, RolloutGroup, Score, ScoreItem
-from rollout.engine import PROMPT_TOO_LONG
+from coreseg.common.data import LesionSample
+from coreseg.common.protocol import ForwardResult, RolloutGroup, Score, ScoreItem
+from coreseg.rollout.engine import PROMPT_TOO_LONG
 
 logger = logging.getLogger("coreseg.rollout")
-from deploy.learning_metrics import sampled_stats
+from coreseg.deploy.learning_metrics import sampled_stats
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
-from common.actor_pool import balanced_shards
+from coreseg.common.actor_pool import balanced_shards
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ def completion_costs(completions: Sequence, packed: bool = False,
 
 def merge_forward(layouts: Sequence[RankLayout], results: Sequence):
     """Every rank's ForwardResult (one entry per row of its layout) -> the batch's, real rows in batch order."""
-    from common.protocol import ForwardResult
+    from coreseg.common.protocol import ForwardResult
 
     logprobs = in_batch_order(layouts, [r.logprobs for r in results])
     ref = in_batch_order(layouts, [r.ref_logprobs for r in results]) if len(results[0].ref_logprobs) else []

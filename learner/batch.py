@@ -14,11 +14,11 @@ from typing import Dict, Hashable, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from common.data import LesionSample
-from common.images import image_key, image_keys
-from common.models.family import ModelFamily
-from common.prompts import SYSTEM_PROMPT
-from common.byte_cache import EmbeddingCache
+from coreseg.common.data import LesionSample
+from coreseg.common.images import image_key, image_keys
+from coreseg.common.models.family import ModelFamily
+from coreseg.common.prompts import SYSTEM_PROMPT
+from coreseg.common.byte_cache import EmbeddingCache
 
 # Bytes of processor outputs kept (the G rollouts of a prompt and a step's passes share them): a 1024^2 image's
 # pixel patches are ~26 MB in fp32, so a count bound (4096 entries) could hold ~100 GiB of host memory

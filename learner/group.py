@@ -7,15 +7,15 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from common.actor_pool import ActorPool, RolePlacement
-from common.config import TrainConfig
-from common.data import LesionSample
-from common.devices import role_runtime_env
-from common.protocol import Advantages, ForwardResult, WeightBundle
-from learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
+from coreseg.common.actor_pool import ActorPool, RolePlacement
+from coreseg.common.config import TrainConfig
+from coreseg.common.data import LesionSample
+from coreseg.common.devices import role_runtime_env
+from coreseg.common.protocol import Advantages, ForwardResult, WeightBundle
+from coreseg.learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
                              rank_layouts)
-from learner.grpo import combine_stats, group_advantages, loss_norm
-from learner.worker import LearnerWorker, free_port
+from coreseg.learner.grpo import combine_stats, group_advantages, loss_norm
+from coreseg.learner.worker import LearnerWorker, free_port
 
 
 class LearnerGroup:

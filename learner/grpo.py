@@ -12,7 +12,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import torch
 
-from learner.registry import register
+from coreseg.learner.registry import register
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -42,7 +42,7 @@ def group_advantages(rewards, mode: str = "grpo", eps: float = 1e-6,
     removes it from the batch before the learner (DAPO dynamic sampling). Non-finite rewards are an error:
     they would poison the whole group.
     """
-    from learner.registry import resolve
+    from coreseg.learner.registry import resolve
 
     try:
         estimator = resolve("advantage", mode)
@@ -187,7 +187,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, cfg, ma
     all shards add up to the full batch's: pg_loss, kl, dice_ce, loss, clip_frac (clipped tokens / tokens),
     ratio_mean (ratio summed over tokens / tokens), tokens; ratio_max combines by max.
     """
-    from learner.registry import resolve
+    from coreseg.learner.registry import resolve
 
     per_tok, clipped, ratio = resolve("policy_loss", cfg.policy_loss)(logprobs, old_logprobs, advantages, cfg)
     pg_sum, units = partial_sum(per_tok, mask, cfg.loss_agg, max_len)

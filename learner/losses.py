@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.models.sam import longest_side_size
+from coreseg.common.models.sam import longest_side_size
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0,

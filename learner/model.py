@@ -12,20 +12,20 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from common.config import TrainConfig
-from common.data import LesionSample
-from common.images import image_keys
-from common.models.adapter import build_adapter
-from common.models.lora import cpu_copies, lora_state, make_lora_config, peft_config_dict
-from common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
-from common.models.sam import build_sam, encode_images, preprocessing_of, upscale_masks
-from common.models.segment import decode_masks
-from common.models.token_rows import attach_token_rows, rows_disabled
-from common.protocol import WeightBundle
-from learner.batch import PolicyBatch, completion_logprobs, logits_window
-from learner.packed import PackedBatch, packed_logprobs, packed_seg_states
-from learner.losses import low_res_target
-from common.byte_cache import EmbeddingCache
+from coreseg.common.config import TrainConfig
+from coreseg.common.data import LesionSample
+from coreseg.common.images import image_keys
+from coreseg.common.models.adapter import build_adapter
+from coreseg.common.models.lora import cpu_copies, lora_state, make_lora_config, peft_config_dict
+from coreseg.common.models.policy import default_dtype, gather_seg_states, load_policy, policy_info
+from coreseg.common.models.sam import build_sam, encode_images, preprocessing_of, upscale_masks
+from coreseg.common.models.segment import decode_masks
+from coreseg.common.models.token_rows import attach_token_rows, rows_disabled
+from coreseg.common.protocol import WeightBundle
+from coreseg.learner.batch import PolicyBatch, completion_logprobs, logits_window
+from coreseg.learner.packed import PackedBatch, packed_logprobs, packed_seg_states
+from coreseg.learner.losses import low_res_target
+from coreseg.common.byte_cache import EmbeddingCache
 
 
 class CoreSegModule(nn.Module):
@@ -42,7 +42,7 @@ class CoreSegModule(nn.Module):
         # packed batches (learner/packed.py) where the family supports them and learner.packed is on
         self.packed = bool(cfg.learner.packed and self.info.family.shared_prefix)
         if self.packed:
-            from learner import prefix_attention
+            from coreseg.learner import prefix_attention
             prefix_attention.install(base)
         # the frozen vision tower's output per image (image_key), shared by every pass of a step and later steps
         self._vision = EmbeddingCache(cfg.learner.embed_cache_bytes)

@@ -19,10 +19,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from common.data import LesionSample
-from common.images import image_keys
-from learner.batch import PromptEncoder
-from learner.prefix_attention import PrefixLayout, prefix_layout
+from coreseg.common.data import LesionSample
+from coreseg.common.images import image_keys
+from coreseg.learner.batch import PromptEncoder
+from coreseg.learner.prefix_attention import PrefixLayout, prefix_layout
 
 
 @dataclass

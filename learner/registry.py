@@ -54,4 +54,4 @@ def resolve(kind: str, name: str) -> Callable:
 
 
 def _load_builtins() -> None:
-    importlib.import_module("learner.grpo")  # registers grpo, dr_grpo and ppo_clip
+    importlib.import_module("coreseg.learner.grpo")  # registers grpo, dr_grpo and ppo_clip

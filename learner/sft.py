@@ -5,11 +5,11 @@ from typing import List
 
 import torch
 
-from learner.grpo import LossNorm
+from coreseg.learner.grpo import LossNorm
 
-from common.data import LesionSample
-from common.models.family import ModelFamily
-from common.prompts import build_completion
+from coreseg.common.data import LesionSample
+from coreseg.common.models.family import ModelFamily
+from coreseg.common.prompts import build_completion
 
 
 def sft_target_ids(tokenizer, sample: LesionSample, family: ModelFamily) -> List[int]:

@@ -16,20 +16,20 @@ import numpy as np
 import ray
 import torch
 
-from common.actor_pool import current_node_id
-from common.config import TrainConfig, cpu_threads
-from common.data import LesionSample
-from common.devices import check_device, role_device
-from common.policy_store import stage_policy
-from common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
-from learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
+from coreseg.common.actor_pool import current_node_id
+from coreseg.common.config import TrainConfig, cpu_threads
+from coreseg.common.data import LesionSample
+from coreseg.common.devices import check_device, role_device
+from coreseg.common.policy_store import stage_policy
+from coreseg.common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
+from coreseg.learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
                              rank_layouts)
-from learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
-from learner.packed import build_packed
-from learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
-from learner.losses import dice_ce_loss
-from learner.schedule import lr_factor
-from learner.sft import sft_loss, sft_target_ids
+from coreseg.learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
+from coreseg.learner.packed import build_packed
+from coreseg.learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
+from coreseg.learner.losses import dice_ce_loss
+from coreseg.learner.schedule import lr_factor
+from coreseg.learner.sft import sft_loss, sft_target_ids
 
 
 def _place(values: Sequence[np.ndarray], batch, device, rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -66,7 +66,7 @@ class LearnerCore:
                  master_addr: str = "127.0.0.1", master_port: int = 29500):
         import deepspeed
 
-        from learner.model import CoreSegModule
+        from coreseg.learner.model import CoreSegModule
 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -320,14 +320,14 @@ class LearnerCore:
     def save_checkpoint(self, path: str) -> None:
         """This rank's part of a checkpoint into `path` (a folder every node sees, or a URI: written on local
         disk, then uploaded by this rank)."""
-        from common.storage import writable_folder
-        from learner.checkpoint import save_learner
+        from coreseg.common.storage import writable_folder
+        from coreseg.learner.checkpoint import save_learner
         with writable_folder(path) as folder:
             save_learner(self, str(folder))
 
     def load_checkpoint(self, path: str) -> None:
-        from common.storage import staged_copy
-        from learner.checkpoint import load_learner
+        from coreseg.common.storage import staged_copy
+        from coreseg.learner.checkpoint import load_learner
         load_learner(self, str(staged_copy(path)))  # a URI: downloaded once to this node's staging folder
 
 

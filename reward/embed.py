@@ -12,9 +12,9 @@ from typing import Dict
 
 import torch
 
-from common.data import LesionDataset
-from common.images import IMAGE_KEY_SCHEME, image_key
-from common.models.sam import build_sam, encode_images
+from coreseg.common.data import LesionDataset
+from coreseg.common.images import IMAGE_KEY_SCHEME, image_key
+from coreseg.common.models.sam import build_sam, encode_images
 
 
 def _model_cfg(sam_cfg):
@@ -30,7 +30,7 @@ def precompute_embeddings(parquet_path: str | Path, split: str, out_path: str | 
     model = _model_cfg(sam_cfg)
     run = getattr(sam_cfg, "run", None)
     seed = run.seed if run is not None else seed  # random-init SAMs must match the workers' seed
-    from common.storage import local_file
+    from coreseg.common.storage import local_file
 
     sam = build_sam(model.sam_type, local_file(model.sam_checkpoint), seed=seed)
     if torch.cuda.is_available():

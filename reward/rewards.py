@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from common.images import mask_to_box
-from common.prompts import ParsedCompletion
+from coreseg.common.images import mask_to_box
+from coreseg.common.prompts import ParsedCompletion
 
 # Reasons (stable strings: counted in metrics).
 R_NO_BOXES = "no_boxes"

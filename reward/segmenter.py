@@ -14,10 +14,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from common.byte_cache import EmbeddingCache
-from common.images import IMAGE_KEY_SCHEME, image_keys
-from common.models.sam import encode_images, upscale_masks
-from common.models.segment import decode_masks
+from coreseg.common.byte_cache import EmbeddingCache
+from coreseg.common.images import IMAGE_KEY_SCHEME, image_keys
+from coreseg.common.models.sam import encode_images, upscale_masks
+from coreseg.common.models.segment import decode_masks
 
 
 class Segmenter:

@@ -21,10 +21,10 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from common.images import union_mask
-from common.prompts import ParsedCompletion, parse_completion
-from common.protocol import Score
-from reward.rewards import box_reward, dice, format_reward, iou, mask_reward
+from coreseg.common.images import union_mask
+from coreseg.common.prompts import ParsedCompletion, parse_completion
+from coreseg.common.protocol import Score
+from coreseg.reward.rewards import box_reward, dice, format_reward, iou, mask_reward
 
 PAPER_TERMS = ("format", "box", "mask")  # weighted by reward.w_format / w_box / w_mask
 

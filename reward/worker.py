@@ -11,16 +11,16 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from common.actor_pool import ActorPool, RolePlacement, StaleWeightsError, current_node_id
-from common.config import TrainConfig
-from common.devices import check_device, role_device, role_runtime_env
-from common.models.adapter import build_adapter
-from common.models.sam import build_sam
-from common.prompts import R_NO_SEG
-from common.protocol import Score, ScoreItem, WeightBundle
-from common.storage import local_file
-from reward.segmenter import Segmenter
-from reward.terms import score_completion
+from coreseg.common.actor_pool import ActorPool, RolePlacement, StaleWeightsError, current_node_id
+from coreseg.common.config import TrainConfig
+from coreseg.common.devices import check_device, role_device, role_runtime_env
+from coreseg.common.models.adapter import build_adapter
+from coreseg.common.models.sam import build_sam
+from coreseg.common.prompts import R_NO_SEG
+from coreseg.common.protocol import Score, ScoreItem, WeightBundle
+from coreseg.common.storage import local_file
+from coreseg.reward.segmenter import Segmenter
+from coreseg.reward.terms import score_completion
 
 R_SEG_NOT_FINITE = "seg_state_not_finite"
 R_SEG_BAD_SHAPE = "seg_state_bad_shape"

@@ -10,8 +10,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from common.config import RolloutConfig, TrainConfig
-from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+from coreseg.common.config import RolloutConfig, TrainConfig
+from coreseg.common.protocol import RolloutGroup, RolloutRequest, WeightBundle
 
 logger = logging.getLogger("coreseg.rollout")
 # Leads the error of a request whose prompt cannot fit rollout.max_model_len (counted as rollout/prompt_too_long)
@@ -61,7 +61,7 @@ class GenerationEngine(ABC):
     version: int = 0
 
     def __init__(self, cfg: TrainConfig, policy_dir: str):
-        from common.models.policy import load_processor, policy_info
+        from coreseg.common.models.policy import load_processor, policy_info
 
         self.cfg = cfg
         self.policy_dir = str(policy_dir)
@@ -138,7 +138,7 @@ def make_engine(cfg: TrainConfig, policy_dir, device: str = "cpu", ray_bundles: 
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
-        from rollout.vllm_engine import VLLMEngine
+        from coreseg.rollout.vllm_engine import VLLMEngine
         return VLLMEngine(cfg, policy_dir, device, ray_bundles, rank_gpus)
-    from rollout.hf_engine import HFEngine
+    from coreseg.rollout.hf_engine import HFEngine
     return HFEngine(cfg, policy_dir, device)

@@ -11,13 +11,13 @@ from typing import List, Sequence
 
 import torch
 
-from common.devices import check_device
-from common.models.policy import default_dtype, load_policy
-from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
-from common.seeding import derive_seed
-from rollout.engine import GenerationEngine, Sampling, as_sampling
-from common.models.token_rows import write_rows_torch
-from rollout.lora_merge import CheckpointReader, lora_deltas
+from coreseg.common.devices import check_device
+from coreseg.common.models.policy import default_dtype, load_policy
+from coreseg.common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from coreseg.common.seeding import derive_seed
+from coreseg.rollout.engine import GenerationEngine, Sampling, as_sampling
+from coreseg.common.models.token_rows import write_rows_torch
+from coreseg.rollout.lora_merge import CheckpointReader, lora_deltas
 
 
 class HFEngine(GenerationEngine):

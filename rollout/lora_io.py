@@ -18,7 +18,7 @@ from typing import List, Sequence
 FOLDER_PREFIX = "coreseg-lora-"
 SHM = Path("/dev/shm")
 
-from common.protocol import WeightBundle
+from coreseg.common.protocol import WeightBundle
 
 
 def write_peft_folder(bundle: WeightBundle, folder: str | Path) -> Path:

@@ -67,7 +67,7 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         from safetensors import safe_open
 
-        from common.models.family import model_family
+        from coreseg.common.models.family import model_family
 
         self.family = model_family(folder)
         self._files = {}

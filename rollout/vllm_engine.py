@@ -19,13 +19,13 @@ from typing import List, Sequence
 
 import torch
 
-from common.devices import check_device
-from common.models.token_rows import write_rows_vllm
-from common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
-from common.seeding import derive_seed
-from rollout.engine import GenerationEngine, Sampling, as_sampling
-from rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders, write_peft_folder
-from rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
+from coreseg.common.devices import check_device
+from coreseg.common.models.token_rows import write_rows_vllm
+from coreseg.common.protocol import Completion, RolloutGroup, RolloutRequest, WeightBundle
+from coreseg.common.seeding import derive_seed
+from coreseg.rollout.engine import GenerationEngine, Sampling, as_sampling
+from coreseg.rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders, write_peft_folder
+from coreseg.rollout.lora_merge import CheckpointReader, lora_deltas, merged_weights
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The G samples of a prompt share its prefill through prefix caching, which shares whole blocks only. vLLM-CPU's

@@ -9,14 +9,14 @@ from typing import List, Optional, Sequence
 import ray
 import torch
 
-from common.actor_pool import (ActorPool, ActorStateLost, PoolCall, RolePlacement, StaleWeightsError,
+from coreseg.common.actor_pool import (ActorPool, ActorStateLost, PoolCall, RolePlacement, StaleWeightsError,
                                current_node_id)
-from common.config import TrainConfig, cpu_threads
-from common.devices import role_device, role_runtime_env
-from common.policy_store import stage_policy
-from common.protocol import RolloutGroup, RolloutRequest, WeightBundle
-from common.seeding import derive_seed
-from rollout.engine import Sampling, make_engine
+from coreseg.common.config import TrainConfig, cpu_threads
+from coreseg.common.devices import role_device, role_runtime_env
+from coreseg.common.policy_store import stage_policy
+from coreseg.common.protocol import RolloutGroup, RolloutRequest, WeightBundle
+from coreseg.common.seeding import derive_seed
+from coreseg.rollout.engine import Sampling, make_engine
 
 
 def core_slices(cores: Sequence[int], workers: int, per_worker: int) -> List[List[int]]:

@@ -17,28 +17,28 @@ ASSETS = ROOT / ".cache" / "coreseg"
 @pytest.fixture(scope="session")
 def tiny_policy_dir() -> Path:
     """The tiny Qwen2.5-VL folder (tokenizer with <seg>, processor, random weights); built once."""
-    from common.models.policy import ensure_policy_dir
+    from coreseg.common.models.policy import ensure_policy_dir
 
     return ensure_policy_dir("tiny", ASSETS)
 
 
 @pytest.fixture(scope="session")
 def tiny_sam():
-    from common.models.sam import build_tiny_sam
+    from coreseg.common.models.sam import build_tiny_sam
 
     return build_tiny_sam()
 
 
 @pytest.fixture(scope="session")
 def synth_samples():
-    from common.synth import generate
+    from coreseg.common.synth import generate
 
     return generate(48, image_size=112, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
 def synth_parquet(tmp_path_factory, synth_samples) -> Path:
-    from common.data import write_parquet
+    from coreseg.common.data import write_parquet
 
     return write_parquet(synth_samples, tmp_path_factory.mktemp("data") / "synth.parquet")
 
@@ -50,7 +50,7 @@ def ray_session():
     deploy.cluster.ACTOR_ENV. A Ray already started in this process (a Driver's `init_ray`) is used as it is."""
     import ray
 
-    from deploy.cluster import ACTOR_ENV
+    from coreseg.deploy.cluster import ACTOR_ENV
 
     if ray.is_initialized():
         yield ray
@@ -64,8 +64,8 @@ def in_process_tiny_config(tmp_path_factory, name: str, overrides):
     """The tiny preset on 24 fresh synthetic samples, run NAME in its own runs folder, the transformers engine and
     2 prompts of 24 new tokens per step (what the in-process driver tests run), plus `overrides`; returns
     (cfg, run folder)."""
-    from common.config import load_config
-    from common.synth import write_synth
+    from coreseg.common.config import load_config
+    from coreseg.common.synth import write_synth
 
     data = tmp_path_factory.mktemp("data")
     write_synth(data, 24, 112, 0)

@@ -1,5 +1,5 @@
 """Reward terms referenced by import path in tests/test_reward_terms.py (`tests.reward_term_example:<name>`)."""
-from reward.terms import TermInput
+from coreseg.reward.terms import TermInput
 
 
 def length_penalty(inp: TermInput):

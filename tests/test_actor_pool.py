@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from common.actor_pool import ActorPool, ActorPoolError, ActorStateLost, StaleWeightsError, balanced_shards
+from coreseg.common.actor_pool import ActorPool, ActorPoolError, ActorStateLost, StaleWeightsError, balanced_shards
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 

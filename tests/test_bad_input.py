@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
-from common.data import SCHEMA, DataError, DataWarning, LesionDataset, sample_to_row, write_parquet
-from common.images import ImageError, decode_image, decode_mask, encode_png
+from coreseg.common.data import SCHEMA, DataError, DataWarning, LesionDataset, sample_to_row, write_parquet
+from coreseg.common.images import ImageError, decode_image, decode_mask, encode_png
 from tests.png_writer import blank_png, png16
 
 
@@ -194,7 +194,7 @@ def test_huge_image_is_refused_before_decoding(tmp_path, rows, monkeypatch):
 @pytest.mark.parametrize("content, match", [(b"", "0 bytes"), (b"just some text\n", "not a known image format"),
                                             ("truncated", "undecodable image")])
 def test_import_names_an_empty_or_non_image_file(tmp_path, content, match):
-    from common.importer import import_folder
+    from coreseg.common.importer import import_folder
 
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
@@ -213,8 +213,8 @@ def test_import_names_an_empty_or_non_image_file(tmp_path, content, match):
 
 
 def test_cli_import_and_predict_exit_with_the_file_named(tmp_path, capsys):
-    from common.config import load_config, save_config
-    from deploy.cli import main
+    from coreseg.common.config import load_config, save_config
+    from coreseg.deploy.cli import main
 
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
@@ -234,7 +234,7 @@ def test_cli_import_and_predict_exit_with_the_file_named(tmp_path, capsys):
 
 
 def test_imported_ids_must_be_unique(tmp_path):
-    from common.importer import import_folder
+    from coreseg.common.importer import import_folder
 
     for d in ("img", "msk"):
         (tmp_path / d).mkdir()

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from common.protocol import ForwardResult
-from learner.balance import assign_rows, in_batch_order, merge_forward, rank_layouts
+from coreseg.common.protocol import ForwardResult
+from coreseg.learner.balance import assign_rows, in_batch_order, merge_forward, rank_layouts
 
 
 def test_hand_worked_two_ranks_one_micro_batch_each():
@@ -99,7 +99,7 @@ def test_merge_forward_restores_batch_order():
 
 
 def test_ranks_with_different_weight_digests_stop_the_run():
-    from learner.group import RankDesyncError, _combine_ranks
+    from coreseg.learner.group import RankDesyncError, _combine_ranks
 
     rank = {"pg_loss": 0.5, "tokens": 10.0, "grad_norm": 2.0, "lr": 1e-3}
     same = _combine_ranks([{**rank, "weights_digest": 7.0}, {**rank, "weights_digest": 7.0}])
@@ -127,7 +127,7 @@ def test_group_larger_than_a_ranks_room_is_dealt_by_rows():
 def test_packed_costs_count_the_prompt_once_per_group():
     from types import SimpleNamespace as C
 
-    from learner.balance import completion_costs, prompt_groups
+    from coreseg.learner.balance import completion_costs, prompt_groups
 
     comps = [C(prompt_token_ids=[1] * 9, token_ids=[2] * n) for n in (3, 4, 5)] + [C(prompt_token_ids=[7] * 4, token_ids=[2])]
     samples = [C(id="a")] * 3 + [C(id="b")]

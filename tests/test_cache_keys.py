@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import LesionSample
-from common.images import image_key, image_keys
-from common.models.adapter import build_adapter
-from common.models.sam import encode_images
-from common.protocol import ScoreItem
-from common.byte_cache import EmbeddingCache
-from reward.segmenter import Segmenter
+from coreseg.common.data import LesionSample
+from coreseg.common.images import image_key, image_keys
+from coreseg.common.models.adapter import build_adapter
+from coreseg.common.models.sam import encode_images
+from coreseg.common.protocol import ScoreItem
+from coreseg.common.byte_cache import EmbeddingCache
+from coreseg.reward.segmenter import Segmenter
 
 HIDDEN = 128
 
@@ -63,7 +63,7 @@ def test_warm_start_refuses_a_file_keyed_by_sample_id(tmp_path, tiny_sam):
 
 
 def test_learner_embedding_cache_keys_on_content(tiny_sam):
-    from learner.model import CoreSegModule
+    from coreseg.learner.model import CoreSegModule
 
     a, b = _two_images_one_id()
     module = types.SimpleNamespace(sam=tiny_sam, _embeddings=EmbeddingCache(1 << 20), device="cpu")  # its only state
@@ -77,7 +77,7 @@ def test_learner_embedding_cache_keys_on_content(tiny_sam):
 def test_learner_embedding_cache_is_bounded_by_bytes(tiny_sam):
     """learner.embed_cache_bytes bounds the learner's cache: room for one tiny embedding (256 x 8 x 8 fp32 =
     65,536 B) keeps only the latest image, and an evicted image is encoded again with the same result."""
-    from learner.model import CoreSegModule
+    from coreseg.learner.model import CoreSegModule
 
     a, b = _two_images_one_id()
     one = 256 * 8 * 8 * 4
@@ -92,9 +92,9 @@ def test_learner_embedding_cache_is_bounded_by_bytes(tiny_sam):
 
 
 def test_prompt_encoder_keys_on_content_and_question(tiny_policy_dir):
-    from common.models.family import model_family
-    from common.models.policy import load_policy
-    from learner.batch import PromptEncoder
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.policy import load_policy
+    from coreseg.learner.batch import PromptEncoder
     from PIL import Image
 
     _, processor = load_policy(tiny_policy_dir)
@@ -113,9 +113,9 @@ def test_prompt_encoder_keys_on_content_and_question(tiny_policy_dir):
 
 
 def test_prompt_encoder_cache_is_bounded_by_bytes(tiny_policy_dir, monkeypatch):
-    import learner.batch as batch
-    from common.models.family import model_family
-    from common.models.policy import load_policy
+    import coreseg.learner.batch as batch
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.policy import load_policy
 
     _, processor = load_policy(tiny_policy_dir)
     family = model_family(tiny_policy_dir)
@@ -129,7 +129,7 @@ def test_prompt_encoder_cache_is_bounded_by_bytes(tiny_policy_dir, monkeypatch):
     for s in samples:
         encoder.encode(s)
     assert len(encoder._rendered) == 2 and encoder._rendered.bytes == 2 * per_entry
-    from common.images import image_key
+    from coreseg.common.images import image_key
 
     kept = {k[0] for k in encoder._rendered._items}
     assert kept == {image_key(s.id, s.image) for s in samples[-2:]}  # the oldest went first

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.config import load_config
-from common.data import LesionSample
-from common.models.family import PromptRenderer
-from common.prompts import SYSTEM_PROMPT, build_user_text
+from coreseg.common.config import load_config
+from coreseg.common.data import LesionSample
+from coreseg.common.models.family import PromptRenderer
+from coreseg.common.prompts import SYSTEM_PROMPT, build_user_text
 
 QUESTION = "Locate and segment the polyp."
 
@@ -48,7 +48,7 @@ def test_empty_system_prompt_leaves_the_system_turn_out(tiny_policy_dir, process
 
 
 def test_sft_encodes_the_same_rendering_with_the_configured_system_prompt(tiny_policy_dir, processor):
-    from learner.batch import PromptEncoder
+    from coreseg.learner.batch import PromptEncoder
 
     system = "You are a radiologist. Answer briefly."
     image = np.random.default_rng(0).integers(0, 256, size=(112, 112, 3), dtype=np.uint8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.checkpoints import LATEST, complete_checkpoints, save_atomic
+from coreseg.deploy.checkpoints import LATEST, complete_checkpoints, save_atomic
 
 
 def writer(calls, fail_after=None):

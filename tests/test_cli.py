@@ -1,9 +1,9 @@
 """CLI helpers that need no Ray."""
-from common.config import load_config
+from coreseg.common.config import load_config
 
 
 def test_a_new_run_never_appends_to_an_old_one(tmp_path):
-    from deploy.cli import fresh_run_dir
+    from coreseg.deploy.cli import fresh_run_dir
 
     cfg = load_config("tiny_cpu", [f"run.output_dir={tmp_path}", "run.name=demo"])
     assert fresh_run_dir(cfg, None) == str(tmp_path / "demo")  # nothing there yet
@@ -21,7 +21,7 @@ def test_a_new_run_never_appends_to_an_old_one(tmp_path):
 def test_a_missing_data_path_is_an_error_naming_it(tmp_path, capsys):
     import pytest
 
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     missing = tmp_path / "no-such-data"
     for command in (["train"], ["sft"], ["submit", "--address", "http://127.0.0.1:1"]):
@@ -34,7 +34,7 @@ def test_a_missing_data_path_is_an_error_naming_it(tmp_path, capsys):
 def test_a_missing_data_uri_is_an_error_naming_it(tmp_path):
     import pytest
 
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     missing = f"file://{tmp_path / 'bucket' / 'no-such-data'}"
     for command in (["train"], ["submit", "--address", "http://127.0.0.1:1"]):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture()
 def own_cluster():
     """A head and two worker nodes on 127.0.0.1, 2 CPUs each, each with its own temp dir and ports."""
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     cluster = start_local_cluster(workers=2, cpus_per_node=2)
     try:
@@ -31,8 +31,8 @@ def test_ray_job_submit_on_three_nodes(own_cluster, tmp_path):
     and written through pyarrow.fs, as s3:// or gs:// would be); each node stages on its own local folder."""
     import json
 
-    from common.synth import write_synth
-    from deploy.cli import submit_command
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.cli import submit_command
 
     address, env, ray_bin = own_cluster.dashboard, own_cluster.env, own_cluster.ray_bin
     data = write_synth(tmp_path / "data", 16, 112, 0).parent

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
+from coreseg.common.config import ConfigError, TrainConfig, load_config, save_config, load_saved_config
 
 
 def test_defaults_preset_and_overrides():
@@ -94,7 +94,7 @@ def test_saved_config_round_trip(tmp_path):
 
 
 def test_cpu_threads_split_the_node_only_in_async_mode():
-    from common.config import cpu_threads
+    from coreseg.common.config import cpu_threads
 
     sync = load_config("tiny_cpu")
     assert (cpu_threads(sync, "learner", 16), cpu_threads(sync, "rollout", 16)) == (16, 16)
@@ -117,7 +117,7 @@ def test_dynamic_sampling_needs_the_zero_variance_filter_and_dead_knobs_are_gone
 
 
 def test_paths_are_made_absolute_against_the_start_directory(tmp_path):
-    from common.config import with_absolute_paths
+    from coreseg.common.config import with_absolute_paths
 
     cfg = load_config("tiny_cpu", ["data.path=data/isic", "model.sam_checkpoint=~/medsam.pth", "run.output_dir=runs",
                                    "model.policy=tiny", "reward.embed_cache_path=s3://bucket/emb.safetensors"])
@@ -133,8 +133,8 @@ def test_paths_are_made_absolute_against_the_start_directory(tmp_path):
 def test_submit_entrypoint_carries_absolute_paths_and_quotes_every_word(tmp_path, monkeypatch):
     import shlex
 
-    from common.config import with_absolute_paths
-    from deploy.cli import submit_command, train_entrypoint
+    from coreseg.common.config import with_absolute_paths
+    from coreseg.deploy.cli import submit_command, train_entrypoint
 
     monkeypatch.chdir(tmp_path)
     hostile = ["run.name=$(touch pwned)", "data.shuffle_seed=1;rm -rf /", "run.output_dir=`id`"]

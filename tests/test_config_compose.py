@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from common.config import PRESET_DIR, ConfigError, load_config
+from coreseg.common.config import PRESET_DIR, ConfigError, load_config
 
 
 def _preset(name):
@@ -61,7 +61,7 @@ def test_cycles_and_bad_defaults_are_errors_naming_the_files(tmp_path):
 
 
 def test_config_show_prints_the_resolved_tree(tmp_path, capsys):
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     user = tmp_path / "mine.yaml"
     user.write_text("defaults: qwen25vl_3b\nrun:\n  steps: 11\n")
@@ -75,15 +75,15 @@ def test_config_show_prints_the_resolved_tree(tmp_path, capsys):
 @pytest.mark.parametrize("command", [["eval", "--run-dir", "r"], ["predict", "--run-dir", "r", "--image", "x.png",
                                                                       "--question", "q"], ["train", "--resume", "r"]])
 def test_run_bound_commands_refuse_config(command):
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     with pytest.raises(SystemExit, match="reads the run's own config.yaml; --config does not apply"):
         main([*command, "--config", "qwen25vl_3b"])
 
 
 def test_submit_carries_every_config_in_order(tmp_path, monkeypatch):
-    from common.config import with_absolute_paths
-    from deploy.cli import train_entrypoint
+    from coreseg.common.config import with_absolute_paths
+    from coreseg.deploy.cli import train_entrypoint
 
     monkeypatch.chdir(tmp_path)
     cfg = with_absolute_paths(load_config("tiny_cpu"))

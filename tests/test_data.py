@@ -4,10 +4,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from common.data import DataError, LesionDataset, SCHEMA, sample_to_row, write_parquet
-from common.images import encode_png, union_mask
-from common.importer import import_folder
-from common.synth import generate
+from coreseg.common.data import DataError, LesionDataset, SCHEMA, sample_to_row, write_parquet
+from coreseg.common.images import encode_png, union_mask
+from coreseg.common.importer import import_folder
+from coreseg.common.synth import generate
 
 
 def test_parquet_round_trip(tmp_path, synth_samples):
@@ -149,7 +149,7 @@ def test_union_mask_is_the_pixelwise_or_and_checks_shapes(synth_samples):
 
 
 def test_data_through_a_file_uri_reads_like_the_local_path(synth_parquet, tmp_path):
-    from common.data import DataError, LesionDataset
+    from coreseg.common.data import DataError, LesionDataset
 
     local = LesionDataset(str(synth_parquet.parent), "train", batch_size=4, seed=3)
     remote = LesionDataset(synth_parquet.parent.resolve().as_uri(), "train", batch_size=4, seed=3)

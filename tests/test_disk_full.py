@@ -13,8 +13,8 @@ import subprocess
 import pytest
 import torch
 
-from deploy.checkpoints import LATEST, save_atomic
-from deploy.metrics_log import MetricsLogger, read_metrics
+from coreseg.deploy.checkpoints import LATEST, save_atomic
+from coreseg.deploy.metrics_log import MetricsLogger, read_metrics
 
 DISK_BYTES = 1 << 20
 
@@ -120,8 +120,8 @@ def test_a_save_killed_between_its_rename_and_latest_is_adopted(tmp_path):
 def test_a_resume_without_a_complete_checkpoint_starts_over(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from deploy.recovery import resume
-    from deploy.run_folder import RunFolder
+    from coreseg.deploy.recovery import resume
+    from coreseg.deploy.run_folder import RunFolder
 
     log = MetricsLogger(tmp_path, tensorboard=False)
     for step in (0, 1, 2):

@@ -3,7 +3,7 @@ something defined in that file, and every config key it names is in the schema."
 import re
 from pathlib import Path
 
-from common.config import load_config, get_value
+from coreseg.common.config import load_config, get_value
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "architecture.md").read_text()

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from common.config import load_config
-from common.synth import write_synth
-from deploy.metrics_log import read_metrics
+from coreseg.common.config import load_config
+from coreseg.common.synth import write_synth
+from coreseg.deploy.metrics_log import read_metrics
 
 
 PHASES = ("time/rollout", "time/forward", "time/reward", "time/update", "time/push", "time/step")
@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, data_dir):
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     tmp = tmp_path_factory.mktemp("runs")
     cfg = tiny_cfg(tmp, data_dir, "full")
@@ -62,8 +62,8 @@ def test_three_grpo_steps_end_to_end(full_run):
 def test_push_sends_each_pool_only_its_part(full_run, tiny_policy_dir):
     import json
 
-    from common.models.adapter import build_adapter
-    from common.models.sam import build_sam
+    from coreseg.common.models.adapter import build_adapter
+    from coreseg.common.models.sam import build_sam
 
     _, cfg, _, records = full_run
     text = json.loads((tiny_policy_dir / "config.json").read_text())["text_config"]
@@ -86,7 +86,7 @@ def test_push_sends_each_pool_only_its_part(full_run, tiny_policy_dir):
 
 
 def test_resume_matches_uninterrupted_run(full_run, data_dir):
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     tmp, cfg, _, records = full_run
     uninterrupted = {r["step"]: r for r in records if r["phase"] == "grpo" and "reward/total" in r}
@@ -110,7 +110,7 @@ def test_async_generation_overlaps_with_lag_one(full_run, data_dir, tmp_path):
     prefetched), checkpoints the cursor before the batch drawn ahead, and ends with every worker current."""
     import json
 
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     tmp, _, _, records = full_run
     sync = {r["step"]: r for r in records if r["phase"] == "grpo" and "reward/total" in r}

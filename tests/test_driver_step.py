@@ -14,7 +14,7 @@ G = 3
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     cfg, run_dir = in_process_tiny_config(tmp_path_factory, "step", [
         f"rollout.group_size={G}", "cluster.reward_workers=2", "learner.drop_zero_variance=true",
@@ -104,7 +104,7 @@ def test_dynamic_sampling_gives_up_after_its_draws(driver, monkeypatch):
 def test_evaluate_and_predict_share_the_answer_path(driver, tmp_path):
     from PIL import Image
 
-    from deploy.predict import predict_with
+    from coreseg.deploy.predict import predict_with
 
     results = driver.evaluate(["val"], limit=3, tag="unit")
     records = results["val"]["records"]
@@ -117,7 +117,7 @@ def test_evaluate_and_predict_share_the_answer_path(driver, tmp_path):
 
 
 def test_evaluating_a_checkpoint_changes_neither_metrics_nor_config(driver):
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     driver.save()
     run = driver.run_dir

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config, save_config, with_absolute_paths
-from common.images import encode_png
+from coreseg.common.config import load_config, save_config, with_absolute_paths
+from coreseg.common.images import encode_png
 
 pytestmark = pytest.mark.slow  # DeepSpeed learner in-process
 
@@ -60,7 +60,7 @@ np.savez(job["out"], prompt=np.array(text), logits=out.logits[0].numpy(), state=
 @pytest.fixture(scope="module")
 def trained(tiny_policy_dir, synth_samples, tmp_path_factory):
     """A run folder with one checkpoint of the tiny model after two SFT steps, its export, and the learner."""
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
     from tests.test_learner import make_core
 
     tmp = tmp_path_factory.mktemp("trained")
@@ -90,7 +90,7 @@ def _learner_reference(core, sample, completion):
     `<seg>` state and the reward worker's mask for it."""
     from PIL import Image
 
-    from reward.worker import LocalRewardWorker
+    from coreseg.reward.worker import LocalRewardWorker
 
     family = core.module.info.family
     inputs = core.module.processor(text=[family.prompt(sample.question) + completion],
@@ -105,7 +105,7 @@ def _learner_reference(core, sample, completion):
 
 
 def test_export_loads_without_coreseg_and_matches_the_learner(trained, tiny_policy_dir, synth_samples, tmp_path):
-    from common.prompts import build_completion
+    from coreseg.common.prompts import build_completion
 
     core, export = trained["core"], trained["export"]
     adapter_config = json.loads((export / "policy" / "adapter_config.json").read_text())
@@ -143,7 +143,7 @@ def test_export_loads_without_coreseg_and_matches_the_learner(trained, tiny_poli
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path, tiny_policy_dir):
-    from deploy.export import ExportError, export_run
+    from coreseg.deploy.export import ExportError, export_run
 
     with pytest.raises(ExportError, match="not a run folder"):
         export_run(tmp_path, tmp_path / "out", str(tiny_policy_dir))
@@ -159,9 +159,9 @@ def test_export_refuses_what_it_cannot_export(tmp_path, tiny_policy_dir):
 def test_predict_in_process_from_an_export_and_a_run_touches_nothing(trained, synth_samples, tmp_path):
     from PIL import Image
 
-    from common.prompts import build_completion
-    from deploy.cli import main
-    from deploy.infer import Predictor
+    from coreseg.common.prompts import build_completion
+    from coreseg.deploy.cli import main
+    from coreseg.deploy.infer import Predictor
 
     run, export = trained["run"], trained["export"]
     images = tmp_path / "images"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from common.models.family import FAMILIES, PromptIdsError, UnknownModelFamily, model_family
-from common.models.family.qwen2_5_vl import Qwen25VL
-from learner.batch import PromptEncoder, build_batch
+from coreseg.common.models.family import FAMILIES, PromptIdsError, UnknownModelFamily, model_family
+from coreseg.common.models.family.qwen2_5_vl import Qwen25VL
+from coreseg.learner.batch import PromptEncoder, build_batch
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_policy_dir):
-    from common.models.policy import load_policy
+    from coreseg.common.models.policy import load_policy
 
     model, processor = load_policy(tiny_policy_dir)
     return model.eval(), processor
@@ -31,7 +31,7 @@ def test_family_comes_from_the_model_config_and_renders_the_chat_template(tiny_p
     family = model_family(tiny_policy_dir)
     assert isinstance(family, Qwen25VL) and family.model_type == "qwen2_5_vl"
     processor = policy[1]
-    from common.prompts import SYSTEM_PROMPT, build_user_text
+    from coreseg.common.prompts import SYSTEM_PROMPT, build_user_text
 
     question = "Locate and segment the polyp."
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
@@ -43,7 +43,7 @@ def test_family_comes_from_the_model_config_and_renders_the_chat_template(tiny_p
 
 
 def test_unknown_model_type_names_the_folder_and_the_known_families(tmp_path):
-    from common.models.policy import ensure_policy_dir
+    from coreseg.common.models.policy import ensure_policy_dir
 
     folder = tmp_path / "some-llava"
     folder.mkdir()

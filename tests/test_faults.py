@@ -11,9 +11,9 @@ import signal
 import psutil
 import pytest
 
-from common.config import load_config
-from common.synth import write_synth
-from deploy.fault_injection import Kill, actor_pid, kill_on_call, wait_gone
+from coreseg.common.config import load_config
+from coreseg.common.synth import write_synth
+from coreseg.deploy.fault_injection import Kill, actor_pid, kill_on_call, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]  # real stack: Ray, DeepSpeed
 
@@ -34,7 +34,7 @@ def grpo_steps(run_dir):
 
 
 def test_a_learner_killed_mid_update_and_mid_save_is_rebuilt_from_the_latest_checkpoint(tmp_path):
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     cfg = tiny(tmp_path, "learner", "run.save_every=2", "cluster.reward_workers=1", "run.max_failures=2")
     run = tmp_path / "learner"
@@ -73,7 +73,7 @@ def test_workers_killed_mid_generation_and_during_the_weight_push_are_recovered(
     """A rollout worker SIGKILLed while it generates step 2, a reward worker while it loads the weights pushed
     after step 2: Ray restarts both, their pools reload the current weights and re-send the lost calls; the run
     logs every step once with every sample scored, at one version everywhere."""
-    from deploy.driver import Driver
+    from coreseg.deploy.driver import Driver
 
     cfg = tiny(tmp_path, "workers", "run.save_every=0", "cluster.reward_workers=2")
     run = tmp_path / "workers"

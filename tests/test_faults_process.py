@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from common.synth import write_synth
-from deploy.fault_injection import kill_tree, process_tree
+from coreseg.common.synth import write_synth
+from coreseg.deploy.fault_injection import kill_tree, process_tree
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, in processes of their own
 
@@ -23,7 +23,7 @@ TINY = ["run.sft_steps=0", "run.eval_every=0", "data.batch_size=2", "rollout.gro
 
 
 def coreseg(*args) -> list:
-    return [sys.executable, "-m", "deploy.cli", *args]
+    return [sys.executable, "-m", "coreseg.deploy.cli", *args]
 
 
 def grpo_steps(run: Path) -> list:
@@ -80,7 +80,7 @@ def test_a_lost_worker_node_is_survived(tmp_path, monkeypatch):
     every process of the worker node with the most actors (the learner's, if it is on a worker node) is
     SIGKILLed: Ray places its bundles on the nodes left, the pools bring their workers back, a lost learner is
     rebuilt from checkpoint 1; the run ends with its 4 steps, each once, a lost learner in its metrics."""
-    from deploy.local_cluster import start_local_cluster
+    from coreseg.deploy.local_cluster import start_local_cluster
 
     # the head declares a silent node dead after ~3 s instead of the default ~30 s
     for key, value in {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.grpo import LossNorm, combine_stats, group_advantages, grpo_loss, kl_penalty, loss_norm, partial_sum
+from coreseg.learner.grpo import LossNorm, combine_stats, group_advantages, grpo_loss, kl_penalty, loss_norm, partial_sum
 
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
@@ -339,7 +339,7 @@ def median_baseline(rewards, eps):
 
 
 def test_policy_loss_and_advantage_by_import_path():
-    from common.config import ConfigError, load_config
+    from coreseg.common.config import ConfigError, load_config
 
     logp, old, _, adv, mask = random_batch(8)
     loss, _ = grpo_loss(torch.tensor(logp), torch.tensor(old), None, torch.tensor(adv), torch.tensor(mask),

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from common.config import ConfigError, load_config
-from common.data import LesionSample
-from common.models.family import family_for_type
-from common.protocol import RolloutRequest
+from coreseg.common.config import ConfigError, load_config
+from coreseg.common.data import LesionSample
+from coreseg.common.models.family import family_for_type
+from coreseg.common.protocol import RolloutRequest
 
 FAMILY = family_for_type("qwen2_5_vl")
 BUDGET = ["model.min_pixels=3136", f"model.max_pixels={1024 * 1024}"]
@@ -47,8 +47,8 @@ def _image(h, w, seed=0):
 @pytest.fixture(scope="module")
 def budget_paths(tiny_policy_dir):
     """The transformers engine and the learner module, both built from a config with the budget."""
-    from learner.model import CoreSegModule
-    from rollout.hf_engine import HFEngine
+    from coreseg.learner.model import CoreSegModule
+    from coreseg.rollout.hf_engine import HFEngine
 
     cfg = load_config("tiny_cpu", BUDGET + ["rollout.engine=hf", "rollout.max_model_len=4096",
                                             "rollout.max_new_tokens=16"])
@@ -82,9 +82,9 @@ def test_budget_is_checked_in_the_config():
 
 
 def test_a_prompt_over_max_model_len_is_a_named_counted_error(tiny_policy_dir, caplog):
-    from deploy.step import Answered, TrainBatch
-    from rollout.engine import PROMPT_TOO_LONG
-    from rollout.hf_engine import HFEngine
+    from coreseg.deploy.step import Answered, TrainBatch
+    from coreseg.rollout.engine import PROMPT_TOO_LONG
+    from coreseg.rollout.hf_engine import HFEngine
 
     # 1296 vision tokens cannot fit 1024 - 16 tokens
     cfg = load_config("tiny_cpu", BUDGET + ["rollout.engine=hf", "rollout.max_model_len=1024",

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from common.data import DataError, LesionDataset
-from common.importer import ImportOptions, import_folder, import_parquet
+from coreseg.common.data import DataError, LesionDataset
+from coreseg.common.importer import ImportOptions, import_folder, import_parquet
 
 H, W = 64, 80  # 5120 pixels: the default minimum lesion size 0.001 is ceil(5.12) = 6 pixels
 
@@ -146,7 +146,7 @@ def test_hf_parquet_errors_name_the_row_and_column(tmp_path):
 
 
 def test_cli_import_parquet_prints_the_counts(tmp_path, capsys):
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     src = tmp_path / "d.parquet"
     _hf_parquet(src, [({"bytes": _bytes(_image(), "PNG"), "path": None}, {"bytes": _bytes(_mask(), "PNG"),

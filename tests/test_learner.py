@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from common.protocol import Completion, RolloutGroup
-from learner.grpo import loss_norm
-from learner.sft import sft_target_ids
+from coreseg.common.config import load_config
+from coreseg.common.protocol import Completion, RolloutGroup
+from coreseg.learner.grpo import loss_norm
+from coreseg.learner.sft import sft_target_ids
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
@@ -19,7 +19,7 @@ OVERRIDES = ["learner.micro_batch_size=4", "model.lora_r=8", "learner.lr=5e-3", 
 
 
 def make_core(policy_dir, extra=()):
-    from learner.worker import LearnerCore, free_port
+    from coreseg.learner.worker import LearnerCore, free_port
 
     # the process group is created by the first core of this process and reused by the later ones
     return LearnerCore(load_config("tiny_cpu", OVERRIDES + list(extra)), str(policy_dir), master_port=free_port())
@@ -61,9 +61,9 @@ def test_grpo_update_moves_logprobs_with_advantages(core, synth_samples):
 def test_bundle_loads_into_hf_peft_with_identical_logits(core, tiny_policy_dir, synth_samples):
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from common.models.policy import load_policy
-    from common.models.token_rows import write_rows_torch
-    from rollout.lora_io import lora_config_from_dict
+    from coreseg.common.models.policy import load_policy
+    from coreseg.common.models.token_rows import write_rows_torch
+    from coreseg.rollout.lora_io import lora_config_from_dict
 
     bundle = core.export_weights()
     assert bundle.version == core.version and bundle.lora and bundle.adapter and bundle.mask_decoder
@@ -73,7 +73,7 @@ def test_bundle_loads_into_hf_peft_with_identical_logits(core, tiny_policy_dir, 
     assert bundle.token_rows is not None  # trained `<seg>` rows (model.train_token_rows, the default)
     write_rows_torch(peft_model.get_base_model(), bundle.token_rows)
     groups = _groups(core, synth_samples[:1], g=1)
-    from learner.batch import build_batch
+    from coreseg.learner.batch import build_batch
     batch = build_batch(core.encoder, synth_samples[:1], [groups[0].completions[0].token_ids], core.pad_id)
     with torch.no_grad():
         want = core.module.policy(**batch.model_inputs("cpu")).logits
@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_is_bit_exact(tiny_policy_dir, synth_samples, tmp_
         for k, v in getattr(want, part).items():
             assert torch.equal(v, getattr(got, part)[k]), (part, k)
     from peft import PeftModel
-    from common.models.policy import load_policy
+    from coreseg.common.models.policy import load_policy
     PeftModel.from_pretrained(load_policy(tiny_policy_dir)[0], str(tmp_path / "ckpt" / "peft"))
 
 
@@ -120,7 +120,7 @@ def test_sft_loss_halves(tiny_policy_dir, synth_samples):
 
 
 def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, tmp_path):
-    from learner.batch import build_batch, per_completion
+    from coreseg.learner.batch import build_batch, per_completion
 
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01"])
     sft = [replace(s, reasoning=s.reasoning[:40]) for s in synth_samples[:8]]
@@ -150,8 +150,8 @@ def test_reference_is_the_policy_at_grpo_start(tiny_policy_dir, synth_samples, t
 
 
 def test_base_reference_is_the_adapter_switched_off(tiny_policy_dir, synth_samples):
-    from common.models.token_rows import rows_disabled
-    from learner.batch import build_batch, per_completion
+    from coreseg.common.models.token_rows import rows_disabled
+    from coreseg.learner.batch import build_batch, per_completion
 
     core = make_core(tiny_policy_dir, ["learner.kl_beta=0.01", "learner.reference=base",
                                        "learner.micro_batch_size=1"])
@@ -256,7 +256,7 @@ class _Payload:
 
 
 def test_a_crafted_pickle_in_a_checkpoint_does_not_execute(tiny_policy_dir, tmp_path):
-    from learner.checkpoint import UnsafeCheckpointError
+    from coreseg.learner.checkpoint import UnsafeCheckpointError
 
     core = make_core(tiny_policy_dir)
     core.save_checkpoint(str(tmp_path / "ckpt"))

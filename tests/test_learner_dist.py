@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from common.protocol import Completion, RolloutGroup
-from learner.balance import flatten_rows
-from learner.sft import sft_target_ids
+from coreseg.common.config import load_config
+from coreseg.common.protocol import Completion, RolloutGroup
+from coreseg.learner.balance import flatten_rows
+from coreseg.learner.sft import sft_target_ids
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed
 
@@ -31,7 +31,7 @@ class Batches:
     def __init__(self, policy_dir, samples):
         from transformers import AutoProcessor
 
-        from common.models.family import model_family
+        from coreseg.common.models.family import model_family
 
         processor, family = AutoProcessor.from_pretrained(str(policy_dir)), model_family(policy_dir)
         self.samples = samples
@@ -86,7 +86,7 @@ def _assert_equal_steps(one, two, before, stats1, stats2, keys=("loss", "pg_loss
 @pytest.fixture(scope="module")
 def pair(ray_session, tiny_policy_dir, synth_samples):
     """(one rank in this process, two ranks in Ray, batch maker), same config and initial weights."""
-    from learner.group import LearnerGroup
+    from coreseg.learner.group import LearnerGroup
 
     cfg = load_config("tiny_cpu", OVERRIDES)
     one = LearnerGroup(cfg, tiny_policy_dir, num_workers=1, local=True)
@@ -143,7 +143,7 @@ def test_sft_step_uneven(pair):
 def test_default_settings_grpo_steps_on_two_ranks(ray_session, tiny_policy_dir, synth_samples):
     """Default settings (mask loss on, micro-batches of 8): steps whose batches leave a rank without `<seg>`,
     with fewer rows than ranks, uneven; the ranks stay in step and identical (the old code failed at step 4)."""
-    from learner.group import LearnerGroup
+    from coreseg.learner.group import LearnerGroup
 
     cfg = load_config("tiny_cpu")
     assert cfg.learner.mask_loss_weight > 0 and cfg.learner.micro_batch_size == 8

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from common.config import load_config
-from common.protocol import Completion, RolloutGroup, Score
-from deploy.learning_metrics import (group_reward_spread, rollout_records, sampled_stats, token_entropy_estimate,
+from coreseg.common.config import load_config
+from coreseg.common.protocol import Completion, RolloutGroup, Score
+from coreseg.deploy.learning_metrics import (group_reward_spread, rollout_records, sampled_stats, token_entropy_estimate,
                                      truncation_ratio)
-from deploy.metrics_log import MetricsLogger, flat_hparams, read_metrics
+from coreseg.deploy.metrics_log import MetricsLogger, flat_hparams, read_metrics
 from tests.conftest import in_process_tiny_config
 
 
@@ -92,7 +92,7 @@ def test_tensorboard_text_image_and_hparams(tmp_path):
 
 
 def test_draw_mask_colours_by_hand():
-    from deploy.evaluation import draw_mask
+    from coreseg.deploy.evaluation import draw_mask
 
     image = np.full((6, 6, 3), 100, np.uint8)
     pred = np.zeros((6, 6), bool)
@@ -108,8 +108,8 @@ def test_draw_mask_colours_by_hand():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two GRPO steps in-process (no Ray) with the step-0 eval, a periodic eval at step 2 and the final eval."""
-    from deploy.driver import Driver
-    from deploy.evaluation import evaluate_start
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.evaluation import evaluate_start
 
     cfg, run_dir = in_process_tiny_config(tmp_path_factory, "lm", [
         "rollout.group_size=3", "cluster.reward_workers=1", "run.eval_every=2", "run.save_every=0",
@@ -157,7 +157,7 @@ def test_eval_draws_predicted_masks(trained):
 
 
 def test_report_shows_start_end_and_paired_deltas(trained):
-    from deploy.report import write_report
+    from coreseg.deploy.report import write_report
 
     run, start, final = trained
     text = write_report(run).read_text()

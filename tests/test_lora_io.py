@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders
+from coreseg.rollout.lora_io import adapter_parent, new_adapter_folder, sweep_stale_adapter_folders
 
 
 def _dead_pid() -> int:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rollout.lora_merge import CheckpointReader, lora_deltas
+from coreseg.rollout.lora_merge import CheckpointReader, lora_deltas
 from tests.test_rollout_engines import random_bundle
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learner.losses import dice_ce_loss, low_res_target
+from coreseg.learner.losses import dice_ce_loss, low_res_target
 
 
 def np_dice_ce(logits, target, dice_w, bce_w, smooth, valid):
@@ -103,7 +103,7 @@ def test_low_res_target_small_image_is_upscaled_like_the_image():
 
 
 def test_low_res_target_round_trips_through_sams_upscaling(tiny_sam):
-    from common.models.sam import upscale_masks
+    from coreseg.common.models.sam import upscale_masks
 
     yy, xx = np.mgrid[:90, :200]
     mask = ((yy - 40) / 25.0) ** 2 + ((xx - 130) / 50.0) ** 2 <= 1  # an ellipse in a wide image

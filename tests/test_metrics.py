@@ -1,6 +1,6 @@
 import numpy as np
 
-from common.metrics import markdown_table, summarize, summarize_by
+from coreseg.common.metrics import markdown_table, summarize, summarize_by
 
 
 def test_eval_metrics_on_hand_made_predictions():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.metrics import (bootstrap_ci, markdown_deltas, markdown_table_ci, paired_delta_ci, paired_deltas,
+from coreseg.common.metrics import (bootstrap_ci, markdown_deltas, markdown_table_ci, paired_delta_ci, paired_deltas,
                             summarize_ci, t_interval)
 
 

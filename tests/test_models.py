@@ -3,13 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.models.adapter import build_adapter
-from common.models.policy import (ModelPathError, ensure_policy_dir, gather_seg_states, load_policy,
+from coreseg.common.models.adapter import build_adapter
+from coreseg.common.models.policy import (ModelPathError, ensure_policy_dir, gather_seg_states, load_policy,
                                   policy_info)
-from common.models.sam import build_sam, encode_images, upscale_masks
-from common.models.segment import decode_masks
-from common.models.family import family_for_type
-from common.prompts import build_completion
+from coreseg.common.models.sam import build_sam, encode_images, upscale_masks
+from coreseg.common.models.segment import decode_masks
+from coreseg.common.models.family import family_for_type
+from coreseg.common.prompts import build_completion
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_missing_paths_fail_clearly(tmp_path):
 def test_weight_bundle_travels_as_numpy_and_comes_back_exact():
     import pickle
 
-    from common.protocol import WeightBundle
+    from coreseg.common.protocol import WeightBundle
 
     g = torch.Generator().manual_seed(0)
     lora = {"m.lora_A.weight": torch.randn(4, 6, generator=g).to(torch.bfloat16)}

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from learner.batch import PromptEncoder, build_batch, per_completion
-from learner.grpo import grpo_loss
-from learner.losses import dice_ce_loss
-from learner.packed import build_packed
-from learner.prefix_attention import prefix_layout, shared_prefix_attention
-from learner.sft import sft_target_ids
+from coreseg.common.config import load_config
+from coreseg.learner.batch import PromptEncoder, build_batch, per_completion
+from coreseg.learner.grpo import grpo_loss
+from coreseg.learner.losses import dice_ce_loss
+from coreseg.learner.packed import build_packed
+from coreseg.learner.prefix_attention import prefix_layout, shared_prefix_attention
+from coreseg.learner.sft import sft_target_ids
 
 RTOL = 1e-5
 
@@ -65,7 +65,7 @@ def test_layout_rejects_empty_completion():
 
 @pytest.fixture(scope="module")
 def module(tiny_policy_dir):
-    from learner.model import CoreSegModule
+    from coreseg.learner.model import CoreSegModule
 
     cfg = load_config("tiny_cpu", ["model.lora_r=8", "learner.kl_beta=0.05", "learner.reference=base"])
     m = CoreSegModule(cfg, str(tiny_policy_dir))
@@ -82,7 +82,7 @@ def module(tiny_policy_dir):
 def rows(module, synth_samples):
     """Groups of G = 3, 1, 2 with ragged completions ending in `<seg>` spans; the second group's image is bigger
     (more vision tokens), so the groups' prompts differ in length."""
-    from common.synth import generate
+    from coreseg.common.synth import generate
 
     big = generate(1, image_size=168, seed=3, progress=False)[0]
     tok = module.processor.tokenizer
@@ -183,8 +183,8 @@ def test_vision_features_are_computed_once_per_image(module, rows):
 
 @pytest.mark.slow
 def test_packed_off_keeps_the_padded_rows(tiny_policy_dir):
-    from learner.model import CoreSegModule
-    from learner.prefix_attention import ATTENTION_NAME
+    from coreseg.learner.model import CoreSegModule
+    from coreseg.learner.prefix_attention import ATTENTION_NAME
 
     m = CoreSegModule(load_config("tiny_cpu", ["learner.packed=false"]), str(tiny_policy_dir))
     assert not m.packed

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from common.actor_pool import ActorPool, ActorSlot
-from common.config import ConfigError, load_config
-from common.devices import check_device, role_device, role_runtime_env
-from deploy.placement import describe_asked, placement_error, plan_placement
+from coreseg.common.actor_pool import ActorPool, ActorSlot
+from coreseg.common.config import ConfigError, load_config
+from coreseg.common.devices import check_device, role_device, role_runtime_env
+from coreseg.deploy.placement import describe_asked, placement_error, plan_placement
 
 
 def _cfg(*overrides):
@@ -110,7 +110,7 @@ def test_device_comes_from_the_config():
 def test_resources_that_do_not_fit_fail_within_the_timeout(ray_session):
     import ray
 
-    from deploy.cluster import PlacementTimeout, reserve
+    from coreseg.deploy.cluster import PlacementTimeout, reserve
 
     cfg = _cfg("cluster.learner_gpus=1", "cluster.placement_timeout_s=2")
     start = time.monotonic()
@@ -134,7 +134,7 @@ class WhereAmI:
 
 
 def test_actors_land_in_their_bundles_and_cpu_roles_see_no_gpu(ray_session):
-    from deploy.cluster import reserve
+    from coreseg.deploy.cluster import reserve
 
     reservation = reserve(_cfg("cluster.reward_workers=2", "cluster.placement_timeout_s=60"))
     try:
@@ -152,8 +152,8 @@ def test_actors_land_in_their_bundles_and_cpu_roles_see_no_gpu(ray_session):
 
 @pytest.fixture(scope="module")
 def local_driver(tmp_path_factory):
-    from common.synth import write_synth
-    from deploy.driver import Driver
+    from coreseg.common.synth import write_synth
+    from coreseg.deploy.driver import Driver
 
     data = tmp_path_factory.mktemp("data")
     write_synth(data, 16, 112, 0)
@@ -201,7 +201,7 @@ def test_colocated_driver_sleeps_before_learner_work_and_wakes_before_generation
 
 
 def test_vllm_parallel_arguments_by_mode():
-    from rollout.vllm_engine import parallel_kwargs, ray_tp_env
+    from coreseg.rollout.vllm_engine import parallel_kwargs, ray_tp_env
 
     # TP 2 in reserved bundles 4 and 5: vLLM's Ray executor, one worker per bundle with half a GPU each
     assert parallel_kwargs(2, True, (4, 5)) == {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from deploy.plan import (GIB, KNOWN_SHAPES, PolicyShape, activation_bytes_per_token_layer, gpus_needed,
+from coreseg.deploy.plan import (GIB, KNOWN_SHAPES, PolicyShape, activation_bytes_per_token_layer, gpus_needed,
                          kv_bytes_per_token, learner_activation_bytes, lm_params, lora_params, make_plan,
                          shape_from_config, trainable_state_bytes, vision_params, vision_tokens)
 
@@ -92,7 +92,7 @@ def test_activations_by_hand():
 
 
 def test_gpu_count_of_the_3b_preset():
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     cfg = load_config("qwen25vl_3b", [])
     # 4 learner GPUs, 2 rollout GPUs, 4 reward workers at 0.5 GPU packed on 2
@@ -103,7 +103,7 @@ def test_gpu_count_of_the_3b_preset():
 
 
 def test_plan_of_the_3b_preset_by_hand():
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     cfg = load_config("qwen25vl_3b", ["learner.gradient_checkpointing=true"])
     plan = make_plan(cfg, gpu_mem_gib=80, image_size=1024, prompt_text_tokens=100)
@@ -119,7 +119,7 @@ def test_plan_of_the_3b_preset_by_hand():
 
 
 def test_plan_warns_when_a_role_does_not_fit():
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     cfg = load_config("qwen25vl_3b", ["learner.gradient_checkpointing=false", "rollout.max_model_len=1024"])
     plan = make_plan(cfg, gpu_mem_gib=24, image_size=1024)
@@ -130,7 +130,7 @@ def test_plan_warns_when_a_role_does_not_fit():
 
 
 def test_cli_plan_reads_a_policy_folder(tmp_path, capsys):
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     model = _small_model(True)
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
@@ -141,7 +141,7 @@ def test_cli_plan_reads_a_policy_folder(tmp_path, capsys):
 
 
 def test_sam_encoder_peak_by_hand():
-    from deploy.plan import sam_encoder_peak_bytes
+    from coreseg.deploy.plan import sam_encoder_peak_bytes
 
     n = 64 * 64  # vit_b at 1024 px: 16 px patches
     assert sam_encoder_peak_bytes(1024, 12, 768) == 2 * 12 * n * n * 4 + 8 * n * 768 * 4
@@ -150,7 +150,7 @@ def test_sam_encoder_peak_by_hand():
 
 def test_cpu_plan_rows_by_hand(tmp_path):
     """On CPU (no GPU in cluster.*): fp32 weights, vLLM-CPU's second lm_head copy, the configured KV cache."""
-    from common.config import load_config
+    from coreseg.common.config import load_config
 
     model = _small_model(True)
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
@@ -165,7 +165,7 @@ def test_cpu_plan_rows_by_hand(tmp_path):
 
 
 def test_an_unknown_policy_without_a_folder_is_an_error_naming_the_known_shapes():
-    from deploy.plan import resolve_shape
+    from coreseg.deploy.plan import resolve_shape
 
     shape, source = resolve_shape("/absent/Qwen2.5-VL-7B-Instruct")
     assert shape == KNOWN_SHAPES["Qwen2.5-VL-7B-Instruct"] and "no folder" in source
@@ -174,7 +174,7 @@ def test_an_unknown_policy_without_a_folder_is_an_error_naming_the_known_shapes(
 
 
 def test_cli_plan_names_a_policy_it_cannot_size(capsys):
-    from deploy.cli import main
+    from coreseg.deploy.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "model.policy=/absent/SomeOtherModel"])

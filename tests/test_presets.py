@@ -2,8 +2,8 @@
 import re
 from pathlib import Path
 
-from common.config import load_config
-from common.config_schema import LearnerConfig, ModelConfig, RewardConfig
+from coreseg.common.config import load_config
+from coreseg.common.config_schema import LearnerConfig, ModelConfig, RewardConfig
 
 PRESET = Path(__file__).resolve().parent.parent / "deploy" / "configs" / "qwen25vl_3b.yaml"
 SOURCES = ("paper", "Seg-Zero", "own choice")

@@ -1,6 +1,6 @@
 import pytest
 
-from common import prompts as P
+from coreseg.common import prompts as P
 
 GOOD = "<think> The liver is homogeneous. A dark region. </think> <answer> The liver lesion is located at " \
        "[[10, 20, 30, 40], [50, 60, 70, 80]]. The mask is <seg>. </answer>"

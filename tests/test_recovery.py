@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, OutOfMemoryError, RayTaskError
 
-from common.actor_pool import ActorPoolError, StaleWeightsError, _lost_cause
-from deploy.recovery import _retried
+from coreseg.common.actor_pool import ActorPoolError, StaleWeightsError, _lost_cause
+from coreseg.deploy.recovery import _retried
 
 
 def test_the_pool_recovers_dead_restarting_and_oom_killed_actors():

@@ -3,9 +3,9 @@ overrides and YAML), per-term components and reasons, weights, failing terms, an
 import numpy as np
 import pytest
 
-from common.config import ConfigError, RewardConfig, load_config
-from common.prompts import build_completion
-from reward.terms import PAPER_TERMS, TermError, format_term, register_term, resolve_term, score_completion
+from coreseg.common.config import ConfigError, RewardConfig, load_config
+from coreseg.common.prompts import build_completion
+from coreseg.reward.terms import PAPER_TERMS, TermError, format_term, register_term, resolve_term, score_completion
 
 EXAMPLE = "tests.reward_term_example"
 
@@ -42,7 +42,7 @@ def test_custom_term_by_import_path_from_cli_override():
 
 
 def test_terms_survive_the_saved_run_config(tmp_path):
-    from common.config import load_saved_config, save_config
+    from coreseg.common.config import load_saved_config, save_config
     cfg = load_config("tiny_cpu", [f"reward.terms=[format,{EXAMPLE}:length_penalty]",
                                    "reward.term_weights.length_penalty=0.25"])
     save_config(cfg, tmp_path / "config.yaml")

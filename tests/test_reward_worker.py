@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from common.models.adapter import build_adapter
-from common.prompts import build_completion
-from common.protocol import ScoreItem, WeightBundle
-from reward.segmenter import Segmenter
-from reward.worker import LocalRewardWorker, StaleWeightsError
+from coreseg.common.config import load_config
+from coreseg.common.models.adapter import build_adapter
+from coreseg.common.prompts import build_completion
+from coreseg.common.protocol import ScoreItem, WeightBundle
+from coreseg.reward.segmenter import Segmenter
+from coreseg.reward.worker import LocalRewardWorker, StaleWeightsError
 
 HIDDEN = 128
 EMB_BYTES = 256 * 8 * 8 * 4  # one tiny-SAM embedding (float32)
@@ -65,15 +65,15 @@ def test_cache_is_bounded_in_bytes(tiny_sam, synth_samples):
     for s in synth_samples[:4]:
         seg.embeddings([s.id], [s.image])
     assert len(seg.cache) == 2 and seg.cache.bytes <= 2 * EMB_BYTES and seg.cache.evictions == 2
-    from common.images import image_key
+    from coreseg.common.images import image_key
 
     key = lambda s: image_key(s.id, s.image)  # noqa: E731 (the cache keys on id + pixels)
     assert key(synth_samples[3]) in seg.cache and key(synth_samples[0]) not in seg.cache  # LRU order
 
 
 def test_warm_start_from_precomputed_embeddings(tmp_path, cfg, tiny_sam, synth_parquet):
-    from common.data import LesionDataset
-    from reward.embed import precompute_embeddings
+    from coreseg.common.data import LesionDataset
+    from coreseg.reward.embed import precompute_embeddings
 
     out = precompute_embeddings(synth_parquet, "train", tmp_path / "emb.safetensors", cfg)
     samples = next(LesionDataset(str(synth_parquet), "train", batch_size=3, shuffle=False).iter_all(3))
@@ -122,7 +122,7 @@ def test_load_weights_version_check(cfg, synth_samples):
 
 @pytest.fixture(scope="module")
 def pool_and_reference(ray_session, cfg, worker, synth_samples):
-    from reward.worker import RewardPool
+    from coreseg.reward.worker import RewardPool
 
     items = _items(synth_samples[:6], g=8)
     bundle = _bundle(1)
@@ -198,7 +198,7 @@ def test_pool_notices_a_silent_restart(ray_session, pool_and_reference):
 
 @pytest.mark.slow
 def test_in_process_pool_scores_like_the_ray_pool(pool_and_reference, cfg):
-    from reward.worker import RewardPool
+    from coreseg.reward.worker import RewardPool
 
     ray_pool, items, want = pool_and_reference
     pool = RewardPool(cfg, HIDDEN, num_workers=2, local=True)

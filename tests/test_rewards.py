@@ -4,10 +4,10 @@ import itertools
 import numpy as np
 import pytest
 
-from common.config import RewardConfig
-from common.prompts import build_completion, parse_completion
-from reward.rewards import MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward, switch_threshold
-from reward.terms import score_completion
+from coreseg.common.config import RewardConfig
+from coreseg.common.prompts import build_completion, parse_completion
+from coreseg.reward.rewards import MaskRewardConfig, box_reward, dice, format_reward, iou, mask_reward, switch_threshold
+from coreseg.reward.terms import score_completion
 
 GOOD = "<think> a </think> <answer> The polyp is located at [[1, 2, 3, 4]]. The mask is <seg>. </answer>"
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import load_config
-from common.models.family import family_for_type, model_family
-from common.models.lora import lora_state, make_lora_config, peft_config_dict
-from common.models.policy import load_policy
-from common.protocol import RolloutRequest, WeightBundle
-from rollout.engine import Sampling
+from coreseg.common.config import load_config
+from coreseg.common.models.family import family_for_type, model_family
+from coreseg.common.models.lora import lora_state, make_lora_config, peft_config_dict
+from coreseg.common.models.policy import load_policy
+from coreseg.common.protocol import RolloutRequest, WeightBundle
+from coreseg.rollout.engine import Sampling
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
@@ -72,7 +72,7 @@ def reference(tiny_policy_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_policy_dir):
-    from rollout.vllm_engine import VLLMEngine
+    from coreseg.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(_cfg(), tiny_policy_dir)
 
@@ -155,7 +155,7 @@ def test_vllm_adapter_mode_serves_token_rows(vllm_engine, tiny_policy_dir):
     """Adapter mode (the GPU default) with trained `<seg>` rows: the LoRA comes as an adapter, the rows are written
     into vLLM's embedding and LM head in place; log-probs equal peft+transformers with the rows in its weights.
     (Before the merged-mode test: a second engine in this process tears down vLLM's parallel state on exit.)"""
-    from common.models.token_rows import write_rows_torch
+    from coreseg.common.models.token_rows import write_rows_torch
 
     bundle, peft_model = random_bundle(tiny_policy_dir, version=100, seed=20)
     hidden = peft_model.get_input_embeddings().weight.shape[1]
@@ -179,7 +179,7 @@ def test_bad_requests_are_isolated(vllm_engine, synth_samples):
 
 
 def test_hf_engine_contract_and_lora(tiny_policy_dir, reference, synth_samples):
-    from rollout.hf_engine import HFEngine
+    from coreseg.rollout.hf_engine import HFEngine
 
     engine = HFEngine(_cfg(), tiny_policy_dir)
     groups = engine.generate(_requests(synth_samples), 4, Sampling(1.0, 1.0, 16, seed=1))
@@ -203,8 +203,8 @@ def test_hf_engine_contract_and_lora(tiny_policy_dir, reference, synth_samples):
 
 
 def test_sampling_from_rollout_config_and_default():
-    from common.config import RolloutConfig
-    from rollout.engine import as_sampling
+    from coreseg.common.config import RolloutConfig
+    from coreseg.rollout.engine import as_sampling
 
     cfg = _cfg()
     got = as_sampling(RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=5, seed=3), cfg)
@@ -221,7 +221,7 @@ def test_sampling_from_rollout_config_and_default():
     (np.zeros((4, 32, 3), np.uint8), "HxWx3 uint8"),  # too small
 ])
 def test_bad_images_give_an_error_message(image, reason):
-    from rollout.engine import request_image
+    from coreseg.rollout.engine import request_image
 
     pil, err = request_image(RolloutRequest("x", "p", image))
     assert pil is None and reason in err
@@ -230,7 +230,7 @@ def test_bad_images_give_an_error_message(image, reason):
 def test_png_bytes_decode():
     import io
 
-    from rollout.engine import request_image
+    from coreseg.rollout.engine import request_image
 
     buf = io.BytesIO()
     Image.fromarray(np.full((16, 20, 3), 7, np.uint8)).save(buf, format="PNG")
@@ -250,7 +250,7 @@ def test_vllm_seeded_batch_larger_than_one_prefill_step(vllm_engine, synth_sampl
 def test_merged_lora_serves_each_version_exactly(tiny_policy_dir, synth_samples):
     """Merged mode (the CPU default): each version's log-probs equal peft+transformers with its weights; going
     back to an earlier version gives its log-probs again (no drift, no KV cached under other weights)."""
-    from rollout.vllm_engine import VLLMEngine
+    from coreseg.rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(_cfg("auto"), tiny_policy_dir)
     assert engine.merged and engine.loaded_adapters() == []

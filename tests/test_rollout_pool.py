@@ -5,15 +5,15 @@ import os
 import pytest
 import ray
 
-from common.config import load_config
-from common.models.family import family_for_type
-from common.protocol import RolloutRequest
+from coreseg.common.config import load_config
+from coreseg.common.models.family import family_for_type
+from coreseg.common.protocol import RolloutRequest
 
 pytestmark = pytest.mark.slow  # real stack: Ray, DeepSpeed, vLLM
 
 
 def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_samples):
-    from rollout.worker import RolloutPool
+    from coreseg.rollout.worker import RolloutPool
     from tests.test_rollout_engines import random_bundle
 
     cfg = load_config("tiny_cpu", ["rollout.engine=hf", "rollout.max_new_tokens=8", "rollout.max_model_len=512"])
@@ -48,7 +48,7 @@ def test_pool_order_versions_and_isolation(ray_session, tiny_policy_dir, synth_s
     ([0, 1], 4, 1, [[0], [1], [0], [1]]),  # more engines than cores: shared round-robin
 ])
 def test_core_slices(cores, workers, per_worker, want):
-    from rollout.worker import core_slices
+    from coreseg.rollout.worker import core_slices
 
     assert core_slices(cores, workers, per_worker) == want
 
@@ -64,7 +64,7 @@ def _requests(samples):
 def test_pool_recovers_a_killed_worker_with_its_cores_and_weights(ray_session, tiny_policy_dir, synth_samples):
     """A worker killed between or during generate calls is restarted by Ray; the pool starts it on its cores,
     reloads the weights the call expects, and re-sends its shard."""
-    from rollout.worker import RolloutPool
+    from coreseg.rollout.worker import RolloutPool
     from tests.test_rollout_engines import random_bundle
 
     pool = RolloutPool(_cfg(), tiny_policy_dir, num_workers=2, num_cpus_per_worker=1)
@@ -98,7 +98,7 @@ def test_pool_recovers_a_killed_worker_with_its_cores_and_weights(ray_session, t
 
 
 def test_in_process_pool_matches_the_ray_pool(ray_session, tiny_policy_dir, synth_samples):
-    from rollout.worker import RolloutPool
+    from coreseg.rollout.worker import RolloutPool
     from tests.test_rollout_engines import random_bundle
 
     reqs = _requests(synth_samples[:3])

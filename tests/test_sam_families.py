@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError, load_config
-from common.models.sam import (PREPROCESSING_ATTR, build_sam, encode_images, input_size_for, medsam_input,
+from coreseg.common.config import ConfigError, load_config
+from coreseg.common.models.sam import (PREPROCESSING_ATTR, build_sam, encode_images, input_size_for, medsam_input,
                                preprocess_image, sam_input, save_random_sam, upscale_masks)
-from learner.losses import low_res_target
+from coreseg.learner.losses import low_res_target
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
@@ -134,9 +134,9 @@ def test_medsam_checkpoint_loads_from_safetensors_and_pth(tmp_path):
 
 
 def test_segmenter_draws_medsam_masks_from_the_stretched_grid(tiny_sam):
-    from common.models.adapter import build_adapter
-    from common.models.segment import decode_masks
-    from reward.segmenter import Segmenter
+    from coreseg.common.models.adapter import build_adapter
+    from coreseg.common.models.segment import decode_masks
+    from coreseg.reward.segmenter import Segmenter
 
     medsam = _as_medsam(tiny_sam)
     adapter = build_adapter(16)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from learner.schedule import lr_factor
+from coreseg.learner.schedule import lr_factor
 
 
 def test_constant_with_and_without_warmup():

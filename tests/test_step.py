@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.protocol import Completion, ForwardResult, RolloutGroup, Score
-from deploy.step import Answered, TrainBatch, logprob_diff, timed
-from learner.grpo import group_advantages, grpo_loss, loss_norm
+from coreseg.common.protocol import Completion, ForwardResult, RolloutGroup, Score
+from coreseg.deploy.step import Answered, TrainBatch, logprob_diff, timed
+from coreseg.learner.grpo import group_advantages, grpo_loss, loss_norm
 
 G, H = 3, 4
 
@@ -94,7 +94,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_named(tmp_pat
     import json
     import warnings
 
-    from deploy.metrics_log import MetricsLogger, read_metrics
+    from coreseg.deploy.metrics_log import MetricsLogger, read_metrics
 
     log = MetricsLogger(tmp_path, tensorboard=False)
     for step in (1, 2, 3):

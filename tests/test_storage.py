@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common import storage
-from common.storage import STAGE_ENV
+from coreseg.common import storage
+from coreseg.common.storage import STAGE_ENV
 
 
 def uri(path: Path) -> str:
@@ -81,7 +81,7 @@ def test_writable_folder_uploads_on_success_only(tmp_path, monkeypatch):
 
 
 def test_uri_run_folder_checkpoints_one_writer_per_part(tmp_path, monkeypatch):
-    from deploy.run_folder import RunFolder, read_driver_state, write_driver_state
+    from coreseg.deploy.run_folder import RunFolder, read_driver_state, write_driver_state
 
     on_node(monkeypatch, tmp_path / "driver_node")
     run = RunFolder(uri(tmp_path / "runs" / "r1"))
@@ -116,8 +116,8 @@ def test_uri_run_folder_checkpoints_one_writer_per_part(tmp_path, monkeypatch):
 
 
 def test_uri_run_folder_publishes_records_and_reads_them_back(tmp_path, monkeypatch):
-    from deploy.metrics_log import MetricsLogger, read_metrics
-    from deploy.run_folder import RunFolder
+    from coreseg.deploy.metrics_log import MetricsLogger, read_metrics
+    from coreseg.deploy.run_folder import RunFolder
 
     on_node(monkeypatch, tmp_path / "node_a")
     run = RunFolder(uri(tmp_path / "runs" / "r"))
@@ -139,8 +139,8 @@ def test_uri_run_folder_publishes_records_and_reads_them_back(tmp_path, monkeypa
 
 
 def test_published_policy_manifest_links_or_downloads_weights(tmp_path, monkeypatch):
-    from common.models.policy import ModelPathError
-    from common.policy_store import MANIFEST, publish_folder, stage_policy
+    from coreseg.common.models.policy import ModelPathError
+    from coreseg.common.policy_store import MANIFEST, publish_folder, stage_policy
 
     base = tmp_path / "shared" / "base"  # a base model folder every node sees at this path
     base.mkdir(parents=True)
@@ -177,7 +177,7 @@ def test_published_policy_manifest_links_or_downloads_weights(tmp_path, monkeypa
 
 
 def test_preset_policy_is_published_under_the_run_folder(tmp_path, monkeypatch, tiny_policy_dir):
-    from common.policy_store import publish_policy, stage_policy
+    from coreseg.common.policy_store import publish_policy, stage_policy
 
     on_node(monkeypatch, tmp_path / "driver_node")
     run = uri(tmp_path / "runs" / "r")
@@ -198,8 +198,8 @@ def test_preset_policy_is_published_under_the_run_folder(tmp_path, monkeypatch, 
 
 
 def test_fresh_run_dir_at_a_uri_never_reuses_a_run(tmp_path):
-    from common.config import load_config
-    from deploy.cli import fresh_run_dir
+    from coreseg.common.config import load_config
+    from coreseg.deploy.cli import fresh_run_dir
 
     cfg = load_config("tiny_cpu", [f"run.output_dir={uri(tmp_path / 'runs')}", "run.name=job"])
     assert fresh_run_dir(cfg, None) == uri(tmp_path / "runs" / "job")
@@ -212,7 +212,7 @@ def test_mirror_of_a_model_without_seg_is_published_without_its_weights(tmp_path
 
     from transformers import AutoTokenizer
 
-    from common.policy_store import MANIFEST, publish_policy, stage_policy
+    from coreseg.common.policy_store import MANIFEST, publish_policy, stage_policy
 
     base = tmp_path / "shared" / "model"  # a user's model folder whose tokenizer lacks <seg>
     shutil.copytree(tiny_policy_dir, base)
@@ -235,8 +235,8 @@ def test_mirror_of_a_model_without_seg_is_published_without_its_weights(tmp_path
 
 
 def test_predict_and_export_read_a_uri_run_from_a_local_copy(tmp_path, monkeypatch):
-    from common.config import ConfigError
-    from deploy.run_folder import local_run_copy
+    from coreseg.common.config import ConfigError
+    from coreseg.deploy.run_folder import local_run_copy
 
     on_node(monkeypatch, tmp_path / "laptop")
     remote = tmp_path / "bucket" / "run"

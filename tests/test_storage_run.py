@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from common.config import load_config
-from common.storage import STAGE_ENV
-from common.synth import write_synth
+from coreseg.common.config import load_config
+from coreseg.common.storage import STAGE_ENV
+from coreseg.common.synth import write_synth
 
 pytestmark = pytest.mark.slow  # DeepSpeed learner, two tiny runs
 
 
 def test_run_folder_at_a_uri_trains_checkpoints_and_resumes_on_another_node(tmp_path, monkeypatch):
-    from deploy.driver import Driver
-    from deploy.metrics_log import read_metrics
+    from coreseg.deploy.driver import Driver
+    from coreseg.deploy.metrics_log import read_metrics
 
     data = write_synth(tmp_path / "data", 12, 112, 0).parent
     run_path = tmp_path / "bucket" / "runs" / "uri"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.models.token_rows import attach_token_rows, rows_disabled, token_rows_of, write_rows_torch
+from coreseg.common.models.token_rows import attach_token_rows, rows_disabled, token_rows_of, write_rows_torch
 
 
 def _tiny_causal_lm(tied: bool, seed: int = 0):
@@ -100,8 +100,8 @@ def _spare_row_policy(src, dst, seg_id: int):
 
 def _seg_logprobs(core, samples):
     """Teacher-forced log-prob of `<seg>` at its place in each sample's SFT target."""
-    from common.protocol import Completion, RolloutGroup
-    from learner.sft import sft_target_ids
+    from coreseg.common.protocol import Completion, RolloutGroup
+    from coreseg.learner.sft import sft_target_ids
 
     tok, seg = core.module.processor.tokenizer, core.module.info.seg_token_id
     groups, where = [], []
@@ -124,7 +124,7 @@ def test_a_spare_seg_row_is_learnt_only_when_trainable_and_engines_agree(tiny_po
     import numpy as np
     from PIL import Image
 
-    from common.models.policy import policy_info
+    from coreseg.common.models.policy import policy_info
     from tests.test_learner import make_core
     from tests.test_rollout_engines import recompute_logprobs
 
@@ -143,8 +143,8 @@ def test_a_spare_seg_row_is_learnt_only_when_trainable_and_engines_agree(tiny_po
 
     from vllm import SamplingParams
 
-    from rollout.hf_engine import HFEngine
-    from rollout.vllm_engine import VLLMEngine
+    from coreseg.rollout.hf_engine import HFEngine
+    from coreseg.rollout.vllm_engine import VLLMEngine
 
     core = cores[True][0]
     bundle = core.export_weights().rollout_part()
@@ -156,7 +156,7 @@ def test_a_spare_seg_row_is_learnt_only_when_trainable_and_engines_agree(tiny_po
     assert vllm.merged  # the CPU default
     vllm.load_weights(bundle)
     tok, family, s = hf.processor.tokenizer, core.module.info.family, samples[0]
-    from learner.sft import sft_target_ids
+    from coreseg.learner.sft import sft_target_ids
     target = tok.decode(sft_target_ids(tok, s, family), skip_special_tokens=False)
     out = vllm.llm.generate([{"prompt": family.prompt(s.question) + target,
                               "multi_modal_data": {"image": Image.fromarray(s.image)}}],
@@ -169,7 +169,7 @@ def test_a_spare_seg_row_is_learnt_only_when_trainable_and_engines_agree(tiny_po
     prompt_ids, want = recompute_logprobs(hf.model, hf.processor, s, completion)
     assert prompt_ids == ids[:n_prompt]
     np.testing.assert_allclose(got, want, atol=1e-4)
-    from common.protocol import Completion, RolloutGroup
+    from coreseg.common.protocol import Completion, RolloutGroup
     learner = core.forward([RolloutGroup(s.id, [Completion("", prompt_ids, completion, [0.0] * len(completion),
                                                                 "stop", core.version)])], [s]).logprobs[0]
     np.testing.assert_allclose(learner, want, atol=1e-4)

@@ -5,8 +5,8 @@ from typing import Dict
 
 import torch
 
-from common.config import ModelConfig
-from common.models.family import ModelFamily
+from coreseg.common.config import ModelConfig
+from coreseg.common.models.family import ModelFamily
 
 
 def make_lora_config(cfg: ModelConfig, family: ModelFamily, init_random: bool = False):

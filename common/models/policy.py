@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from common.models.family import ModelFamily, family_for_type, model_family
+from coreseg.common.models.family import ModelFamily, family_for_type, model_family
 
 # Presets: (hidden, layers, heads, kv_heads, intermediate, vision hidden, vision depth, vocab, spare rows)
 PRESETS = {
@@ -57,8 +57,8 @@ def build_tiny_policy(out_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     """Train the tokenizer, build a random-init Qwen2.5-VL of the preset's size and save everything."""
     from transformers import AutoTokenizer
 
-    from common.models.tokenizer import save_hf_tokenizer, train_tokenizer, training_corpus
-    from common.synth import generate
+    from coreseg.common.models.tokenizer import save_hf_tokenizer, train_tokenizer, training_corpus
+    from coreseg.common.synth import generate
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")

@@ -9,8 +9,8 @@ from typing import Iterable, List
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from common.models.family import ModelFamily
-from common.prompts import SYSTEM_PROMPT, build_completion, build_user_text
+from coreseg.common.models.family import ModelFamily
+from coreseg.common.prompts import SYSTEM_PROMPT, build_completion, build_user_text
 
 
 def training_corpus(samples: Iterable) -> List[str]:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Dict
 
-from common.models.family.base import ModelFamily, PromptIdsError
-from common.models.family.qwen2_5_vl import Qwen25VL
+from coreseg.common.models.family.base import ModelFamily, PromptIdsError
+from coreseg.common.models.family.qwen2_5_vl import Qwen25VL
 
 FAMILIES: Dict[str, ModelFamily] = {f.model_type: f for f in (Qwen25VL(),)}
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from common.prompts import SEG_TOKEN, SYSTEM_PROMPT, build_user_text
+from coreseg.common.prompts import SEG_TOKEN, SYSTEM_PROMPT, build_user_text
 
 
 class PromptIdsError(ValueError):

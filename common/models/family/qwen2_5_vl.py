@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from common.models.family.base import ModelFamily
+from coreseg.common.models.family.base import ModelFamily
 
 
 class Qwen25VL(ModelFamily):

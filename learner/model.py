@@ -102,14 +102,8 @@ class CoreSegModule(nn.Module):
     def vision_features(self, keys: Sequence[str], image_inputs: Sequence[dict]) -> List[torch.Tensor]:
         """The frozen vision tower's output for each image (`image_key`), computed once and cached (LRU bound
         learner.embed_cache_bytes), so a step's passes and the prompts' G completions share one vision pass."""
-        found = {k: self._vision.get(k) for k in dict.fromkeys(keys)}
-        missing = {k: x for k, x in zip(keys, image_inputs) if found[k] is None}
-        if missing:
-            features = self.info.family.image_features(self.policy.get_base_model(), list(missing.values()))
-            for k, f in zip(missing, features):
-                found[k] = f.detach()
-                self._vision.put(k, found[k])
-        return [found[k] for k in keys]
+        return self._vision.get_or_compute(keys, image_inputs, lambda inputs: [
+            f.detach() for f in self.info.family.image_features(self.policy.get_base_model(), inputs)])
 
     def snapshot_reference(self) -> None:
         """Freeze the current LoRA values as the KL reference (GRPO after SFT: the reference is the SFT policy,
@@ -142,13 +136,9 @@ class CoreSegModule(nn.Module):
         """[N, C, g, g], cached by `image_key` (id + pixel digest: a duplicate id never gets another image's
         embedding); keys: the samples' image keys when the caller has them."""
         keys = list(keys) if keys is not None else image_keys([s.id for s in samples], [s.image for s in samples])
-        found = {k: self._embeddings.get(k) for k in dict.fromkeys(keys)}
-        missing = {k: s for k, s in zip(keys, samples) if found[k] is None}
-        if missing:
-            for k, e in zip(missing, encode_images(self.sam, [s.image for s in missing.values()])):
-                found[k] = e
-                self._embeddings.put(k, e)  # bounded by learner.embed_cache_bytes (least recently used go)
-        return torch.stack([found[k] for k in keys]).to(self.device)
+        # bounded by learner.embed_cache_bytes (least recently used go)
+        return torch.stack(self._embeddings.get_or_compute(keys, samples, lambda missing: encode_images(
+            self.sam, [s.image for s in missing]))).to(self.device)
 
     def mask_logits(self, seg_states: torch.Tensor, samples: Sequence[LesionSample]) -> torch.Tensor:
         """Low-res mask logits [M, 1, l, l]; one sample (image) per state."""

@@ -73,23 +73,11 @@ class Segmenter:
         return self._embeddings(image_keys(ids, images), images)
 
     def _embeddings(self, keys: Sequence[str], images: Sequence[np.ndarray]) -> torch.Tensor:
-        found: Dict[str, torch.Tensor] = {}
-        missing: Dict[str, np.ndarray] = {}
-        for key, image in zip(keys, images):
-            if key in found or key in missing:
-                continue
-            cached = self.cache.get(key)
-            if cached is None:
-                missing[key] = image
-            else:
-                found[key] = cached
-        if missing:
-            fresh = encode_images(self.sam, list(missing.values()))
+        def encode(missing: List[np.ndarray]) -> torch.Tensor:
             self.encoder_calls += len(missing)
-            for key, emb in zip(missing, fresh):
-                found[key] = emb
-                self.cache.put(key, emb)
-        return torch.stack([found[key] for key in keys])
+            return encode_images(self.sam, missing)
+
+        return torch.stack(self.cache.get_or_compute(keys, images, encode))
 
     @torch.no_grad()
     def masks(self, items: Sequence) -> List[np.ndarray]:

@@ -34,6 +34,21 @@ def test_image_key_depends_on_pixels_shape_and_id():
     assert image_keys(["x", "x", "y"], [a, a, a]) == [image_key("x", a)] * 2 + [image_key("y", a)]
 
 
+def test_get_or_compute_batches_the_missing_keys_once_each_and_keeps_the_order():
+    cache = EmbeddingCache(1 << 20)
+    cache.put("a", torch.zeros(2))
+    calls = []
+
+    def compute(inputs):
+        calls.append(list(inputs))
+        return [torch.full((2,), float(x)) for x in inputs]
+
+    out = cache.get_or_compute(["b", "a", "c", "b"], [1, 9, 3, 7], compute)
+    assert calls == [[1, 3]]  # one call; "b" once (its first input), "a" served from the cache
+    assert [v.tolist() for v in out] == [[1, 1], [0, 0], [3, 3], [1, 1]]
+    assert cache.get_or_compute(["c"], [5], compute)[0].tolist() == [3, 3] and len(calls) == 1  # kept
+
+
 def test_reward_cache_never_answers_with_another_images_embedding(tiny_sam):
     a, b = _two_images_one_id()
     seg = Segmenter(tiny_sam, build_adapter(HIDDEN), cache_bytes=1 << 24)

@@ -165,7 +165,8 @@ class LearnerConfig:
     packed: bool = True
     gradient_checkpointing: bool = False  # recompute LM layer activations in backward (long sequences, big models)
     # LRU bound of the learner's SAM image embeddings (kept on the learner's device; a vit_b embedding of a 1024 px
-    # image is 4 MiB in fp32): 1 GiB keeps 256 images, so a step's images are encoded once, not once per pass
+    # image is 4 MiB in fp32): 1 GiB keeps 256 images, so a step's images are encoded once, not once per pass.
+    # With learner.packed the frozen vision tower's outputs are kept in a second cache with the same bound
     embed_cache_bytes: int = 1 << 30
     # With several learner ranks, compare a digest of every rank's trainable weights after every N-th step and stop
     # with an error when they differ (a desync); 0 = never. Skipped under ZeRO-3 (ranks hold different partitions)

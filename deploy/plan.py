@@ -317,6 +317,11 @@ def make_plan(cfg, gpu_mem_gib: float = 80.0, image_size: int = 1024,
     p.add("learner", "SAM embedding cache (its bound)",
           f"learner.embed_cache_bytes = {L.embed_cache_bytes // (sam['embedding'] * 4):,} images of "
           f"{sam['embedding'] * 4:,} B (fp32)", L.embed_cache_bytes)
+    if L.packed:  # packed batches keep the frozen vision tower's output per image in a second cache, same bound
+        feature = vis_tok * shape.hidden * b
+        p.add("learner", "vision-feature cache (its bound; learner.packed)",
+              f"learner.embed_cache_bytes = {L.embed_cache_bytes // feature:,} images of {vis_tok:,} x "
+              f"{shape.hidden:,} x {b} B", L.embed_cache_bytes)
     # rollout engine
     kv_tok = kv_bytes_per_token(shape, b)
     step_tokens = math.ceil(cfg.data.batch_size / max(1, c.rollout_workers)) * (prompt + R.group_size * R.max_new_tokens)

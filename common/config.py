@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from coreseg.common.config_schema import (  # noqa: F401  (re-exported: the config API is common.config)
     ConfigError, ModelConfig, DataConfig, RolloutConfig, RewardConfig,
-    LearnerConfig, ClusterConfig, RunConfig, TrainConfig, _CHOICES, _POSITIVE, _NON_NEGATIVE)
+    LearnerConfig, ClusterConfig, RunConfig, TrainConfig, TRACKERS, _CHOICES, _POSITIVE, _NON_NEGATIVE)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "configs"
 DEFAULT_PRESET = "tiny_cpu"
@@ -145,6 +145,7 @@ def validate(cfg: TrainConfig) -> None:
                           "loads its weights from it (only 'tiny' is built in-process)")
     _check_gpus(cfg)
     _check_reward_terms(cfg)
+    _check_trackers(cfg)
 
 
 def _check_gpus(cfg: TrainConfig) -> None:
@@ -180,6 +181,16 @@ def _check_reward_terms(cfg: TrainConfig) -> None:
         check_terms(cfg.reward)
     except TermError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_trackers(cfg: TrainConfig) -> None:
+    """Names only: whether each tracker's package is installed is checked when the driver starts it."""
+    bad = [t for t in cfg.run.trackers if t not in TRACKERS]
+    if bad or len(set(cfg.run.trackers)) != len(cfg.run.trackers):
+        raise ConfigError(f"config key 'run.trackers' = {list(cfg.run.trackers)}: each entry must be one of "
+                          f"{TRACKERS}, listed once" + (f" (unknown: {bad})" if bad else ""))
+    if cfg.run.trackers and not cfg.run.tracker_project.strip():
+        raise ConfigError("config key 'run.tracker_project' is empty: run.trackers needs a W&B project name")
 
 
 # Config keys holding paths: made absolute on the driver at start, so actors on other nodes (and a job's working

@@ -61,6 +61,9 @@ class Driver:
         if not read_only:
             save_config(cfg, self.run_dir / "config.yaml")
             self.run.publish("config.yaml")
+        # before any actor starts: a tracker that cannot start (not installed, bad URI) fails the run at once
+        self.logger = None if read_only else MetricsLogger(self.run_dir, config=cfg, on_write=lambda: self.run.publish(
+            "metrics.jsonl", "tb"), run_name=Path(self.run.location).name)
         # policy_dir: the prepared model on this node; policy_source: where every actor stages it from (a preset
         # or `<seg>` mirror is published once under the run folder)
         self.policy_dir, self.policy_source = publish_policy(cfg.model.policy, cfg.model.assets_dir, cfg.run.seed,
@@ -92,8 +95,6 @@ class Driver:
         self.data = LesionDataset(cfg.data.path, cfg.data.train_split, cfg.data.batch_size,
                                   seed=cfg.data.shuffle_seed, skip_invalid=cfg.data.skip_invalid,
                                   max_image_pixels=cfg.data.max_image_pixels)
-        self.logger = None if read_only else MetricsLogger(self.run_dir, config=cfg, on_write=lambda: self.run.publish(
-            "metrics.jsonl", "tb"))
         if not read_only:
             record_placement(self.run, {"learner": self.learner, "reward": self.reward, "rollout": self.rollout})
         self.step = {"sft": 0, "grpo": 0}

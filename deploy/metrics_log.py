@@ -1,5 +1,6 @@
 """Run logging: metrics.jsonl (one JSON object per record) + TensorBoard scalars, text (sampled completions),
-images (predicted masks at eval) and the run's hyperparameters."""
+images (predicted masks at eval) and the run's hyperparameters; the same go to the experiment trackers that
+`run.trackers` names (deploy/trackers.py)."""
 from __future__ import annotations
 
 import errno
@@ -10,18 +11,25 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from coreseg.deploy.checkpoints import write_text_atomic
+from coreseg.deploy.trackers import scalar_items, start_trackers
 
 ROLLOUTS = "rollouts.jsonl"  # run.dump_rollouts: sampled completions with their rewards, one JSON object per line
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, config=None,
-                 on_write: Optional[Callable[[], None]] = None):
-        """config: the run's TrainConfig; its flattened keys go to TensorBoard's HParams tab.
+                 on_write: Optional[Callable[[], None]] = None, run_name: Optional[str] = None):
+        """config: the run's TrainConfig; its flattened keys go to TensorBoard's HParams tab and, with its
+        run.trackers, to each tracker, whose runs start here (an error if one cannot). run_name: the trackers'
+        default run name (run.tracker_run_name overrides it); default the folder's name.
         on_write: called after every write (a URI run folder uploads its working copy)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._on_write = on_write or (lambda: None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        hparams = flat_hparams(config) if config is not None else {}
+        self.trackers = [] if config is None else start_trackers(config.run, self.path.parent,
+                                                                  run_name or self.path.parent.name, hparams)
+        self.tracker_failures: Dict[str, int] = {}  # tracker name -> calls that raised (see _to_trackers)
         self._tb = None
         if tensorboard:
             try:
@@ -30,7 +38,7 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a declared dependency; keep logging if it is absent
                 self._tb = None
         if config is not None and self._tb is not None:
-            self._hparams(flat_hparams(config))
+            self._hparams(hparams)
 
     def log(self, phase: str, step: int, values: Dict[str, float]) -> None:
         record = {"phase": phase, "step": int(step)}
@@ -52,12 +60,16 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{phase}/{key}", value, step)
             self._tb.flush()
         self._on_write()
+        scalars = scalar_items(phase, values)
+        if scalars:
+            self._to_trackers("scalars", step, scalars)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._tb is not None:
             self._tb.add_text(tag, text, step)
             self._tb.flush()
             self._on_write()
+        self._to_trackers("text", tag, text, step)
 
     def image(self, tag: str, image, step: int) -> None:
         """image: HxWx3 uint8."""
@@ -65,6 +77,21 @@ class MetricsLogger:
             self._tb.add_image(tag, image, step, dataformats="HWC")
             self._tb.flush()
             self._on_write()
+        self._to_trackers("image", tag, image, step)
+
+    def _to_trackers(self, call: str, *args) -> None:
+        """One call on every tracker. A tracker that raises mid-run (network, server, a run deleted under it) does
+        not stop the run: metrics.jsonl and TensorBoard have every record; its first failure is a warning, every
+        one is counted in tracker_failures and the count is printed at close."""
+        for tracker in self.trackers:
+            try:
+                getattr(tracker, call)(*args)
+            except Exception as err:
+                count = self.tracker_failures[tracker.name] = self.tracker_failures.get(tracker.name, 0) + 1
+                if count == 1:
+                    warnings.warn(f"run.trackers: {tracker.name} failed in {call} ({type(err).__name__}: {err}); the "
+                                  f"run goes on (metrics.jsonl and TensorBoard keep every record), further "
+                                  f"{tracker.name} failures are counted and reported at the end", RuntimeWarning)
 
     def _hparams(self, values: Dict[str, object]) -> None:
         """Writes the HParams summary into this run's own event file (SummaryWriter.add_hparams would open a
@@ -97,6 +124,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        self._to_trackers("close")
+        self.trackers = []
+        for name, count in self.tracker_failures.items():
+            print(f"[coreseg] run.trackers: {count} {name} call(s) failed; {self.path} has every record")
 
 
 def flat_hparams(config) -> Dict[str, object]:

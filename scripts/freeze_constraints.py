@@ -1,6 +1,6 @@
-"""Write constraints.txt: the exact versions installed in this environment of every package that `coreseg[cpu,dev]`
-needs (its dependency closure, followed through each package's own requirements, markers and extras), so that
-`scripts/setup_env.sh` installs the set the tests last passed with.
+"""Write constraints.txt: the exact versions installed in this environment of every package that
+`coreseg[cpu,dev,tracking]` needs (its dependency closure, followed through each package's own requirements, markers
+and extras), so that `scripts/setup_env.sh` installs the set the tests last passed with.
 
 torch and torchvision are left out: setup_env.sh installs them itself (CPU torch first, then a CPU-compatible
 torchvision without its dependencies). Run with the environment's python: `.venv/bin/python scripts/freeze_constraints.py`.
@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"coreseg", "torch", "torchvision", "torchaudio", "torchcodec"}  # the project; handled by setup_env.sh
-EXTRAS = ("cpu", "dev")
+EXTRAS = ("cpu", "dev", "tracking")
 
 
 def closure(root: str, extras: tuple) -> dict:
@@ -49,8 +49,8 @@ def main() -> None:
         sys.exit("coreseg is not installed in this environment (run scripts/setup_env.sh first)")
     lines = [f"{name}=={version}" for name, version in sorted(versions.items()) if name not in SKIP]
     header = ("# Exact versions `make` installs (scripts/setup_env.sh passes this file to pip with -c): the dependency\n"
-              "# closure of coreseg[cpu,dev] as installed when the tests last passed. torch and torchvision are pinned\n"
-              "# in setup_env.sh. Regenerate: .venv/bin/python scripts/freeze_constraints.py\n")
+              "# closure of coreseg[cpu,dev,tracking] as installed when the tests last passed. torch and torchvision\n"
+              "# are pinned in setup_env.sh. Regenerate: .venv/bin/python scripts/freeze_constraints.py\n")
     (ROOT / "constraints.txt").write_text(header + "\n".join(lines) + "\n")
     print(f"wrote {len(lines)} pins to {ROOT / 'constraints.txt'}")
 

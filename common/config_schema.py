@@ -221,11 +221,13 @@ class RunConfig:
     # samples per split whose predicted mask is drawn over the image at each eval (eval/<tag>_masks/, TensorBoard)
     eval_mask_images: int = 4
     seed: int = 0
-    # Experiment trackers the driver also logs to (deploy/trackers.py; `pip install 'coreseg[tracking]'`): "wandb".
-    # Each gets the metrics.jsonl scalars, the sampled completions, the eval masks and the config.
+    # Experiment trackers the driver also logs to (deploy/trackers.py; `pip install 'coreseg[tracking]'`): any of
+    # "wandb", "mlflow". Each gets the metrics.jsonl scalars, the sampled completions, the eval masks and the config.
     trackers: List[str] = field(default_factory=list)
-    tracker_project: str = "coreseg"  # the W&B project
+    tracker_project: str = "coreseg"  # the W&B project / the MLflow experiment
     tracker_run_name: str = ""  # "" = the run folder's name
+    # "" = MLflow's own lookup (MLFLOW_TRACKING_URI, else its default)
+    mlflow_tracking_uri: str = ""
 
 
 @dataclass
@@ -254,7 +256,7 @@ _CHOICES = {
     "cluster.mode": ("local", "cluster"),
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
-TRACKERS = ("wandb",)  # run.trackers: the experiment trackers deploy/trackers.py adapts
+TRACKERS = ("wandb", "mlflow")  # run.trackers: the experiment trackers deploy/trackers.py adapts
 _POSITIVE = ("data.batch_size", "data.max_image_pixels", "rollout.group_size", "rollout.max_new_tokens",
              "rollout.max_model_len", "learner.micro_batch_size", "learner.lr", "learner.sft_lr",
              "learner.adapter_lr", "learner.adam_eps", "learner.collective_timeout_s", "cluster.learner_workers", "cluster.rollout_workers",

@@ -1,10 +1,13 @@
-"""Experiment trackers (`run.trackers`): Weights & Biases, behind the four calls that MetricsLogger fans out to:
-scalars (`phase/key`, as in TensorBoard), text (sampled completions), images (eval masks) and close. The flattened config goes to each at start. Optional: `pip install 'coreseg[tracking]'`."""
+"""Experiment trackers (`run.trackers`): Weights & Biases and MLflow, each behind the same four calls that
+MetricsLogger fans out to: scalars (`phase/key`, as in TensorBoard), text (sampled completions), images (eval
+masks) and close. The flattened config goes to each at start. Optional: `pip install 'coreseg[tracking]'`."""
 from __future__ import annotations
 
 import html
 import math
 import os
+import re
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -72,6 +75,52 @@ class WandbTracker:
         self.run.finish()
 
 
+# MLflow's rules for param and metric names (mlflow.utils.validation): these characters only, at most 250 long
+_MLFLOW_KEY_BAD = re.compile(r"[^/\w.\- :]")
+_MLFLOW_BATCH = 100  # params per log_batch call (MLflow's limit; metrics allow 1000)
+
+
+def mlflow_key(key: str) -> str:
+    return _MLFLOW_KEY_BAD.sub("_", key)[:250]
+
+
+class MlflowTracker:
+    """One MLflow run in experiment `project`, through MlflowClient (no process-wide active run). Text and
+    images are artifacts: `<tag>/step_<step>.md` and `.png`. Params longer than MLflow's limit are cut to it."""
+
+    name = "mlflow"
+
+    def __init__(self, project: str, run_name: str, tracking_uri: str, hparams: Dict[str, object]):
+        _require("mlflow", self.name)
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        self.client = MlflowClient(tracking_uri=tracking_uri or None)
+        experiment = self.client.get_experiment_by_name(project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        params = [Param(mlflow_key(k), str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in hparams.items()]
+        for i in range(0, len(params), _MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, params=params[i:i + _MLFLOW_BATCH])
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, now, int(step))
+                                                    for k, v in values.items()])
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{tag}/step_{int(step):06d}.md")
+
+    def image(self, tag: str, image, step: int) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=f"{tag}/step_{int(step):06d}.png")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
 def start_trackers(run_cfg, run_dir: Path, default_name: str, hparams: Dict[str, object]) -> List[object]:
     """The trackers `run_cfg.trackers` names, each with its run started. A tracker that cannot start is an error
     (TrackerStartError naming it); the ones started before it are closed first."""
@@ -81,6 +130,9 @@ def start_trackers(run_cfg, run_dir: Path, default_name: str, hparams: Dict[str,
         try:
             if name == "wandb":
                 started.append(WandbTracker(run_cfg.tracker_project, run_name, run_dir, hparams))
+            elif name == "mlflow":
+                started.append(MlflowTracker(run_cfg.tracker_project, run_name, run_cfg.mlflow_tracking_uri,
+                                             hparams))
             else:
                 raise TrackerStartError(f"config key 'run.trackers': unknown tracker {name!r}")
         except Exception as err:
@@ -88,7 +140,9 @@ def start_trackers(run_cfg, run_dir: Path, default_name: str, hparams: Dict[str,
                 tracker.close()
             if isinstance(err, TrackerStartError):
                 raise
+            uri = run_cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "MLflow's default"
+            where = f", tracking URI {uri}" if name == "mlflow" else ""
             raise TrackerStartError(f"run.trackers: {name} could not start its run (project "
-                                    f"{run_cfg.tracker_project!r}, run {run_name!r}): "
+                                    f"{run_cfg.tracker_project!r}, run {run_name!r}{where}): "
                                     f"{type(err).__name__}: {err}") from err
     return started

@@ -1,6 +1,6 @@
-"""run.trackers: W&B (offline, its run file read back record by record) gets the scalars, text, images and config
-MetricsLogger writes; bad names, a missing package and a tracker that cannot start are clear errors; a tracker
-failing mid-run does not stop the run."""
+"""run.trackers: W&B (offline, its run file read back record by record) and MLflow (a sqlite store in tmp_path,
+read back through MlflowClient) get the scalars, text, images and config MetricsLogger writes; bad names, a
+missing package and a tracker that cannot start are clear errors; a tracker failing mid-run does not stop the run."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from PIL import Image
 
 from coreseg.common.config import ConfigError, load_config
 from coreseg.deploy.metrics_log import MetricsLogger, flat_hparams, read_metrics
-from coreseg.deploy.trackers import TrackerStartError
+from coreseg.deploy.trackers import TrackerStartError, mlflow_key
 
 TEXT = "**s1#0** reward 0.500\n\n    <think>a & b</think>"
 MASK = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3)  # a distinct value per pixel channel
@@ -105,14 +105,49 @@ def test_wandb_offline_run_holds_the_scalars_text_image_and_config(tmp_path, wan
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("trackers, why", [("[wandb,neptune]", "unknown: ['neptune']"), ("[wandb,wandb]", "once")])
+def test_mlflow_sqlite_run_holds_the_metrics_params_and_artifacts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # run.mlflow_tracking_uri "" -> MLflow's own lookup
+    long_prompt = "x" * (MAX_PARAM_VAL_LENGTH + 10)
+    cfg = load_config("tiny_cpu", ["run.trackers=[mlflow]", "run.tracker_project=coreseg-tests",
+                                   "run.tracker_run_name=named", f"model.system_prompt={long_prompt}"])
+    logger = MetricsLogger(tmp_path / "run-b", tensorboard=False, config=cfg)
+    _log_a_run(logger)
+    logger.close()
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("coreseg-tests").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("named", "FINISHED")
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in ("grpo/reward/total", "grpo/update", "sft/loss")}
+    assert history == {"grpo/reward/total": [(1, 0.25), (2, 0.75)], "grpo/update": [(2, 3.0)], "sft/loss": [(3, 1.5)]}
+    assert set(run.data.metrics) == set(history)  # batch_ids (text) and the NaN entropy are not sent
+    expected = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flat_hparams(cfg).items()}
+    assert run.data.params == expected and run.data.params["model.system_prompt"] == "x" * MAX_PARAM_VAL_LENGTH
+    text = Path(client.download_artifacts(run.info.run_id, "grpo/rollouts/step_000002.md", str(tmp_path)))
+    assert text.read_text() == TEXT
+    png = client.download_artifacts(run.info.run_id, "eval_masks/val/s1/step_000002.png", str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), MASK)
+
+
+def test_mlflow_key_keeps_allowed_characters_and_replaces_the_rest():
+    assert mlflow_key("eval/val/mDice") == "eval/val/mDice"
+    assert mlflow_key("reward/iou[0.5]@x") == "reward/iou_0.5__x"
+    assert len(mlflow_key("k" * 300)) == 250
+
+
+@pytest.mark.parametrize("trackers, why", [("[wandb,neptune]", "unknown: ['neptune']"), ("[mlflow,mlflow]", "once")])
 def test_unknown_or_repeated_tracker_names_are_config_errors(trackers, why):
-    with pytest.raises(ConfigError, match=r"'run\.trackers'.*must be one of \('wandb',\)") as err:
+    with pytest.raises(ConfigError, match=r"'run\.trackers'.*must be one of \('wandb', 'mlflow'\)") as err:
         load_config("tiny_cpu", [f"run.trackers={trackers}"])
     assert why in str(err.value)
 
 
-@pytest.mark.parametrize("tracker", ["wandb"])
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 def test_a_tracker_not_installed_names_the_install_command(tracker, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, tracker, None)  # `import <tracker>` raises ImportError, as when absent
     cfg = load_config("tiny_cpu", [f"run.trackers=[{tracker}]"])
@@ -126,6 +161,13 @@ def test_a_tracker_that_cannot_start_is_an_error(tmp_path, wandb_offline):
     with pytest.raises(TrackerStartError, match=r"wandb could not start its run \(project 'no/slash\?', run 'run-c'\): "
                                                 r"UsageError: Invalid project name"):
         MetricsLogger(tmp_path / "run-c", tensorboard=False, config=cfg)
+
+
+def test_a_tracker_that_cannot_start_finishes_the_ones_started_before_it(tmp_path, wandb_offline):
+    cfg = load_config("tiny_cpu", ["run.trackers=[wandb,mlflow]", "run.mlflow_tracking_uri=nosuchscheme://here"])
+    with pytest.raises(TrackerStartError, match=r"mlflow could not start its run .*tracking URI nosuchscheme://here"):
+        MetricsLogger(tmp_path / "run-c", tensorboard=False, config=cfg)
+    assert wandb_records(tmp_path / "run-c")[-1].WhichOneof("record_type") == "exit"
 
 
 def test_a_tracker_failing_mid_run_is_warned_once_counted_and_the_run_goes_on(tmp_path, wandb_offline, capsys):

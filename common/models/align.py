@@ -35,6 +35,7 @@ class AlignSpec:
     batch_size: int
     lr: float  # AdamW peak rate; linear warm-up over the first 5% of steps, cosine decay to 10%
     recipe: str = ""  # a tag in the built folder's name: change it with any field, so cached folders rebuild
+    train_vision: bool = True  # False: the vision tower (and merger) stays as it is; the language model is trained
 
 
 def alignment_samples(count: int, seed: int, image_size: int = 112) -> List[LesionSample]:
@@ -101,9 +102,11 @@ def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log
     rows = encode_rows(processor, family, samples)
     pad_id = processor.tokenizer.pad_token_id
     model.train()
+    vision = {id(p) for p in model.model.visual.parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+        p.requires_grad_(spec.train_vision or id(p) not in vision)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)
     rng = np.random.default_rng(ALIGN_SYNTH_SEED + seed)
     order: List[int] = []
     losses = []
@@ -117,7 +120,7 @@ def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log
         loss = token_loss(model(**inputs).logits, inputs["input_ids"], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
         if log is not None and (step % 50 == 0 or step == spec.steps - 1):

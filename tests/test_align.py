@@ -60,6 +60,17 @@ def test_aligned_build_is_deterministic_trains_every_part_and_loads(tmp_path, ti
     assert processor.tokenizer.convert_tokens_to_ids("<seg>") == load_policy(plain)[1].tokenizer.convert_tokens_to_ids("<seg>")
 
 
+def test_train_vision_false_leaves_the_vision_tower_as_it_was(tmp_path, tiny_policy_dir):
+    from dataclasses import replace
+
+    frozen = build_aligned_policy(tmp_path / "frozen", "tiny-aligned", tiny_policy_dir, seed=0,
+                                  spec=replace(FEW, train_vision=False))
+    w1, w0 = (load_file(str(d / "model.safetensors")) for d in (frozen, tiny_policy_dir))
+    vision = [k for k in w0 if "visual" in k]
+    assert vision and all(torch.equal(w1[k], w0[k]) for k in vision)
+    assert any(not torch.equal(w1[k], w0[k]) for k in w0 if k.startswith("model.layers."))
+
+
 def test_tiny_aligned_is_a_built_in_name_with_the_tiny_shape(tmp_path):
     from coreseg.common.config import absolute_path
     from coreseg.deploy.plan import resolve_shape

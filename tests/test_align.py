@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from coreseg.common.config import BUILT_IN_POLICIES
-from coreseg.common.models.align import ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, lr_at, token_loss
-from coreseg.common.models.policy import ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, size_preset
+from coreseg.common.models.align import (ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, coverage_targets,
+                                         encode_rows, lr_at, token_loss)
+from coreseg.common.models.policy import (ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, policy_info,
+                                          size_preset)
 from coreseg.common.synth import MODALITIES, generate
 
 FEW = AlignSpec(samples=6, steps=3, batch_size=2, lr=2e-3, recipe="test")
@@ -69,6 +71,43 @@ def test_train_vision_false_leaves_the_vision_tower_as_it_was(tmp_path, tiny_pol
     vision = [k for k in w0 if "visual" in k]
     assert vision and all(torch.equal(w1[k], w0[k]) for k in vision)
     assert any(not torch.equal(w1[k], w0[k]) for k in w0 if k.startswith("model.layers."))
+
+
+def test_coverage_targets_are_the_lesion_fraction_of_each_cell_of_each_token():
+    from coreseg.common.data import LesionSample
+
+    mask = np.zeros((56, 56), bool)
+    mask[0:7, 0:7] = True  # token 0, cell 0: full
+    mask[28:35, 31:32] = True  # token 3 (row 1, col 1), cell 0 (rows 28-34, cols 28-34): 7 of 49 pixels
+    sample = LesionSample(id="x", image=np.zeros((56, 56, 3), np.uint8), masks=[mask], boxes=np.zeros((1, 4)),
+                          question="q")
+    t = coverage_targets(sample, 28).numpy()
+    assert t.shape == (4, 16)
+    want = np.zeros((4, 16))
+    want[0, 0], want[3, 0] = 1.0, 7 / 49
+    np.testing.assert_allclose(t, want, rtol=1e-6)
+
+
+def test_spec_rope_and_vision_pretraining_change_the_folder_as_named(tmp_path, tiny_policy_dir):
+    from dataclasses import replace
+
+    spec = replace(FEW, vision_steps=2, train_vision=False, rope_theta=100.0, mrope_section=(1, 3, 12))
+    built = build_aligned_policy(tmp_path / "a", "tiny-aligned", tiny_policy_dir, seed=0, spec=spec)
+    rope = json.loads((built / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert rope["rope_theta"] == 100.0 and rope["mrope_section"] == [1, 3, 12]
+    plain_rope = json.loads((tiny_policy_dir / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert plain_rope["rope_theta"] == 1e6 and plain_rope["mrope_section"] == [4, 6, 6]
+    w1, w0 = (load_file(str(d / "model.safetensors")) for d in (built, tiny_policy_dir))
+    assert any(not torch.equal(w1[k], w0[k]) for k in w0 if "visual" in k)  # pre-trained, then frozen
+    meta = json.loads((built / "coreseg.json").read_text())["align"]
+    assert meta["vision_first_loss"] > 0 and meta["vision_output_scale"] > 0 and meta["mrope_section"] == [1, 3, 12]
+    model, processor = load_policy(built)
+    enc = encode_rows(processor, policy_info(built).family, alignment_samples(4, 0))
+    with torch.no_grad():
+        feats = torch.cat(list(model.model.get_image_features(
+            torch.cat([r["prompt"]["pixel_values"] for r in enc]), torch.cat([r["prompt"]["image_grid_thw"] for r in enc]),
+            return_dict=True).pooler_output))
+    assert 0.3 < float(feats.norm(dim=-1).mean()) < 3.0  # scaled to a mean norm of 1 (on the first 64 images)
 
 
 def test_tiny_aligned_is_a_built_in_name_with_the_tiny_shape(tmp_path):

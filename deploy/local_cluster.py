@@ -108,30 +108,56 @@ def _node_env(env: Dict[str, str], temp_dir: str) -> Dict[str, str]:
     return dict(env, **{STAGE_ENV: str(Path(temp_dir) / "stage")})
 
 
+NODE_START_TRIES = 3  # a port picked free can be taken by another process before the node binds it
+
+
+def _start_node(cluster: "LocalCluster", prefix: str, args_for, env: Dict[str, str], timeout_s: float) -> None:
+    """`ray start` one node in a fresh temp dir; `args_for()` gives its arguments with freshly picked ports. A try
+    that fails (a port taken meanwhile by another Ray on this machine) is stopped and retried with new ports; the
+    last failure's output is in the error."""
+    for attempt in range(1, NODE_START_TRIES + 1):
+        node_dir = tempfile.mkdtemp(prefix=prefix)
+        cluster.temp_dirs.append(node_dir)
+        args = args_for()
+        done = subprocess.run([cluster.ray_bin, "start", *args, "--temp-dir", node_dir],
+                              env=_node_env(env, node_dir), capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode == 0:
+            return
+        for p in _own_processes(node_dir):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if attempt == NODE_START_TRIES:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"`ray start` of a local node ({' '.join(args[:3])} ...) failed {attempt} times "
+                               f"(exit {done.returncode}); its last output:\n{tail}")
+
+
 def start_local_cluster(workers: int = 2, cpus_per_node: int = 2, timeout_s: float = 120) -> LocalCluster:
     """Head + `workers` worker nodes on 127.0.0.1; on failure, whatever started is stopped again."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    port, dash = free_port(), free_port()
-    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env, ray_bin)
+    cluster = LocalCluster("", "", env, ray_bin)
+
+    def head_args() -> List[str]:
+        port, dash = free_port(), free_port()
+        cluster.address, cluster.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        return ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(dash), "--include-dashboard", "true", "--num-cpus", str(cpus_per_node),
+                "--disable-usage-stats", *_node_ports()]
+
+    def worker_args() -> List[str]:
+        low = min(free_port(), 64000)  # each node's worker processes in their own port range
+        return ["--address", cluster.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
+                "--disable-usage-stats", "--min-worker-port", str(low), "--max-worker-port", str(low + 999),
+                *_node_ports(avoid=range(low, low + 1000))]
+
     try:
-        head_dir = tempfile.mkdtemp(prefix="/tmp/csh")
-        cluster.temp_dirs.append(head_dir)
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-                        "--temp-dir", head_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
-                        *_node_ports()], check=True, env=_node_env(env, head_dir), capture_output=True,
-                       timeout=timeout_s)
+        _start_node(cluster, "/tmp/csh", head_args, env, timeout_s)
         for k in range(workers):
-            node_dir = tempfile.mkdtemp(prefix=f"/tmp/csw{k}")
-            cluster.temp_dirs.append(node_dir)
-            low = min(free_port(), 64000)  # each node's worker processes in their own port range
-            subprocess.run([ray_bin, "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
-                            "--temp-dir", node_dir, "--num-cpus", str(cpus_per_node), "--disable-usage-stats",
-                            "--min-worker-port", str(low), "--max-worker-port", str(low + 999),
-                            *_node_ports(avoid=range(low, low + 1000))],
-                           check=True, env=_node_env(env, node_dir), capture_output=True, timeout=timeout_s)
+            _start_node(cluster, f"/tmp/csw{k}", worker_args, env, timeout_s)
     except BaseException:
         cluster.stop()
         raise

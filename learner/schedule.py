@@ -28,3 +28,11 @@ def lr_factor(step: int, total: int, schedule: str = "constant", warmup: int = 0
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_ratio + (1.0 - min_ratio) * shape
+
+
+def heads_lr(learner_cfg) -> float:
+    """The adapter and mask decoder's base rate: learner.adapter_lr, or 0 at learner.mask_loss_weight 0. Their
+    only loss is the mask loss (in SFT and GRPO alike), so they get no gradient then, but AdamW would still move
+    them: the Adam moments an `--init` checkpoint restores keep stepping, and weight decay scales with the rate.
+    At 0 they stay exactly as they were."""
+    return 0.0 if learner_cfg.mask_loss_weight == 0 else learner_cfg.adapter_lr

@@ -28,7 +28,7 @@ from coreseg.learner.batch import PromptEncoder, build_batch, per_completion, ze
 from coreseg.learner.packed import build_packed
 from coreseg.learner.grpo import LossNorm, combine_stats, grpo_loss, loss_norm
 from coreseg.learner.losses import dice_ce_loss
-from coreseg.learner.schedule import lr_factor
+from coreseg.learner.schedule import heads_lr, lr_factor
 from coreseg.learner.sft import sft_loss, sft_target_ids
 
 
@@ -102,7 +102,7 @@ class LearnerCore:
     # -- helpers ------------------------------------------------------------------------------------
     def _set_lr(self, stage: str, step: int) -> float:
         """Both optimizer groups' learning rates at 0-based `step` of `stage` (sft | grpo): the stage's base rates
-        (LoRA: learner.sft_lr or learner.lr; adapter and mask decoder: learner.adapter_lr) times the stage's
+        (LoRA: learner.sft_lr or learner.lr; adapter and mask decoder: `heads_lr`) times the stage's
         schedule factor. Returns the LoRA group's rate."""
         L = self.cfg.learner
         if stage == "sft":
@@ -111,7 +111,7 @@ class LearnerCore:
         else:
             factor = lr_factor(step, self.cfg.run.steps, L.lr_schedule, L.lr_warmup_steps, L.lr_min_ratio)
             base = L.lr
-        for group, lr in zip(self.optimizer.param_groups, (base, L.adapter_lr)):
+        for group, lr in zip(self.optimizer.param_groups, (base, heads_lr(L))):
             group["lr"] = lr * factor
         return base * factor
 

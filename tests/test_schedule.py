@@ -35,3 +35,25 @@ def test_warmup_longer_than_the_stage_and_bad_values():
         lr_factor(0, 10, "step")
     with pytest.raises(ValueError, match="min_ratio"):
         lr_factor(0, 10, "linear", min_ratio=1.5)
+
+
+def test_the_heads_do_not_move_without_a_mask_loss():
+    from types import SimpleNamespace
+
+    from coreseg.learner.schedule import heads_lr
+
+    assert heads_lr(SimpleNamespace(mask_loss_weight=1.0, adapter_lr=3e-4)) == 3e-4
+    assert heads_lr(SimpleNamespace(mask_loss_weight=0.0, adapter_lr=3e-4)) == 0.0
+    # what 0 buys: an AdamW step with a restored first moment and no gradient still moves a parameter at the
+    # adapter's rate, and leaves it exactly as it was at rate 0
+    import torch
+
+    for lr, moved in ((3e-4, True), (0.0, False)):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.01)
+        p.grad = torch.full((3,), 0.5)
+        opt.step()  # the moments a checkpoint would restore
+        before = p.detach().clone()
+        p.grad = torch.zeros(3)  # no mask loss: a zero gradient
+        opt.step()
+        assert (not torch.equal(p.detach(), before)) == moved

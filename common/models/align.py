@@ -3,18 +3,18 @@
 A real Qwen2.5-VL reaches SFT after pre-training and alignment that taught its vision tower to see and its
 language model to name what and where things are (grounding). A random-initialised tiny policy has had none of
 that: its frozen vision tower cannot tell a lesion from the background, so no box it writes after LoRA SFT is
-placed from the image. This stage stands in for that training, once, when the preset's folder is built: every
-parameter (vision tower, merger, language model) is trained with next-token cross-entropy on the task's
-completion (reasoning, boxes, `<seg>`) for synthetic images drawn from a seed no run's data uses
-(`ALIGN_SYNTH_SEED`), in the in-distribution modalities only (the OOD modality of `test_ood` is never shown).
-The folder then holds these weights; LoRA SFT and GRPO start from them as from a real model.
+placed from the image. This stage stands in for that training, once, when the preset's folder is built: the
+language model and (unless `train_vision` is False) the vision tower and merger are trained with next-token
+cross-entropy on the task's completion (reasoning, boxes, `<seg>`) for synthetic images drawn from a seed no
+run's data uses (`ALIGN_SYNTH_SEED`), in the in-distribution modalities only (the OOD modality of `test_ood` is
+never shown). The folder then holds these weights; LoRA SFT and GRPO start from them as from a real model.
 
 Optionally (`AlignSpec.vision_steps`) the vision tower is first trained alone, as a real one is pre-trained before
 it meets the language model: a linear head on each vision token predicts the lesion coverage of its 7 px cells
-(binary cross-entropy); the head is dropped and the tower's output scaled to a mean norm of 1 (unscaled it grows
-to 30-100 against embeddings of norm ~0.3). `AlignSpec.rope_theta` / `mrope_section` give the language model's
-M-RoPE other frequencies (bench/align_probe.py measures why: with the tiny build's 1e6 and 4/6/6 sections, one
-vision-token step barely turns the column section).
+(binary cross-entropy); the head is dropped and the tower's output scaled to a mean norm of 1 (unscaled it can
+grow far past the scale of the text embeddings), and `train_vision=False` keeps it so through the stage.
+`AlignSpec.rope_theta` / `mrope_section` give the language model's M-RoPE other frequencies (bench/align_probe.py
+measures why: with the tiny build's 1e6 and 4/6/6 sections, one vision-token step barely turns the column section).
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ PRESETS = {
 # Presets whose folder is a size preset's random build after the stand-in alignment stage
 # (common/models/align.py): name -> (size preset, its AlignSpec). The folder name carries the spec's recipe tag.
 ALIGNED_PRESETS = {
-    # bench/align_probe.py recorded the recipe's effect (RESULTS.md, 2026-12-06 23:02 UTC)
+    # what the recipe does and does not teach: bench/align_probe.py records (RESULTS.md, 2026-12-06 23:30 UTC;
+    # the earlier recipe a1 at 23:13)
     "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=4000, batch_size=8, lr=3e-3, train_vision=False,
                                        vision_steps=1000, rope_theta=100.0, mrope_section=(1, 3, 12), recipe="a2")),
 }
@@ -102,9 +103,9 @@ def size_preset(policy: str) -> Optional[str]:
 def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, seed: int = 0,
                          spec: Optional[AlignSpec] = None, log=None) -> Path:
     """The size preset's random build in `plain_dir` (`build_tiny_policy`, same seed) after the stand-in alignment
-    stage (common/models/align.py) trained all its weights; `spec` defaults to the preset's. Saved like the plain
-    build (its config, tokenizer and processor files copied unchanged), with the stage's loss and time in
-    coreseg.json."""
+    stage (common/models/align.py); `spec` defaults to the preset's. Saved like the plain build (its tokenizer and
+    processor files copied unchanged; config.json too, but for the rotary settings the spec names), with the
+    stage's losses and time in coreseg.json."""
     from coreseg.common.models.align import align, pretrain_vision
 
     spec = spec or ALIGNED_PRESETS[name][1]

@@ -110,20 +110,23 @@ COVER_CELLS = 4  # vision pre-training targets: 4 x 4 cells per vision token (7 
 
 def coverage_targets(sample: LesionSample, token_px: int) -> torch.Tensor:
     """[tokens, COVER_CELLS²]: the lesion fraction of each cell of each `token_px` vision token, raster order."""
-    union = np.zeros(sample.image.shape[:2], np.float32)
-    for m in sample.masks:
-        union = np.maximum(union, m.astype(np.float32))
+    union = sample.union_mask().astype(np.float32)
     g, c = union.shape[0] // token_px, token_px // COVER_CELLS
     cells = union[:g * token_px, :g * token_px].reshape(g, token_px, g, token_px).transpose(0, 2, 1, 3)
     return torch.as_tensor(cells.reshape(g, g, COVER_CELLS, c, COVER_CELLS, c).mean(axis=(3, 5)).reshape(g * g, -1))
 
 
-def pretrain_vision(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log=None) -> dict:
-    """Train the vision tower alone on the lesion coverage of the stage's images (see the module's text), then
-    scale its output to a mean norm of 1. Returns the loss at the ends and the scale."""
-    t0 = time.perf_counter()
+def stage_rows(processor, family: ModelFamily, spec: AlignSpec, seed: int):
+    """(samples, their encoded rows): the stage's images, shared by the vision pre-training and the stage."""
     samples = alignment_samples(spec.samples, seed)
-    rows = encode_rows(processor, family, samples)
+    return samples, encode_rows(processor, family, samples)
+
+
+def pretrain_vision(model, family: ModelFamily, spec: AlignSpec, seed: int, samples: Sequence[LesionSample],
+                    rows: Sequence[dict], log=None) -> dict:
+    """Train the vision tower alone on the lesion coverage of the stage's images (`stage_rows`; see the module's
+    text), then scale its output to a mean norm of 1. Returns the loss at the ends and the scale."""
+    t0 = time.perf_counter()
     vision = model.config.vision_config
     token_px = vision.patch_size * vision.spatial_merge_size
     targets = [coverage_targets(s, token_px) for s in samples]
@@ -159,11 +162,10 @@ def pretrain_vision(model, processor, family: ModelFamily, spec: AlignSpec, seed
             "vision_output_scale": scale, "vision_seconds": time.perf_counter() - t0}
 
 
-def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, log=None) -> dict:
-    """Train every parameter of `model` in place on the stand-in task; returns the loss curve's ends and time."""
+def align(model, processor, family: ModelFamily, spec: AlignSpec, seed: int, rows: Sequence[dict], log=None) -> dict:
+    """Train `model` in place on the stand-in task over `rows` (`stage_rows`): every parameter, or all but the
+    vision tower's (spec.train_vision); returns the loss curve's ends and time."""
     t0 = time.perf_counter()
-    samples = alignment_samples(spec.samples, seed)
-    rows = encode_rows(processor, family, samples)
     pad_id = processor.tokenizer.pad_token_id
     model.train()
     vision = {id(p) for p in model.model.visual.parameters()}

@@ -106,7 +106,7 @@ def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, 
     stage (common/models/align.py); `spec` defaults to the preset's. Saved like the plain build (its tokenizer and
     processor files copied unchanged; config.json too, but for the rotary settings the spec names), with the
     stage's losses and time in coreseg.json."""
-    from coreseg.common.models.align import align, pretrain_vision
+    from coreseg.common.models.align import align, pretrain_vision, stage_rows
 
     spec = spec or ALIGNED_PRESETS[name][1]
     out_dir = Path(out_dir)
@@ -123,8 +123,9 @@ def build_aligned_policy(out_dir: str | Path, name: str, plain_dir: str | Path, 
     model, processor = load_policy(staging)
     torch.manual_seed(seed)
     family = policy_info(staging).family
-    stats = pretrain_vision(model, processor, family, spec, seed, log=log) if spec.vision_steps else {}
-    stats.update(align(model, processor, family, spec, seed, log=log))
+    samples, rows = stage_rows(processor, family, spec, seed)
+    stats = pretrain_vision(model, family, spec, seed, samples, rows, log=log) if spec.vision_steps else {}
+    stats.update(align(model, processor, family, spec, seed, rows, log=log))
     # only the weights (and the rotary settings the spec names) change: the tokenizer and processor files stay the
     # plain build's, byte for byte
     model.save_pretrained(str(staging / "aligned"), safe_serialization=True)

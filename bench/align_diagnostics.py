@@ -21,7 +21,6 @@ WORD_GROUPS = {"vertical place": (" upper", " lower", " middle", " centre"),
                "horizontal place": (" left", " right", " central"),
                "size": (" tiny", " small", " medium", " large"),
                "count": (" one", " two", " three")}
-MERGED_PX = 28  # one vision token of the tiny presets covers 28 x 28 px (14 px patches, 2 x 2 merged)
 
 
 def first_token_ids(tokenizer, words: Sequence[str]) -> List[int]:
@@ -40,11 +39,10 @@ def ridge_accuracy(features: np.ndarray, labels: np.ndarray, lam: float = 10.0) 
 
 def lesion_tokens(sample, grid: int) -> np.ndarray:
     """[grid * grid] bool: vision tokens (raster order) whose pixels are over 10% lesion."""
-    union = np.zeros(sample.image.shape[:2], bool)
-    for m in sample.masks:
-        union |= m
-    cover = union[:grid * MERGED_PX, :grid * MERGED_PX].reshape(grid, MERGED_PX, grid, MERGED_PX).mean(axis=(1, 3))
-    return cover.reshape(-1) > 0.1
+    from coreseg.common.models.align import coverage_targets
+
+    # equal cells: a token's lesion fraction is the mean of its cells'
+    return coverage_targets(sample, sample.height // grid).numpy().mean(axis=1) > 0.1
 
 
 @torch.no_grad()

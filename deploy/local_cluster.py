@@ -123,11 +123,7 @@ def _start_node(cluster: "LocalCluster", prefix: str, args_for, env: Dict[str, s
                               env=_node_env(env, node_dir), capture_output=True, text=True, timeout=timeout_s)
         if done.returncode == 0:
             return
-        for p in _own_processes(node_dir):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        cluster.kill_node(node_dir)
         if attempt == NODE_START_TRIES:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise RuntimeError(f"`ray start` of a local node ({' '.join(args[:3])} ...) failed {attempt} times "

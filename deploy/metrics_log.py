@@ -54,13 +54,12 @@ class MetricsLogger:
                                             f"{step}) to {self.path}; a torn last line is dropped on --resume",
                               str(self.path)) from err
             raise
+        scalars = scalar_items(phase, values)  # the finite numbers, under TensorBoard's `phase/key` names
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
             self._tb.flush()
         self._on_write()
-        scalars = scalar_items(phase, values)
         if scalars:
             self._to_trackers("scalars", step, scalars)
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/align_probe.py --record                       # the tiny-aligned preset's own spec
     .venv/bin/python bench/align_probe.py --steps 1000 --samples 800     # another spec (not the preset's)
 
-Builds `tiny-aligned` (seed 0) into a scratch folder with the given spec, timed, then answers held-out samples of
+Builds `tiny-aligned` (seed 0, or `--seed`) into a scratch folder with the given spec, timed, then answers held-out samples of
 the demo's data set (data seed 0, val + test_id) greedily with transformers and scores each answer's boxes with
 the box reward (IoU >= 0.5 matching). Reported: the alignment's loss (first/last tenth of steps, train; and on
 the held-out samples before/after), the mean box reward, the share of answers with any box reward, the
@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="a diagnostic: language-model layers (the tiny preset has 2)")
     p.add_argument("--vision-pretrain", type=int, metavar="STEPS",
                    help="the vision tower's own pre-training steps (AlignSpec.vision_steps; > 0 also freezes it in the stage)")
+    p.add_argument("--vision-position", action="store_true",
+                   help="the vision pre-training also teaches each token its own row and column (AlignSpec.vision_position)")
+    p.add_argument("--seed", type=int, default=0, help="the build's seed (the preset's folder for seed N)")
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -90,6 +93,8 @@ def main() -> None:
         spec = replace(spec, mrope_section=tuple(int(x) for x in args.mrope.split(",")))
     if args.vision_pretrain is not None:
         spec = replace(spec, vision_steps=args.vision_pretrain, train_vision=not args.vision_pretrain)
+    if args.vision_position:
+        spec = replace(spec, vision_position=True)
     data = generate(700, seed=0, progress=False)
     held = [s for s in data if s.split in ("val", "test_id")][:args.heldout]
     diagnosed = [s for s in data if s.split != "test_ood"][:400]
@@ -99,9 +104,9 @@ def main() -> None:
             from coreseg.common.models.policy import PRESETS, build_tiny_policy
 
             PRESETS["probe"] = dict(PRESETS["tiny"], layers=args.layers)
-            plain = build_tiny_policy(scratch / "plain-layers", "probe", 0)
+            plain = build_tiny_policy(scratch / "plain-layers", "probe", args.seed)
         else:
-            plain = ensure_policy_dir("tiny", scratch / "assets", 0)
+            plain = ensure_policy_dir("tiny", scratch / "assets", args.seed)
 
         def heldout_loss(folder):
             model, processor = load_policy(folder)
@@ -112,7 +117,7 @@ def main() -> None:
 
         before = heldout_loss(plain)
         start = time.time()
-        aligned = build_aligned_policy(scratch / "aligned", "tiny-aligned", plain, 0, spec,
+        aligned = build_aligned_policy(scratch / "aligned", "tiny-aligned", plain, args.seed, spec,
                                        log=lambda m: print(m, flush=True))
         build_s = time.time() - start
         import json
@@ -130,6 +135,7 @@ def main() -> None:
     variant = (f"rope_theta {spec.rope_theta or 1e6:g}, M-RoPE sections "
                f"{'/'.join(map(str, spec.mrope_section or (4, 6, 6)))}, "
                + (f"vision tower pre-trained {spec.vision_steps} steps then frozen in the stage"
+                  + (" (with its own row and column as a target)" if spec.vision_position else "")
                   if spec.vision_steps else "vision tower trained in the stage")
                + f", {args.layers or 2} LM layers")
     table = ("| spec | build s | train loss first → last tenth | held-out loss before → after | n | box reward mean "
@@ -143,7 +149,7 @@ def main() -> None:
         from bench.recording import record
 
         record("Stand-in alignment of the tiny policy: boxes from the image? (bench/align_probe.py)",
-               f"tiny-aligned seed 0 built with the spec below (torch threads: {args.threads or 'default'}; load "
+               f"tiny-aligned seed {args.seed} built with the spec below (torch threads: {args.threads or 'default'}; load "
                f"average at the end {' / '.join(load)} on 2 cores), then greedy answers "
                f"(transformers, no LoRA, no SFT) on the first {scores['n']} val + test_id samples of the demo's "
                "data set, boxes scored by the box reward (IoU >= 0.5 matching).\n\n" + table)

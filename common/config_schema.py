@@ -220,6 +220,9 @@ class RunConfig:
     dump_rollouts: int = 4
     # samples per split whose predicted mask is drawn over the image at each eval (eval/<tag>_masks/, TensorBoard)
     eval_mask_images: int = 4
+    # Eval answers are greedy; true: one answer per sample drawn as in training (rollout.temperature and top_p,
+    # seeded by run.seed), written as eval/<tag>_sampled.*: what the rewards were optimised on, held out
+    eval_sampled: bool = False
     seed: int = 0
     # Experiment trackers the driver also logs to (deploy/trackers.py; `pip install 'coreseg[tracking]'`): any of
     # "wandb", "mlflow". Each gets the metrics.jsonl scalars, the sampled completions, the eval masks and the config.

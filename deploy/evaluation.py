@@ -22,15 +22,17 @@ _DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # driver -> {(
 
 
 def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag: str = "final") -> Dict[str, dict]:
-    """Greedy answer per sample -> `<seg>` mask -> mDice, mIoU, failure rate (+ per modality); limit None or 0:
-    the whole split."""
+    """Greedy answer per sample (or one sampled as in training, run.eval_sampled) -> `<seg>` mask -> mDice, mIoU,
+    failure rate (+ per modality); limit None or 0: the whole split."""
     if driver.rollout is None:
         raise RuntimeError("evaluation needs rollout workers")
     limit = limit or None
+    sampled = driver.cfg.run.eval_sampled
+    tag = f"{tag}_sampled" if sampled else tag
     done = _DONE.setdefault(driver, {})
     results: Dict[str, dict] = {}
     for split in splits:
-        key = (driver.step["grpo"], driver.version, split, limit)
+        key = (driver.step["grpo"], driver.version, split, limit, sampled)
         if key in done:
             results[split] = done[key]
             continue
@@ -44,7 +46,8 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
         records, drawn = [], []
         total = min(limit or len(ds), len(ds))
         for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
-            answered = driver.answer(samples, driver.generate(samples, n=1, greedy=True))
+            groups = driver.generate(samples, n=1, greedy=not sampled, seed=driver.cfg.run.seed if sampled else None)
+            answered = driver.answer(samples, groups)
             for s, error in answered.failed:
                 records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
                                 "format_ok": False, "text": f"ERROR {error}"})
@@ -56,8 +59,9 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
             k: summarize_ci(v) for k, v in _by_modality(records).items()}, "records": records}
         done[key] = results[split]
         if driver.logger is not None:
+            prefix = f"{split}_sampled" if sampled else split
             driver.logger.log("eval", driver.step["grpo"],
-                              {f"{split}/{k}": v for k, v in results[split]["overall"].items()})
+                              {f"{prefix}/{k}": v for k, v in results[split]["overall"].items()})
             for sample_id, image in drawn:
                 driver.logger.image(f"eval_masks/{split}/{sample_id}", image, driver.step["grpo"])
         write_mask_images(driver.run_dir / "eval" / f"{tag}_masks" / split, drawn)
@@ -69,7 +73,8 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
 def evaluate_start(driver, splits: List[str], limit: Optional[int] = None) -> Optional[Dict[str, dict]]:
     """The starting checkpoint's eval (eval/step0.*), before the first GRPO step, so the report shows
     start -> end deltas. Skipped on a resumed run that has it already, or past step 0."""
-    if driver.step["grpo"] != 0 or (driver.run_dir / "eval" / f"{START_TAG}.json").exists():
+    suffix = "_sampled" if driver.cfg.run.eval_sampled else ""
+    if driver.step["grpo"] != 0 or (driver.run_dir / "eval" / f"{START_TAG}{suffix}.json").exists():
         return None
     if driver.version == 0:  # weights not pushed yet (GRPO from the base model): the workers need them
         driver.logger.log("grpo", 0, driver.push_weights())

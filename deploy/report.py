@@ -77,17 +77,20 @@ def write_report(run_dir: str | Path) -> Path:
 
 def eval_sections(folder: Path) -> List[str]:
     """The start (step 0: the SFT result) and final eval tables with their intervals, and the paired
-    start -> final deltas per split."""
+    start -> final deltas per split; then the same for answers sampled as in training (run.eval_sampled)."""
     import json
 
     out = []
-    for tag, title in (("step0", "Evaluation at the start of GRPO (step 0)"), ("final", "Evaluation at the end")):
-        md = folder / f"{tag}.md"
-        if md.exists():
-            out.append(md.read_text().replace(f"# Evaluation ({tag})", f"## {title}", 1).replace("\n## ", "\n### "))
-    if (folder / "step0.json").exists() and (folder / "final.json").exists():
-        start, end = (json.loads((folder / f"{t}.json").read_text()) for t in ("step0", "final"))
-        deltas = {split: paired_deltas(start[split]["records"], end[split]["records"])
-                  for split in end if split in start}
-        out.append("## Start -> end of GRPO\n\n" + markdown_deltas(deltas, "step 0", "final") + "\n")
+    for kind, suffix in (("", ""), (", answers sampled as in training", "_sampled")):
+        start_tag, end_tag = f"step0{suffix}", f"final{suffix}"
+        for tag, title in ((start_tag, "Evaluation at the start of GRPO (step 0)"), (end_tag, "Evaluation at the end")):
+            md = folder / f"{tag}.md"
+            if md.exists():
+                out.append(md.read_text().replace(f"# Evaluation ({tag})", f"## {title}{kind}", 1)
+                           .replace("\n## ", "\n### "))
+        if (folder / f"{start_tag}.json").exists() and (folder / f"{end_tag}.json").exists():
+            start, end = (json.loads((folder / f"{t}.json").read_text()) for t in (start_tag, end_tag))
+            deltas = {split: paired_deltas(start[split]["records"], end[split]["records"])
+                      for split in end if split in start}
+            out.append(f"## Start -> end of GRPO{kind}\n\n" + markdown_deltas(deltas, "step 0", "final") + "\n")
     return out

@@ -69,3 +69,20 @@ def test_finished_runs_are_not_redone(tmp_path, monkeypatch):
     assert calls == ["train grpo_format/seed1"] and not (cut / "stale.txt").exists()
     found = ablate.collect(tmp_path, rows, [0, 1])
     assert all(sorted(found[r]) == [0, 1] for r in rows)
+
+
+def test_policy_dependence_pairs_answers_and_masks_by_hand():
+    from bench.policy_dependence import compare_records
+
+    ok = "<think> a </think> <answer> The polyp is located at [[1, 2, 30, 40]]. The mask is <seg>. </answer>"
+    inverted = "<think> a </think> <answer> The polyp is located at [[1, 70, 70, 70]]. The mask is <seg>. </answer>"
+    start = [{"id": "a", "text": ok, "dice": 0.5, "format_ok": True},
+             {"id": "b", "text": ok, "dice": 0.25, "format_ok": True},
+             {"id": "c", "text": ok, "dice": 0.0, "format_ok": True}]
+    end = [{"id": "c", "text": inverted, "dice": 0.0, "format_ok": False},  # another order: paired by id
+           {"id": "a", "text": ok, "dice": 0.5, "format_ok": True},
+           {"id": "b", "text": inverted, "dice": 0.75, "format_ok": False}]
+    c = compare_records(start, end)
+    assert c["n"] == 3 and c["answers_changed"] == 2 / 3 and c["masks_changed"] == 1 / 3
+    assert c["format_fail_start"] == 0 and c["format_fail_end"] == 2 / 3
+    assert c["top_reason_end"] == "inverted_box (2)"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from coreseg.common.config import BUILT_IN_POLICIES
 from coreseg.common.models.align import (ALIGN_SYNTH_SEED, AlignSpec, alignment_samples, coverage_targets,
-                                         encode_rows, lr_at, token_loss)
+                                         encode_rows, lr_at, place_loss, token_loss)
 from coreseg.common.models.policy import (ALIGNED_PRESETS, PRESETS, build_aligned_policy, load_policy, policy_info,
                                           size_preset)
 from coreseg.common.synth import MODALITIES, generate
@@ -86,6 +86,29 @@ def test_coverage_targets_are_the_lesion_fraction_of_each_cell_of_each_token():
     want = np.zeros((4, 16))
     want[0, 0], want[3, 0] = 1.0, 7 / 49
     np.testing.assert_allclose(t, want, rtol=1e-6)
+
+
+def test_place_loss_is_the_cross_entropy_of_each_tokens_own_row_and_column():
+    # two images: a 2 x 2 grid (rows 0 0 1 1, cols 0 1 0 1) and a 1 x 1 grid (row 0, col 0); max grid 2
+    logits = torch.zeros(5, 4)
+    assert math.isclose(float(place_loss(logits, [4, 1])), 2 * math.log(2), rel_tol=1e-6)  # uniform over 2
+    logits[0] = torch.tensor([3.0, 0.0, 0.0, 1.0])  # token 0 (row 0, col 0): row right by 3, col wrong by 1
+    row0 = -math.log(math.exp(3) / (math.exp(3) + 1))
+    col0 = -math.log(1 / (1 + math.e))
+    want = (row0 + 4 * math.log(2)) / 5 + (col0 + 4 * math.log(2)) / 5
+    assert math.isclose(float(place_loss(logits, [4, 1])), want, rel_tol=1e-6)
+
+
+def test_vision_position_pretraining_teaches_the_tokens_their_place(tmp_path, tiny_policy_dir):
+    from dataclasses import replace
+
+    spec = replace(FEW, vision_steps=2, train_vision=False)
+    plain = build_aligned_policy(tmp_path / "a", "tiny-aligned", tiny_policy_dir, seed=0, spec=spec)
+    placed = build_aligned_policy(tmp_path / "b", "tiny-aligned", tiny_policy_dir, seed=0,
+                                  spec=replace(spec, vision_position=True))
+    w_plain, w_placed = (load_file(str(d / "model.safetensors")) for d in (plain, placed))
+    assert any(not torch.equal(w_plain[k], w_placed[k]) for k in w_plain if "visual" in k)
+    assert json.loads((placed / "coreseg.json").read_text())["align"]["vision_position"] is True
 
 
 def test_spec_rope_and_vision_pretraining_change_the_folder_as_named(tmp_path, tiny_policy_dir):

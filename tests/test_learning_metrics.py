@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from coreseg.common.config import load_config
+from coreseg.common.data import LesionDataset
 from coreseg.common.protocol import Completion, RolloutGroup, Score
 from coreseg.deploy.learning_metrics import (group_reward_spread, rollout_records, sampled_stats, token_entropy_estimate,
                                      truncation_ratio)
@@ -119,13 +120,18 @@ def trained(tmp_path_factory):
         start = evaluate_start(d, ["val", "test_id"], 3)
         d.train(2)
         final = d.evaluate(["val", "test_id"], 3)
+        d.cfg.run.eval_sampled = True
+        sampled = d.evaluate(["val"], 3)
+        samples = list(LesionDataset(cfg.data.path, "val", batch_size=3, shuffle=False).iter_all(3))[0]
+        redrawn = [g.completions[0].text for g in d.generate(samples, n=1, seed=cfg.run.seed)]
+        greedy = [g.completions[0].text for g in d.generate(samples, n=1, greedy=True)]
     finally:
         d.close()
-    return d.run_dir, start, final
+    return d.run_dir, start, final, (sampled, redrawn, greedy)
 
 
 def test_each_grpo_step_logs_the_learning_signals(trained):
-    run, _, _ = trained
+    run, _, _, _ = trained
     steps = [r for r in read_metrics(run) if r["phase"] == "grpo" and "reward/total" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
@@ -137,11 +143,11 @@ def test_each_grpo_step_logs_the_learning_signals(trained):
 
 
 def test_eval_is_logged_once_per_step_and_split(trained):
-    run, start, final = trained
+    run, start, final, _ = trained
     evals = [r for r in read_metrics(run) if r["phase"] == "eval"]
     keys = [(r["step"], k.split("/")[0]) for r in evals for k in r if k.endswith("/mDice")]
-    # step 0: val and test_id; step 2: val (periodic), then the final eval adds test_id only
-    assert sorted(keys) == [(0, "test_id"), (0, "val"), (2, "test_id"), (2, "val")]
+    # step 0: val and test_id; step 2: val (periodic), then the final eval adds test_id only; then val sampled
+    assert sorted(keys) == [(0, "test_id"), (0, "val"), (2, "test_id"), (2, "val"), (2, "val_sampled")]
     assert (run / "eval" / "step0.json").exists() and (run / "eval" / "final.json").exists()
     assert set(final) == {"val", "test_id"} and set(start) == {"val", "test_id"}
     overall = final["val"]["overall"]
@@ -149,8 +155,17 @@ def test_eval_is_logged_once_per_step_and_split(trained):
     assert "95% CI" in (run / "eval" / "final.md").read_text()
 
 
+def test_sampled_eval_answers_as_in_training_seeded_and_written_apart(trained):
+    run, _, final, (sampled, redrawn, greedy) = trained
+    assert [r["text"] for r in sampled["val"]["records"]] == redrawn  # the rollout's sampling, seeded by run.seed
+    assert [r["text"] for r in final["val"]["records"]] == greedy  # the greedy eval stays greedy
+    assert (run / "eval" / "final_sampled.json").exists()
+    evals = [r for r in read_metrics(run) if r["phase"] == "eval" and "val_sampled/mDice" in r]
+    assert len(evals) == 1 and evals[0]["val_sampled/n"] == 3
+
+
 def test_eval_draws_predicted_masks(trained):
-    run, start, _ = trained
+    run, start, _, _ = trained
     drawn = sorted((run / "eval" / "step0_masks").glob("*/*.png"))
     found = sum(1 for r in start["val"]["records"] + start["test_id"]["records"] if r["format_ok"])
     assert len(drawn) <= 4 and (len(drawn) > 0 or found == 0)
@@ -159,9 +174,10 @@ def test_eval_draws_predicted_masks(trained):
 def test_report_shows_start_end_and_paired_deltas(trained):
     from coreseg.deploy.report import write_report
 
-    run, start, final = trained
+    run, start, final, _ = trained
     text = write_report(run).read_text()
     assert "## Evaluation at the start of GRPO (step 0)" in text and "## Evaluation at the end" in text
+    assert "## Evaluation at the end, answers sampled as in training" in text
     before = {r["id"]: r["dice"] for r in start["val"]["records"]}
     delta = np.mean([r["dice"] - before[r["id"]] for r in final["val"]["records"]])
     assert f"| val | 3 | {delta:+.4f} [" in text

@@ -12,7 +12,11 @@ never shown). The folder then holds these weights; LoRA SFT and GRPO start from 
 Optionally (`AlignSpec.vision_steps`) the vision tower is first trained alone, as a real one is pre-trained before
 it meets the language model: a linear head on each vision token predicts the lesion coverage of its 7 px cells
 (binary cross-entropy); the head is dropped and the tower's output scaled to a mean norm of 1 (unscaled it can
-grow far past the scale of the text embeddings), and `train_vision=False` keeps it so through the stage.
+grow far past the scale of the text embeddings), and `train_vision=False` keeps it so through the stage. With
+`AlignSpec.vision_position` a second linear head also predicts each token's own row and column in the token grid
+(cross-entropy): a pre-trained tower's features carry where in the image they are, and the language model can only
+copy a lesion's place into its boxes from the features its attention reads (rotary positions shape which tokens
+are read, not what is read).
 `AlignSpec.rope_theta` / `mrope_section` give the language model's M-RoPE other frequencies (bench/align_probe.py
 measures why: with the tiny build's 1e6 and 4/6/6 sections, one vision-token step barely turns the column section).
 """
@@ -44,6 +48,7 @@ class AlignSpec:
     recipe: str = ""  # a tag in the built folder's name: change it with any field, so cached folders rebuild
     train_vision: bool = True  # False: the vision tower (and merger) stays as it is; the language model is trained
     vision_steps: int = 0  # steps of the vision tower's own pre-training before the stage (0: none)
+    vision_position: bool = False  # that pre-training also teaches each vision token its own row and column
     rope_theta: float = 0.0  # the language model's rope_theta in the built folder (0: the plain build's)
     mrope_section: tuple = ()  # its M-RoPE sections (t, h, w; sum head_dim / 2); (): the plain build's
 
@@ -122,6 +127,17 @@ def stage_rows(processor, family: ModelFamily, spec: AlignSpec, seed: int):
     return samples, encode_rows(processor, family, samples)
 
 
+def place_loss(logits: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
+    """Cross-entropy of each vision token's own row and column (square grids of `token_counts` tokens, raster
+    order) from `logits` [tokens, 2 * max grid]: rows in the first half, columns in the second."""
+    half = logits.shape[1] // 2
+    grids = [round(math.sqrt(n)) for n in token_counts]
+    rows = torch.cat([torch.arange(g * g) // g for g in grids])
+    cols = torch.cat([torch.arange(g * g) % g for g in grids])
+    ce = torch.nn.functional.cross_entropy
+    return ce(logits[:, :half], rows) + ce(logits[:, half:], cols)
+
+
 def pretrain_vision(model, family: ModelFamily, spec: AlignSpec, seed: int, samples: Sequence[LesionSample],
                     rows: Sequence[dict], log=None) -> dict:
     """Train the vision tower alone on the lesion coverage of the stage's images (`stage_rows`; see the module's
@@ -130,8 +146,12 @@ def pretrain_vision(model, family: ModelFamily, spec: AlignSpec, seed: int, samp
     vision = model.config.vision_config
     token_px = vision.patch_size * vision.spatial_merge_size
     targets = [coverage_targets(s, token_px) for s in samples]
-    head = torch.nn.Linear(model.config.get_text_config().hidden_size, COVER_CELLS ** 2)
+    hidden = model.config.get_text_config().hidden_size
+    head = torch.nn.Linear(hidden, COVER_CELLS ** 2)
     params = list(model.model.visual.parameters()) + list(head.parameters())
+    if spec.vision_position:
+        place_head = torch.nn.Linear(hidden, 2 * max(round(math.sqrt(len(t))) for t in targets))
+        params += list(place_head.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -144,8 +164,10 @@ def pretrain_vision(model, family: ModelFamily, spec: AlignSpec, seed: int, samp
     losses = []
     for step in range(spec.vision_steps):
         pick = rng.choice(len(rows), min(16, len(rows)), replace=False)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(features(pick)),
-                                                                    torch.cat([targets[i] for i in pick]))
+        feats = features(pick)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats), torch.cat([targets[i] for i in pick]))
+        if spec.vision_position:
+            loss = loss + place_loss(place_head(feats), [len(targets[i]) for i in pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,8 +14,9 @@ folder on 400 in-distribution samples of that data set: where the path from the 
 Variants of the preset's spec (AlignSpec, common/models/policy.py): `--rope-theta`, `--mrope T,H,W` (the language
 model's M-RoPE sections), `--vision-pretrain STEPS` (the vision tower's own pre-training before the stage; with
 STEPS > 0 the tower then stays frozen through the stage, with 0 the stage trains it), and `--layers` (the plain
-build's language-model depth; the tiny preset has 2). The recipe before 2026-12-06 23:10 UTC:
-`--rope-theta 1e6 --mrope 4,6,6 --vision-pretrain 0 --steps 3000`.
+build's language-model depth; the tiny preset has 2), `--no-vision-position` (the vision pre-training without
+the tokens' own row and column as a target) and `--seed`. Recipe a2 (2026-12-06 23:10 UTC to 2026-12-07 01:40 UTC):
+`--no-vision-position`; a1 before it: `--rope-theta 1e6 --mrope 4,6,6 --vision-pretrain 0 --steps 3000`.
 """
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="a diagnostic: language-model layers (the tiny preset has 2)")
     p.add_argument("--vision-pretrain", type=int, metavar="STEPS",
                    help="the vision tower's own pre-training steps (AlignSpec.vision_steps; > 0 also freezes it in the stage)")
-    p.add_argument("--vision-position", action="store_true",
-                   help="the vision pre-training also teaches each token its own row and column (AlignSpec.vision_position)")
+    p.add_argument("--no-vision-position", action="store_true",
+                   help="the vision pre-training does not teach each token its own row and column "
+                        "(AlignSpec.vision_position, on in the preset)")
     p.add_argument("--seed", type=int, default=0, help="the build's seed (the preset's folder for seed N)")
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
@@ -93,8 +95,8 @@ def main() -> None:
         spec = replace(spec, mrope_section=tuple(int(x) for x in args.mrope.split(",")))
     if args.vision_pretrain is not None:
         spec = replace(spec, vision_steps=args.vision_pretrain, train_vision=not args.vision_pretrain)
-    if args.vision_position:
-        spec = replace(spec, vision_position=True)
+    if args.no_vision_position:
+        spec = replace(spec, vision_position=False)
     data = generate(700, seed=0, progress=False)
     held = [s for s in data if s.split in ("val", "test_id")][:args.heldout]
     diagnosed = [s for s in data if s.split != "test_ood"][:400]

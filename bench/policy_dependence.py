@@ -7,7 +7,9 @@ of the same seed (bench/ablate.py's folders), on the same eval samples:
 - masks changed: the share whose Dice differs (the mask is drawn from the answer's `<seg>` state, so a mask that
   stays bit-identical while the answer changed did not use what changed);
 - format failures at the SFT checkpoint and after GRPO, and the most frequent parser reason after GRPO
-  (common/prompts.py; the failure rate counts these with the Dice-0 samples).
+  (common/prompts.py; the failure rate counts these with the Dice-0 samples);
+- where both runs also have an eval of answers sampled as in training (`coreseg eval --run-dir RUN
+  run.eval_sampled=true`, eval/final_sampled.json): the format failures of those, SFT → GRPO.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def compare_records(start: List[dict], end: List[dict]) -> Dict[str, object]:
 
 def dependence_table(out: Path, seeds: List[int]) -> str:
     lines = ["| row | seed | split | n | answers changed | masks changed | format failures SFT → GRPO "
-             "| most frequent reason after GRPO |", "|---|---|---|---|---|---|---|---|"]
+             "| most frequent reason after GRPO | sampled answers: format failures SFT → GRPO |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         if row == SFT_ONLY:
             continue
@@ -55,11 +58,16 @@ def dependence_table(out: Path, seeds: List[int]) -> str:
             if not (start.exists() and end.exists()):
                 continue
             a, b = json.loads(start.read_text()), json.loads(end.read_text())
+            sampled = [p.with_name("final_sampled.json") for p in (start, end)]
+            sa, sb = (json.loads(p.read_text()) for p in sampled) if all(p.exists() for p in sampled) else ({}, {})
             for split in SPLITS:
                 c = compare_records(a[split]["records"], b[split]["records"])
+                s = (compare_records(sa[split]["records"], sb[split]["records"])
+                     if split in sa and split in sb else None)
                 lines.append(f"| {row} | {seed} | {split} | {c['n']} | {c['answers_changed']:.2f} | "
                              f"{c['masks_changed']:.2f} | {c['format_fail_start']:.2f} → {c['format_fail_end']:.2f} | "
-                             f"{c['top_reason_end']} |")
+                             f"{c['top_reason_end']} | "
+                             + (f"{s['format_fail_start']:.2f} → {s['format_fail_end']:.2f} |" if s else "- |"))
     return "\n".join(lines)
 
 

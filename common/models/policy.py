@@ -31,10 +31,11 @@ PRESETS = {
 # Presets whose folder is a size preset's random build after the stand-in alignment stage
 # (common/models/align.py): name -> (size preset, its AlignSpec). The folder name carries the spec's recipe tag.
 ALIGNED_PRESETS = {
-    # what the recipe does and does not teach: bench/align_probe.py records (RESULTS.md, 2026-12-06 23:30 UTC;
-    # the earlier recipe a1 at 23:13)
+    # what the recipe does and does not teach: bench/align_probe.py records (RESULTS.md, 2026-12-07; recipe a2
+    # without vision_position at 2026-12-06 23:30 UTC, a1 at 23:13)
     "tiny-aligned": ("tiny", AlignSpec(samples=3000, steps=4000, batch_size=8, lr=3e-3, train_vision=False,
-                                       vision_steps=1000, rope_theta=100.0, mrope_section=(1, 3, 12), recipe="a2")),
+                                       vision_steps=1000, vision_position=True, rope_theta=100.0,
+                                       mrope_section=(1, 3, 12), recipe="a3")),
 }
 SPARE_ROWS = 64
 LM_HEAD_SCALE = 8.0

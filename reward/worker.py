@@ -107,7 +107,8 @@ class LocalRewardWorker:
         return scores
 
     def masks_for(self, ids, images, states) -> List[np.ndarray]:
-        return self.segmenter.masks_for(ids, images, torch.as_tensor(np.asarray(states, np.float32)))
+        # a copy: Ray hands arrays over read-only (zero-copy), which torch warns about and must not write into
+        return self.segmenter.masks_for(ids, images, torch.from_numpy(np.array(states, np.float32)))
 
     def stats(self) -> Dict[str, float]:
         return {**self.segmenter.stats(), "scored": self.scored, "warm_loaded": self.warm_loaded,

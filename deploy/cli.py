@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"preset name in deploy/configs or a YAML path (default: {DEFAULT_PRESET}); repeat to layer "
                         "them, later ones win")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
+
+
+def move_trailing_overrides(args) -> None:
+    """`coreseg eval --splits test_id run.eval_sampled=true`: argparse gives every word after --splits to it; the
+    ones shaped like a dotted override (key.sub=value, which no split name is) are the overrides the user meant."""
+    splits = getattr(args, "splits", None)
+    if splits:
+        args.overrides = list(args.overrides or []) + [w for w in splits if OVERRIDE.match(w)]
+        args.splits = [w for w in splits if not OVERRIDE.match(w)]
 
 
 def cmd_data_synth(args, cfg: TrainConfig) -> None:
@@ -362,6 +375,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
+    move_trailing_overrides(args)
     refuse_config_for_run_commands(args)
     try:
         cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))

@@ -42,3 +42,16 @@ def test_a_missing_data_uri_is_an_error_naming_it(tmp_path):
             main([*command, f"data.path={missing}", f"run.output_dir={tmp_path / 'runs'}"])
         assert missing in str(exit_info.value) and "does not exist" in str(exit_info.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_after_splits_are_overrides_not_split_names():
+    from coreseg.deploy.cli import build_parser, move_trailing_overrides
+
+    args = build_parser().parse_args(["eval", "--run-dir", "r", "--splits", "test_id", "run.eval_sampled=true",
+                                      "test_ood", "learner.lr=1e-5"])
+    move_trailing_overrides(args)
+    assert args.splits == ["test_id", "test_ood"]
+    assert args.overrides == ["run.eval_sampled=true", "learner.lr=1e-5"]
+    args = build_parser().parse_args(["eval", "--run-dir", "r", "run.seed=3", "--splits", "val"])
+    move_trailing_overrides(args)
+    assert args.splits == ["val"] and args.overrides == ["run.seed=3"]

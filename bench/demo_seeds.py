@@ -104,7 +104,7 @@ def summary_table(summaries: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--preset", default="tiny_cpu")
+    p.add_argument("--preset", default="demo")
     p.add_argument("--out", default=str(ROOT / "runs"))
     p.add_argument("--record", action="store_true")
     p.add_argument("overrides", nargs="*")

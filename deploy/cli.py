@@ -24,10 +24,14 @@ from coreseg.deploy.run_folder import fresh_run_dir, local_run_copy, saved_confi
 EPILOG = "Overrides are dotted keys of the config tree (see deploy/configs/tiny_cpu.yaml), e.g. run.steps=20."
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+DEMO_PRESET = "demo"  # `coreseg demo` without --config: deploy/configs/demo.yaml
+
+
+def _common(p: argparse.ArgumentParser, preset: str = DEFAULT_PRESET) -> None:
     p.add_argument("--config", action="append", metavar="PRESET_OR_YAML",
-                   help=f"preset name in deploy/configs or a YAML path (default: {DEFAULT_PRESET}); repeat to layer "
+                   help=f"preset name in deploy/configs or a YAML path (default: {preset}); repeat to layer "
                         "them, later ones win")
+    p.set_defaults(default_preset=preset)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
 
 
@@ -231,7 +235,7 @@ def cmd_submit(args, cfg: TrainConfig) -> None:
 
 
 def cmd_demo(args, cfg: TrainConfig) -> None:
-    """synthetic data -> SFT -> GRPO -> eval -> report on the embedded default."""
+    """synthetic data -> SFT -> GRPO -> eval -> report on the `demo` preset (or --config)."""
     import time
 
     from coreseg.deploy.driver import Driver
@@ -364,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-text-tokens", type=int, default=100, help="text tokens of a prompt besides the image")
     _common(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("demo", help="synthetic data -> SFT -> GRPO -> eval -> report (tiny preset)")
+    p = sub.add_parser("demo", help="synthetic data -> SFT -> GRPO -> eval -> report (preset `demo`: tiny, aligned policy)")
     p.add_argument("--run-dir")
-    _common(p)
+    _common(p, DEMO_PRESET)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -378,7 +382,8 @@ def main(argv=None) -> None:
     move_trailing_overrides(args)
     refuse_config_for_run_commands(args)
     try:
-        cfg = with_absolute_paths(load_config(args.config or [DEFAULT_PRESET], args.overrides))
+        cfg = with_absolute_paths(load_config(args.config or [getattr(args, "default_preset", DEFAULT_PRESET)],
+                                              args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     from coreseg.common.data import DataError

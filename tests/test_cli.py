@@ -55,3 +55,14 @@ def test_overrides_after_splits_are_overrides_not_split_names():
     args = build_parser().parse_args(["eval", "--run-dir", "r", "run.seed=3", "--splits", "val"])
     move_trailing_overrides(args)
     assert args.splits == ["val"] and args.overrides == ["run.seed=3"]
+
+
+def test_demo_runs_the_demo_preset_unless_told_otherwise():
+    from coreseg.deploy.cli import build_parser
+
+    demo, train = (build_parser().parse_args([c]) for c in ("demo", "train"))
+    assert demo.default_preset == "demo" and train.default_preset == "tiny_cpu"
+    cfg, base = load_config("demo", []), load_config("tiny_cpu", [])
+    assert cfg.model.policy == "tiny-aligned" and base.model.policy == "tiny"
+    cfg.model.policy = base.model.policy
+    assert cfg == base  # the rest is tiny_cpu's

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from coreseg.common.data import LesionDataset
 from coreseg.common.metrics import markdown_table_ci, summarize_ci
+from coreseg.common.seeding import derive_seed
 
 START_TAG = "step0"  # the starting checkpoint's eval (the SFT result when GRPO follows SFT)
 _DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # driver -> {(step, version, split, limit): result}
@@ -45,8 +46,11 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
             continue
         records, drawn = [], []
         total = min(limit or len(ds), len(ds))
-        for samples in tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16), unit="batch"):
-            groups = driver.generate(samples, n=1, greedy=not sampled, seed=driver.cfg.run.seed if sampled else None)
+        for batch, samples in enumerate(tqdm(ds.iter_all(limit), desc=f"eval {split}", total=-(-total // 16),
+                                             unit="batch")):
+            # sampled: a seed per batch (the engines derive one per request from it), so no two samples share a draw
+            seed = derive_seed(driver.cfg.run.seed, batch) if sampled else None
+            groups = driver.generate(samples, n=1, greedy=not sampled, seed=seed)
             answered = driver.answer(samples, groups)
             for s, error in answered.failed:
                 records.append({"id": s.id, "modality": s.modality, "dice": 0.0, "iou": 0.0,
@@ -63,7 +67,7 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
             driver.logger.log("eval", driver.step["grpo"],
                               {f"{prefix}/{k}": v for k, v in results[split]["overall"].items()})
             for sample_id, image in drawn:
-                driver.logger.image(f"eval_masks/{split}/{sample_id}", image, driver.step["grpo"])
+                driver.logger.image(f"eval_masks/{prefix}/{sample_id}", image, driver.step["grpo"])
         write_mask_images(driver.run_dir / "eval" / f"{tag}_masks" / split, drawn)
     write_eval(driver.run_dir, results, tag)
     driver.run.publish("eval")

@@ -99,7 +99,7 @@ def test_place_loss_is_the_cross_entropy_of_each_tokens_own_row_and_column():
     assert math.isclose(float(place_loss(logits, [4, 1])), want, rel_tol=1e-6)
 
 
-def test_vision_position_pretraining_teaches_the_tokens_their_place(tmp_path, tiny_policy_dir):
+def test_vision_position_changes_the_pretrained_tower_and_is_recorded(tmp_path, tiny_policy_dir):
     from dataclasses import replace
 
     spec = replace(FEW, vision_steps=2, train_vision=False)

@@ -382,8 +382,7 @@ def main(argv=None) -> None:
     move_trailing_overrides(args)
     refuse_config_for_run_commands(args)
     try:
-        cfg = with_absolute_paths(load_config(args.config or [getattr(args, "default_preset", DEFAULT_PRESET)],
-                                              args.overrides))
+        cfg = with_absolute_paths(load_config(args.config or [args.default_preset], args.overrides))
     except ConfigError as err:
         sys.exit(f"coreseg: {err}")
     from coreseg.common.data import DataError

@@ -19,6 +19,7 @@ from coreseg.common.metrics import markdown_table_ci, summarize_ci
 from coreseg.common.seeding import derive_seed
 
 START_TAG = "step0"  # the starting checkpoint's eval (the SFT result when GRPO follows SFT)
+SAMPLED = "_sampled"  # after the tag and split names of an eval of sampled answers (run.eval_sampled)
 _DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # driver -> {(step, version, split, limit): result}
 
 
@@ -29,7 +30,8 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
         raise RuntimeError("evaluation needs rollout workers")
     limit = limit or None
     sampled = driver.cfg.run.eval_sampled
-    tag = f"{tag}_sampled" if sampled else tag
+    suffix = SAMPLED if sampled else ""
+    tag += suffix
     done = _DONE.setdefault(driver, {})
     results: Dict[str, dict] = {}
     for split in splits:
@@ -63,11 +65,10 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
             k: summarize_ci(v) for k, v in _by_modality(records).items()}, "records": records}
         done[key] = results[split]
         if driver.logger is not None:
-            prefix = f"{split}_sampled" if sampled else split
             driver.logger.log("eval", driver.step["grpo"],
-                              {f"{prefix}/{k}": v for k, v in results[split]["overall"].items()})
+                              {f"{split}{suffix}/{k}": v for k, v in results[split]["overall"].items()})
             for sample_id, image in drawn:
-                driver.logger.image(f"eval_masks/{prefix}/{sample_id}", image, driver.step["grpo"])
+                driver.logger.image(f"eval_masks/{split}{suffix}/{sample_id}", image, driver.step["grpo"])
         write_mask_images(driver.run_dir / "eval" / f"{tag}_masks" / split, drawn)
     write_eval(driver.run_dir, results, tag)
     driver.run.publish("eval")
@@ -77,7 +78,7 @@ def evaluate_splits(driver, splits: List[str], limit: Optional[int] = None, tag:
 def evaluate_start(driver, splits: List[str], limit: Optional[int] = None) -> Optional[Dict[str, dict]]:
     """The starting checkpoint's eval (eval/step0.*), before the first GRPO step, so the report shows
     start -> end deltas. Skipped on a resumed run that has it already, or past step 0."""
-    suffix = "_sampled" if driver.cfg.run.eval_sampled else ""
+    suffix = SAMPLED if driver.cfg.run.eval_sampled else ""
     if driver.step["grpo"] != 0 or (driver.run_dir / "eval" / f"{START_TAG}{suffix}.json").exists():
         return None
     if driver.version == 0:  # weights not pushed yet (GRPO from the base model): the workers need them

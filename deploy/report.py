@@ -80,9 +80,11 @@ def eval_sections(folder: Path) -> List[str]:
     start -> final deltas per split; then the same for answers sampled as in training (run.eval_sampled)."""
     import json
 
+    from coreseg.deploy.evaluation import SAMPLED, START_TAG
+
     out = []
-    for kind, suffix in (("", ""), (", answers sampled as in training", "_sampled")):
-        start_tag, end_tag = f"step0{suffix}", f"final{suffix}"
+    for kind, suffix in (("", ""), (", answers sampled as in training", SAMPLED)):
+        start_tag, end_tag = f"{START_TAG}{suffix}", f"final{suffix}"
         for tag, title in ((start_tag, "Evaluation at the start of GRPO (step 0)"), (end_tag, "Evaluation at the end")):
             md = folder / f"{tag}.md"
             if md.exists():

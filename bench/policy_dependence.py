@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ablate import ROWS, SFT_ONLY, SPLITS, slug  # noqa: E402
+from coreseg.deploy.evaluation import SAMPLED  # noqa: E402
 
 
 def compare_records(start: List[dict], end: List[dict]) -> Dict[str, object]:
@@ -58,7 +59,7 @@ def dependence_table(out: Path, seeds: List[int]) -> str:
             if not (start.exists() and end.exists()):
                 continue
             a, b = json.loads(start.read_text()), json.loads(end.read_text())
-            sampled = [p.with_name("final_sampled.json") for p in (start, end)]
+            sampled = [p.with_name(f"final{SAMPLED}.json") for p in (start, end)]
             sa, sb = (json.loads(p.read_text()) for p in sampled) if all(p.exists() for p in sampled) else ({}, {})
             for split in SPLITS:
                 c = compare_records(a[split]["records"], b[split]["records"])

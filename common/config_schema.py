@@ -64,6 +64,9 @@ class DataConfig:
     synth_image_size: int = 112
     synth_seed: int = 0
     synth_reasoning: str = "short"  # chain-of-thought style of the synthetic set: short | detailed
+    # lesions: every lesion of an image is the target | referring: two lesions, the question asks for the larger
+    # or the smaller one (the image alone does not say which mask is wanted; common/synth.py)
+    synth_task: str = "lesions"
 
 
 @dataclass
@@ -248,6 +251,7 @@ _CHOICES = {
     "model.sam_type": ("tiny", "vit_b", "vit_l", "vit_h", "medsam"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.synth_reasoning": ("short", "detailed"),
+    "data.synth_task": ("lesions", "referring"),
     "rollout.engine": ("auto", "vllm", "hf"),
     "rollout.lora_mode": ("auto", "adapter", "merged"),
     "learner.reference": ("grpo_start", "base"),

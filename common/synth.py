@@ -135,44 +135,107 @@ def _reasoning_detailed(mod: Modality, lesions: List[dict], size: int) -> str:
 
 
 def _reasoning(mod: Modality, lesions: List[dict], size: int, style: str) -> str:
-    if style not in REASONING_STYLES:
-        raise ValueError(f"reasoning style {style!r}: must be one of {REASONING_STYLES}")
     return (_reasoning_short if style == "short" else _reasoning_detailed)(mod, lesions, size)
 
 
-def make_sample(index: int, mod: Modality, size: int, seed: int, split: str,
-                reasoning: str = "short") -> LesionSample:
-    rng = np.random.default_rng([seed, index])
-    img = _background(mod, size, rng).astype(np.float32)
+TASKS = ("lesions", "referring")
+
+
+def _place_lesion(img, taken, mod: Modality, size: int, radius_fn, contrast_fn, rng):
+    """Paint one lesion clear of those already placed (`taken`, grown by 4 px); None after 20 failed tries.
+    radius_fn(rng) (a fraction of the side) is drawn at each try, contrast_fn(rng) once placed."""
+    for _try in range(20):
+        radius = radius_fn(rng) * size
+        cy, cx = rng.uniform(radius + 4, size - radius - 4, 2)
+        mask = _lesion_mask(size, cy, cx, radius, rng)
+        grown = np.zeros_like(taken)
+        grown[max(0, int(cy - radius - 4)):int(cy + radius + 5), max(0, int(cx - radius - 4)):int(cx + radius + 5)] = True
+        if mask.sum() >= 6 and not (taken & grown).any():
+            break
+    else:
+        return None
+    taken |= mask
+    contrast = contrast_fn(rng)
+    _paint(img, mask, mod, contrast, rng)
+    return mask, {"box": mask_to_box(mask), "area": mask.mean(), "contrast": contrast, "wobble": rng.random() < 0.5}
+
+
+def _lesions_case(img, mod: Modality, size: int, rng):
+    """The ComLesion-like case: 1 lesion, or (35%) 2-3 with small and low-contrast ones; every one is the target."""
     complex_case = rng.random() < 0.35
     n = int(rng.integers(2, 4)) if complex_case else 1
-    lesions, masks, taken = [], [], np.zeros((size, size), bool)
+    masks, lesions, taken = [], [], np.zeros((size, size), bool)
+    def radius(r):
+        return r.uniform(0.03, 0.06) if (complex_case and r.random() < 0.5) else r.uniform(0.07, 0.2)
+
+    def contrast(r):
+        return r.uniform(0.25, 0.45) if (complex_case and r.random() < 0.5) else r.uniform(0.6, 1.0)
+
     for _ in range(n):
-        for _try in range(20):
-            small = complex_case and rng.random() < 0.5
-            radius = rng.uniform(0.03, 0.06) * size if small else rng.uniform(0.07, 0.2) * size
-            cy, cx = rng.uniform(radius + 4, size - radius - 4, 2)
-            mask = _lesion_mask(size, cy, cx, radius, rng)
-            grown = np.zeros_like(taken)
-            grown[max(0, int(cy - radius - 4)):int(cy + radius + 5), max(0, int(cx - radius - 4)):int(cx + radius + 5)] = True
-            if mask.sum() >= 6 and not (taken & grown).any():
-                break
-        else:
-            continue
-        taken |= mask
-        contrast = rng.uniform(0.25, 0.45) if (complex_case and rng.random() < 0.5) else rng.uniform(0.6, 1.0)
-        _paint(img, mask, mod, contrast, rng)
-        masks.append(mask)
-        lesions.append({"box": mask_to_box(mask), "area": mask.mean(), "contrast": contrast,
-                        "wobble": rng.random() < 0.5})
-    image = np.clip(img, 0, 255).astype(np.uint8)
+        placed = _place_lesion(img, taken, mod, size, radius, contrast, rng)
+        if placed is not None:
+            masks.append(placed[0])
+            lesions.append(placed[1])
     question = rng.choice([f"Locate and segment the {mod.category}.",
                            f"Where is the {mod.category} in this image? Segment it.",
                            f"Find every {mod.category} and segment it."])
+    return masks, lesions, str(question), lesions
+
+
+def _referring_case(img, mod: Modality, size: int, rng):
+    """Two lesions of one look, one clearly larger (radius 0.15-0.22 vs 0.08-0.11 of the side); the question asks for
+    the larger or the smaller, so the image alone does not say which to segment: only the answer's choice does."""
+    def clear(r):
+        return r.uniform(0.6, 1.0)
+
+    taken = np.zeros((size, size), bool)
+    for _try in range(20):
+        taken[:] = False
+        work = img.copy()
+        large = _place_lesion(work, taken, mod, size, lambda r: r.uniform(0.15, 0.22), clear, rng)
+        small = _place_lesion(work, taken, mod, size, lambda r: r.uniform(0.08, 0.11), clear, rng)
+        if large is not None and small is not None:
+            break
+    else:
+        raise RuntimeError(f"synth: no room for two {mod.category}s in a {size} px image")
+    img[...] = work
+    want_large = bool(rng.random() < 0.5)
+    target = large if want_large else small
+    which = "larger" if want_large else "smaller"
+    question = f"Segment the {which} of the two {mod.category}s."
+    return [target[0]], [target[1]], question, [large[1], small[1]] if rng.random() < 0.5 else [small[1], large[1]]
+
+
+def _reasoning_referring(mod: Modality, seen: List[dict], target: dict, question: str, size: int,
+                         style: str) -> str:
+    which = "larger" if " larger " in question else "smaller"
+    where = _words_location(target["box"], size)
+    if style == "short":
+        found = "; ".join(f"{_words_size(les['area'])}, {_words_location(les['box'], size)}" for les in seen)
+        return f"{mod.name} image, two {mod.category}s: {found}. The {which}: {where}."
+    desc = "; ".join(f"a {_words_size(les['area'])} region in the {_words_location(les['box'], size)} of the image"
+                     for les in seen)
+    return (f"In this {mod.name} image {mod.normal}. There are two suspicious findings: {desc}. "
+            f"The question asks for the {which} one, the region in the {where}; it alone is marked below.")
+
+
+def make_sample(index: int, mod: Modality, size: int, seed: int, split: str,
+                reasoning: str = "short", task: str = "lesions") -> LesionSample:
+    """One sample. task 'lesions': every lesion is the target; 'referring': two lesions, the question names one."""
+    if task not in TASKS:
+        raise ValueError(f"synthetic task {task!r}: must be one of {TASKS}")
+    if reasoning not in REASONING_STYLES:
+        raise ValueError(f"reasoning style {reasoning!r}: must be one of {REASONING_STYLES}")
+    rng = np.random.default_rng([seed, index])
+    img = _background(mod, size, rng).astype(np.float32)
+    case = _lesions_case if task == "lesions" else _referring_case
+    masks, lesions, question, seen = case(img, mod, size, rng)
+    text = (_reasoning(mod, lesions, size, reasoning) if task == "lesions"
+            else _reasoning_referring(mod, seen, lesions[0], question, size, reasoning))
+    image = np.clip(img, 0, 255).astype(np.uint8)
     return LesionSample(id=f"synth-{mod.name}-{index:05d}", image=image, masks=masks,
-                        boxes=np.stack([l["box"] for l in lesions]), question=str(question),
-                        reasoning=_reasoning(mod, lesions, size, reasoning), source="synth", modality=mod.name,
-                        split=split, category=mod.category)
+                        boxes=np.stack([l["box"] for l in lesions]), question=question,
+                        reasoning=text, source="synth", modality=mod.name, split=split, category=mod.category)
 
 
 def split_for(index: int, mod: Modality, seed: int) -> str:
@@ -183,17 +246,17 @@ def split_for(index: int, mod: Modality, seed: int) -> str:
 
 
 def generate(num_samples: int, image_size: int = 112, seed: int = 0,
-             progress: Callable | None = None, reasoning: str = "short") -> List[LesionSample]:
+             progress: Callable | None = None, reasoning: str = "short", task: str = "lesions") -> List[LesionSample]:
     """`num_samples` samples cycling through the modalities (the OOD one every fourth); `reasoning` is the
-    chain-of-thought style ('short' for the tiny demo policy, 'detailed' for larger ones)."""
+    chain-of-thought style ('short' for the tiny demo policy, 'detailed' for larger ones); `task` is `TASKS`'s."""
     samples = []
     for i in tqdm(range(num_samples), desc="synth", disable=progress is False, leave=False):
         mod = MODALITIES[i % len(MODALITIES)]
-        samples.append(make_sample(i, mod, image_size, seed, split_for(i, mod, seed), reasoning))
+        samples.append(make_sample(i, mod, image_size, seed, split_for(i, mod, seed), reasoning, task))
     return samples
 
 
 def write_synth(out_dir: str | Path, num_samples: int, image_size: int = 112, seed: int = 0,
-                reasoning: str = "short") -> Path:
-    samples = generate(num_samples, image_size, seed, reasoning=reasoning)
+                reasoning: str = "short", task: str = "lesions") -> Path:
+    samples = generate(num_samples, image_size, seed, reasoning=reasoning, task=task)
     return write_parquet(samples, Path(out_dir) / "synth.parquet")

@@ -51,7 +51,7 @@ def cmd_data_synth(args, cfg: TrainConfig) -> None:
     from coreseg.common.synth import write_synth
 
     out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
-                      cfg.data.synth_reasoning)
+                      cfg.data.synth_reasoning, cfg.data.synth_task)
     print(f"wrote {cfg.data.synth_samples} samples to {out}")
 
 
@@ -101,7 +101,7 @@ def _synth_if_missing(cfg: TrainConfig) -> None:
         from coreseg.common.synth import write_synth
         print(f"[coreseg] demo: writing the synthetic set to {cfg.data.path}")
         write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
-                    cfg.data.synth_reasoning)
+                    cfg.data.synth_reasoning, cfg.data.synth_task)
 
 
 def cmd_sft(args, cfg: TrainConfig) -> None:

@@ -66,3 +66,15 @@ def test_demo_runs_the_demo_preset_unless_told_otherwise():
     assert cfg.model.policy == "tiny-aligned" and base.model.policy == "tiny"
     cfg.model.policy = base.model.policy
     assert cfg == base  # the rest is tiny_cpu's
+
+
+def test_data_synth_writes_the_task_the_config_names(tmp_path):
+    from coreseg.common.data import LesionDataset
+    from coreseg.deploy.cli import main
+
+    out = tmp_path / "ref"
+    main(["data", "synth", "--out", str(out), "data.synth_samples=8", "data.synth_task=referring"])
+    ds = LesionDataset(str(out), split="train", batch_size=8, shuffle=False)
+    samples = [s for batch in ds.iter_all() for s in batch]
+    assert samples and all(len(s.masks) == 1 and s.question.startswith(("Segment the larger", "Segment the smaller"))
+                           for s in samples)

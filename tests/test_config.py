@@ -40,6 +40,8 @@ def test_semantic_validation_names_the_key():
         load_config("tiny_cpu", ["learner.zero_stage=4"])
     with pytest.raises(ConfigError, match="data.synth_reasoning"):
         load_config("tiny_cpu", ["data.synth_reasoning=long"])
+    with pytest.raises(ConfigError, match="data.synth_task"):
+        load_config("tiny_cpu", ["data.synth_task=every"])
     with pytest.raises(ConfigError, match="learner.kl_beta"):
         load_config("tiny_cpu", ["learner.kl_beta=-0.1"])
 

@@ -160,3 +160,61 @@ def test_data_through_a_file_uri_reads_like_the_local_path(synth_parquet, tmp_pa
     missing = (tmp_path / "nothing-here").as_uri()
     with pytest.raises(DataError, match="nothing-here.*does not exist"):
         LesionDataset(missing, "train")
+
+
+def _place_words(box, size):  # the test's own reading of the synthetic set's place words (3x3 grid)
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    vert = "upper" if cy < 0.38 else "lower" if cy > 0.62 else "middle"
+    horiz = "left" if cx < 0.38 else "right" if cx > 0.62 else "central"
+    return "centre" if (vert, horiz) == ("middle", "central") else f"{vert} {horiz} part"
+
+
+def test_synth_referring_asks_for_one_of_two_lesions():
+    sizes = ("tiny", "small", "medium-sized", "large")
+    samples = generate(60, seed=2, progress=False, task="referring")
+    plain = generate(60, seed=2, progress=False)
+    areas = {"larger": [], "smaller": []}
+    for s, p in zip(samples, plain):
+        assert s.id == p.id and s.split == p.split  # same ids and splits as the plain set
+        assert len(s.masks) == 1 and len(s.boxes) == 1
+        ys, xs = np.nonzero(s.masks[0])
+        assert list(s.boxes[0]) == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        which = "larger" if "larger" in s.question else "smaller"
+        assert s.question == f"Segment the {which} of the two {s.category}s."
+        area = s.masks[0].mean()
+        areas[which].append(area)
+        own = "tiny" if area < 0.008 else "small" if area < 0.03 else "medium-sized" if area < 0.08 else "large"
+        place = _place_words(s.boxes[0], 112)
+        head, tail = s.reasoning.rsplit(". The ", 1)
+        assert tail == f"{which}: {place}."
+        found = [f.split(", ") for f in head.split(": ", 1)[1].split("; ")]
+        assert head.startswith(f"{s.modality} image, two {s.category}s: ") and len(found) == 2
+        assert [own, place] in found  # the target is one of the two findings, the other is the distractor
+        other = found[1] if found[0] == [own, place] else found[0]
+        rank = sizes.index(own) - sizes.index(other[0])
+        assert rank >= 0 if which == "larger" else rank <= 0
+    assert 15 < len(areas["larger"]) < 45  # both questions are asked
+    assert np.median(areas["larger"]) > 4 * np.median(areas["smaller"])
+    assert {s.split for s in samples} == {"train", "val", "test_id", "test_ood"}
+    detailed = generate(8, seed=2, progress=False, task="referring", reasoning="detailed")
+    assert all(np.array_equal(a.image, b.image) and "two suspicious findings" in b.reasoning
+               for a, b in zip(samples, detailed))
+    with pytest.raises(ValueError, match="synthetic task"):
+        generate(1, progress=False, task="every")
+
+
+# sha256 of the first 40 samples of seed 0 (image, question, reasoning, boxes, masks), as the set was drawn before the
+# referring task was added (checked against that code then)
+PLAIN_SET_SHA256 = "29b76bac3c80019b3d9626b16ef60e92e133b4a8e68c7810e2c0dd05865e1271"
+
+
+def test_synth_lesions_task_keeps_its_bytes():
+    """Cached data sets and tiny-aligned builds were drawn from these bytes: a change must be deliberate."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in generate(40, seed=0, progress=False):
+        for part in (s.image.tobytes(), s.question.encode(), s.reasoning.encode(), s.boxes.tobytes(),
+                     *[m.tobytes() for m in s.masks]):
+            h.update(part)
+    assert h.hexdigest() == PLAIN_SET_SHA256

@@ -64,7 +64,10 @@ def test_demo_runs_the_demo_preset_unless_told_otherwise():
     assert demo.default_preset == "demo" and train.default_preset == "tiny_cpu"
     cfg, base = load_config("demo", []), load_config("tiny_cpu", [])
     assert cfg.model.policy == "tiny-aligned" and base.model.policy == "tiny"
+    assert (cfg.learner.sft_lr_schedule, cfg.learner.lr_schedule) == ("cosine", "cosine")
+    assert (base.learner.sft_lr_schedule, base.learner.lr_schedule) == ("constant", "constant")
     cfg.model.policy = base.model.policy
+    cfg.learner.sft_lr_schedule = cfg.learner.lr_schedule = "constant"
     assert cfg == base  # the rest is tiny_cpu's
 
 

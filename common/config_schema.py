@@ -161,6 +161,9 @@ class LearnerConfig:
     sft_lr_warmup_steps: int = 0
     lr_min_ratio: float = 0.0
     seed: int = 0
+    # torch's deterministic kernels in the learner (common/seeding.py use_deterministic_kernels): runs of one seed
+    # give the same weights bit for bit (on CPU they otherwise part from the second step); slower on some GPU ops
+    deterministic: bool = False
     # Pack each micro-batch into one row without padding, a GRPO group's prompt (and image) once with its G
     # completions after it (learner/packed.py; same log-probs and gradients as one padded row per completion, at
     # P + G*C tokens per group instead of G*(P + C)); only for families that support it (Qwen2.5-VL), the others

@@ -22,6 +22,7 @@ from coreseg.common.data import LesionSample
 from coreseg.common.devices import check_device, role_device
 from coreseg.common.policy_store import stage_policy
 from coreseg.common.protocol import Completion, ForwardResult, RolloutGroup, WeightBundle
+from coreseg.common.seeding import use_deterministic_kernels
 from coreseg.learner.balance import (RankLayout, completion_costs, flatten_rows, merge_forward, prompt_groups,
                              rank_layouts)
 from coreseg.learner.batch import PromptEncoder, build_batch, per_completion, zero_padding_rows
@@ -74,6 +75,8 @@ class LearnerCore:
         # the configured device (Ray makes the rank's assigned GPU cuda:0), never whatever the process can see
         device = check_device("learner", role_device(cfg.cluster.learner_gpus), "cluster.learner_gpus")
         on_gpu = device == "cuda"
+        if cfg.learner.deterministic:
+            use_deterministic_kernels(on_gpu)
         if not on_gpu:
             torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU here (minutes, under a file lock that a

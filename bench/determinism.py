@@ -5,7 +5,8 @@
 
 --learner: for each setting of `learner.deterministic`, three learner processes (tiny policy, CPU) run the same 8 SFT
 steps; each first allocates a differently sized scratch tensor, which moves where the allocator puts what follows.
-Reported: the digests of their trainable weights at the end, the number of distinct digests and the last loss.
+Reported: the digests of their trainable weights at the end, the number of distinct digests, the last loss and
+the median time of an SFT step after the first two (6 steps: a rough figure).
 --compare: per eval file both runs hold (eval/<tag>.json) and split, how many samples have the same answer text and
 the same Dice in both.
 """
@@ -30,35 +31,40 @@ shift = [torch.empty(int(sys.argv[2]) * 17 + 3) for _ in range(5)]  # moves wher
 cfg = load_config("tiny_cpu", ["learner.micro_batch_size=4", "learner.deterministic=" + sys.argv[3]])
 core = LearnerCore(cfg, str(ensure_policy_dir("tiny", sys.argv[1])), master_port=free_port())
 samples = generate(4 * int(sys.argv[4]), seed=0, progress=False)
+import time
+times = []
 for step in range(int(sys.argv[4])):
     batch = samples[4 * step:4 * step + 4]
+    start = time.perf_counter()
     loss = core.sft_step(batch, core.sft_norm(batch))["ce"]
+    times.append(time.perf_counter() - start)
 digest = hashlib.sha256()
 for module in (core.module.policy, core.module.adapter, core.module.sam.mask_decoder):
     for name, p in sorted(module.named_parameters()):
         if p.requires_grad:
             digest.update(p.detach().numpy().tobytes())
-print("DIGEST", digest.hexdigest()[:16], repr(loss))
+print("DIGEST", digest.hexdigest()[:16], repr(loss), sorted(times[2:])[len(times[2:]) // 2])
 """
 
 
 def learner_digest(assets: Path, shift: int, deterministic: bool, steps: int = 8) -> tuple:
-    """(weight digest, last SFT loss) of one learner process after `steps` SFT steps."""
+    """(weight digest, last SFT loss, median seconds of an SFT step after the first two) of one learner process
+    after `steps` SFT steps."""
     out = subprocess.run([sys.executable, "-c", LEARNER_SCRIPT, str(assets), str(shift), str(deterministic).lower(),
                           str(steps)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"determinism: the learner process failed:\n{out.stderr[-3000:]}")
-    _, digest, loss = [line for line in out.stdout.splitlines() if line.startswith("DIGEST")][-1].split()
-    return digest, float(loss)
+    _, digest, loss, step_s = [line for line in out.stdout.splitlines() if line.startswith("DIGEST")][-1].split()
+    return digest, float(loss), float(step_s)
 
 
 def learner_table(assets: Path, shifts=(1, 2, 3)) -> str:
-    lines = ["| learner.deterministic | weight digests after 8 SFT steps (3 processes) | distinct | last SFT loss |",
-             "|---|---|---|---|"]
+    lines = ["| learner.deterministic | weight digests after 8 SFT steps (3 processes) | distinct | last SFT loss "
+             "| median SFT step ms per process |", "|---|---|---|---|---|"]
     for det in (False, True):
         got = [learner_digest(assets, s, det) for s in shifts]
-        lines.append(f"| {str(det).lower()} | {' '.join(d for d, _ in got)} | {len({d for d, _ in got})} | "
-                     f"{' / '.join(f'{loss:.9f}' for _, loss in got)} |")
+        lines.append(f"| {str(det).lower()} | {' '.join(g[0] for g in got)} | {len({g[0] for g in got})} | "
+                     f"{' / '.join(f'{g[1]:.9f}' for g in got)} | {' / '.join(f'{1000 * g[2]:.0f}' for g in got)} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,6 @@ def use_deterministic_kernels(on_gpu: bool) -> None:
     if on_gpu:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    # Its NaN-filling of every new uninitialised tensor (a bug trap, not needed for equal results) made a CPU SFT
-    # step 5.7x slower here; without it the step is 4% slower than with the default kernels
+    # Its NaN-filling of every new uninitialised tensor is a bug trap, not needed for equal results, and it made CPU
+    # SFT steps several times slower (bench/determinism.py times the steps without it)
     torch.utils.deterministic.fill_uninitialized_memory = False

@@ -160,11 +160,13 @@ def _place_lesion(img, taken, mod: Modality, size: int, radius_fn, contrast_fn, 
     return mask, {"box": mask_to_box(mask), "area": mask.mean(), "contrast": contrast, "wobble": rng.random() < 0.5}
 
 
-def _lesions_case(img, mod: Modality, size: int, rng):
-    """The ComLesion-like case: 1 lesion, or (35%) 2-3 with small and low-contrast ones; every one is the target."""
+def _lesions_case(img, mod: Modality, size: int, rng, style: str):
+    """The ComLesion-like case: 1 lesion, or (35%) 2-3 with small and low-contrast ones; every one is the target.
+    Returns (masks, lesion records, question, reasoning)."""
     complex_case = rng.random() < 0.35
     n = int(rng.integers(2, 4)) if complex_case else 1
     masks, lesions, taken = [], [], np.zeros((size, size), bool)
+
     def radius(r):
         return r.uniform(0.03, 0.06) if (complex_case and r.random() < 0.5) else r.uniform(0.07, 0.2)
 
@@ -179,12 +181,13 @@ def _lesions_case(img, mod: Modality, size: int, rng):
     question = rng.choice([f"Locate and segment the {mod.category}.",
                            f"Where is the {mod.category} in this image? Segment it.",
                            f"Find every {mod.category} and segment it."])
-    return masks, lesions, str(question), lesions
+    return masks, lesions, str(question), _reasoning(mod, lesions, size, style)
 
 
-def _referring_case(img, mod: Modality, size: int, rng):
+def _referring_case(img, mod: Modality, size: int, rng, style: str):
     """Two lesions of one look, one clearly larger (radius 0.15-0.22 vs 0.08-0.11 of the side); the question asks for
-    the larger or the smaller, so the image alone does not say which to segment: only the answer's choice does."""
+    the larger or the smaller, so the image alone does not say which mask is wanted: the question does. Returns
+    (the target's mask, its record, question, reasoning listing both lesions in random order)."""
     def clear(r):
         return r.uniform(0.6, 1.0)
 
@@ -203,12 +206,11 @@ def _referring_case(img, mod: Modality, size: int, rng):
     target = large if want_large else small
     which = "larger" if want_large else "smaller"
     question = f"Segment the {which} of the two {mod.category}s."
-    return [target[0]], [target[1]], question, [large[1], small[1]] if rng.random() < 0.5 else [small[1], large[1]]
+    seen = [large[1], small[1]] if rng.random() < 0.5 else [small[1], large[1]]
+    return [target[0]], [target[1]], question, _reasoning_referring(mod, seen, target[1], which, size, style)
 
 
-def _reasoning_referring(mod: Modality, seen: List[dict], target: dict, question: str, size: int,
-                         style: str) -> str:
-    which = "larger" if " larger " in question else "smaller"
+def _reasoning_referring(mod: Modality, seen: List[dict], target: dict, which: str, size: int, style: str) -> str:
     where = _words_location(target["box"], size)
     if style == "short":
         found = "; ".join(f"{_words_size(les['area'])}, {_words_location(les['box'], size)}" for les in seen)
@@ -229,9 +231,7 @@ def make_sample(index: int, mod: Modality, size: int, seed: int, split: str,
     rng = np.random.default_rng([seed, index])
     img = _background(mod, size, rng).astype(np.float32)
     case = _lesions_case if task == "lesions" else _referring_case
-    masks, lesions, question, seen = case(img, mod, size, rng)
-    text = (_reasoning(mod, lesions, size, reasoning) if task == "lesions"
-            else _reasoning_referring(mod, seen, lesions[0], question, size, reasoning))
+    masks, lesions, question, text = case(img, mod, size, rng, reasoning)
     image = np.clip(img, 0, 255).astype(np.uint8)
     return LesionSample(id=f"synth-{mod.name}-{index:05d}", image=image, masks=masks,
                         boxes=np.stack([l["box"] for l in lesions]), question=question,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 LEARNER_SCRIPT = """
-import hashlib, sys, torch
+import hashlib, sys, time, torch
 from coreseg.common.config import load_config
 from coreseg.common.models.policy import ensure_policy_dir
 from coreseg.common.synth import generate
@@ -31,7 +31,6 @@ shift = [torch.empty(int(sys.argv[2]) * 17 + 3) for _ in range(5)]  # moves wher
 cfg = load_config("tiny_cpu", ["learner.micro_batch_size=4", "learner.deterministic=" + sys.argv[3]])
 core = LearnerCore(cfg, str(ensure_policy_dir("tiny", sys.argv[1])), master_port=free_port())
 samples = generate(4 * int(sys.argv[4]), seed=0, progress=False)
-import time
 times = []
 for step in range(int(sys.argv[4])):
     batch = samples[4 * step:4 * step + 4]

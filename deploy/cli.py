@@ -47,11 +47,16 @@ def move_trailing_overrides(args) -> None:
         args.splits = [w for w in splits if not OVERRIDE.match(w)]
 
 
-def cmd_data_synth(args, cfg: TrainConfig) -> None:
+def _write_synth(cfg: TrainConfig, out_dir: str):
+    """The synthetic set the config's `data.synth_*` keys describe, written to out_dir."""
     from coreseg.common.synth import write_synth
 
-    out = write_synth(args.out or cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
-                      cfg.data.synth_reasoning, cfg.data.synth_task)
+    d = cfg.data
+    return write_synth(out_dir, d.synth_samples, d.synth_image_size, d.synth_seed, d.synth_reasoning, d.synth_task)
+
+
+def cmd_data_synth(args, cfg: TrainConfig) -> None:
+    out = _write_synth(cfg, args.out or cfg.data.path)
     print(f"wrote {cfg.data.synth_samples} samples to {out}")
 
 
@@ -98,10 +103,8 @@ def _require_data(cfg: TrainConfig) -> None:
 def _synth_if_missing(cfg: TrainConfig) -> None:
     """The demo's data: the synthetic set, written once."""
     if not Path(cfg.data.path).exists():
-        from coreseg.common.synth import write_synth
         print(f"[coreseg] demo: writing the synthetic set to {cfg.data.path}")
-        write_synth(cfg.data.path, cfg.data.synth_samples, cfg.data.synth_image_size, cfg.data.synth_seed,
-                    cfg.data.synth_reasoning, cfg.data.synth_task)
+        _write_synth(cfg, cfg.data.path)
 
 
 def cmd_sft(args, cfg: TrainConfig) -> None:
